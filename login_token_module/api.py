@@ -1,0 +1,79 @@
+"""The contract between this module and the homeserver that hosts it.
+
+The module depends on nothing of a host but this Protocol. Method names follow
+Synapse's ``ModuleApi`` where Synapse has the method; what Synapse lacks
+(checking a password for UIA, advertising capabilities, unstable features and
+login-flow fields, shutdown hooks) is added in the same style.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.web.resource import IResource
+from twisted.web.server import Request
+
+JsonDict = dict[str, Any]
+
+# Synapse's CHECK_AUTH_CALLBACK: (username or None, login type, login dict) ->
+# (canonical user id, optional post-login callback), or None for "not me".
+# A checker may also raise MatrixError to answer with a specific error.
+AuthChecker = Callable[
+    [str | None, str, JsonDict],
+    Awaitable[tuple[str, Callable[..., Awaitable[None]] | None] | None],
+]
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who made an authenticated request."""
+
+    user_id: str
+    device_id: str | None
+
+
+class ModuleApi(Protocol):
+    @property
+    def server_name(self) -> str:
+        """The homeserver's name, the part after ':' in user ids."""
+
+    @property
+    def reactor(self) -> Any:
+        """The Twisted reactor the host runs on (time, timers, threads)."""
+
+    @property
+    def config_directory(self) -> str:
+        """The folder of the host's config file; relative paths resolve here."""
+
+    def register_web_resource(self, path: str, resource: IResource) -> None:
+        """Serve ``resource`` at ``path`` (an exact path from the server root)."""
+
+    async def get_user_by_req(self, req: Request) -> Requester:
+        """The access token's owner; raises MatrixError 401 (M_MISSING_TOKEN / M_UNKNOWN_TOKEN)."""
+
+    def register_password_auth_provider_callbacks(
+        self, *, auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None
+    ) -> None:
+        """Add login types to POST /login: (type, required fields) -> checker."""
+
+    async def check_user_password(self, user_id: str, password: str) -> bool:
+        """Whether ``password`` is the user's; the host keeps slow hashing off the reactor."""
+
+    def add_login_flow_fields(self, login_type: str, fields: JsonDict) -> None:
+        """Extra fields on ``login_type``'s entry in GET /login flows."""
+
+    def register_capability(self, name: str, value: JsonDict) -> None:
+        """An entry in GET /capabilities."""
+
+    def register_unstable_feature(self, name: str, enabled: bool = True) -> None:
+        """An entry in GET /versions ``unstable_features``."""
+
+    def looping_background_call(
+        self, f: Callable[..., Awaitable[object] | object], msec: float, *args: object
+    ) -> None:
+        """Call ``f(*args)`` every ``msec`` ms while the host runs; failures are logged."""
+
+    def register_shutdown_callback(self, f: Callable[[], Awaitable[None] | None]) -> None:
+        """Call ``f`` when the host stops (close files, stop threads)."""

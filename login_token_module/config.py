@@ -1,0 +1,175 @@
+"""The module's YAML config block, parsed once into frozen objects.
+
+Every problem is raised as one :class:`ConfigError` whose ``path`` names the
+offending key, so an operator sees ``ratelimit.per_second: must be ...`` rather
+than a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+StoreType = Literal["memory", "sqlite"]
+
+
+class ConfigError(Exception):
+    """A config value is wrong. ``path`` is the key path, outermost first."""
+
+    def __init__(self, path: list[str | int], reason: str) -> None:
+        self.path = list(path)
+        self.reason = reason
+        super().__init__(f"{format_path(self.path)}: {reason}")
+
+    def within(self, *outer: str | int) -> ConfigError:
+        """The same error, seen from an enclosing config section."""
+        return ConfigError([*outer, *self.path], self.reason)
+
+
+def format_path(path: list[str | int]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "<top level>"
+
+
+@dataclass(frozen=True)
+class RatelimitConfig:
+    per_second: float
+    burst_count: int
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    type: StoreType = "sqlite"
+    # Relative paths are resolved by the module against the host's config
+    # directory, so the same file works from any working directory.
+    path: str = "login_tokens.db"
+
+
+@dataclass(frozen=True)
+class LoginTokenConfig:
+    token_lifetime_ms: int = 120_000
+    require_ui_auth: bool = True
+    # Spec: "stricter than normal rate limiting ... such as maximum of 1
+    # request per minute".
+    ratelimit: RatelimitConfig = field(
+        default_factory=lambda: RatelimitConfig(per_second=1 / 60, burst_count=1)
+    )
+    # Wrong passwords in the UIA stage, per user (Synapse's
+    # rc_login.failed_attempts defaults), so the endpoint is no password oracle.
+    failed_auth_ratelimit: RatelimitConfig = field(
+        default_factory=lambda: RatelimitConfig(per_second=0.17, burst_count=3)
+    )
+    ui_auth_session_lifetime_ms: int = 300_000
+    sweep_interval_ms: int = 60_000
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+MAX_LIFETIME_MS = 24 * 60 * 60 * 1000
+
+
+def _mapping(value: Any, path: list[str | int]) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, "must be a mapping")
+    return value
+
+
+def _reject_unknown(section: Mapping[str, Any], known: set[str], path: list[str | int]) -> None:
+    for key in section:
+        if key not in known:
+            expected = ", ".join(sorted(known))
+            raise ConfigError([*path, str(key)], f"unknown option (expected one of: {expected})")
+
+
+def _int(value: Any, path: list[str | int], low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, f"must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(path, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _ratelimit(value: Any, path: list[str | int], default: RatelimitConfig) -> RatelimitConfig:
+    section = _mapping(value, path)
+    _reject_unknown(section, {"per_second", "burst_count"}, path)
+    per_second = section.get("per_second", default.per_second)
+    if (
+        isinstance(per_second, bool)
+        or not isinstance(per_second, (int, float))
+        or not math.isfinite(per_second)
+        or per_second <= 0
+    ):
+        raise ConfigError([*path, "per_second"], f"must be a positive number, got {per_second!r}")
+    burst = _int(section.get("burst_count", default.burst_count), [*path, "burst_count"], 1, 1_000_000)
+    return RatelimitConfig(per_second=float(per_second), burst_count=burst)
+
+
+def _store(value: Any, path: list[str | int]) -> StoreConfig:
+    section = _mapping(value, path)
+    _reject_unknown(section, {"type", "path"}, path)
+    store_type = section.get("type", StoreConfig.type)
+    if store_type == "memory":
+        if "path" in section:
+            raise ConfigError([*path, "path"], "only applies to the sqlite store")
+        return StoreConfig(type="memory", path="")
+    if store_type != "sqlite":
+        raise ConfigError([*path, "type"], f"must be 'memory' or 'sqlite', got {store_type!r}")
+    store_path = section.get("path", StoreConfig.path)
+    if not isinstance(store_path, str) or not store_path.strip():
+        raise ConfigError([*path, "path"], "must be a non-empty file path")
+    return StoreConfig(type="sqlite", path=store_path)
+
+
+def parse_config(raw: Any) -> LoginTokenConfig:
+    """Validate the module's ``config:`` block; raises :class:`ConfigError`."""
+    section = _mapping(raw, [])
+    defaults = LoginTokenConfig()
+    _reject_unknown(
+        section,
+        {
+            "token_lifetime_ms",
+            "require_ui_auth",
+            "ratelimit",
+            "failed_auth_ratelimit",
+            "ui_auth_session_lifetime_ms",
+            "sweep_interval_ms",
+            "store",
+        },
+        [],
+    )
+    require_ui_auth = section.get("require_ui_auth", defaults.require_ui_auth)
+    if not isinstance(require_ui_auth, bool):
+        raise ConfigError(["require_ui_auth"], f"must be true or false, got {require_ui_auth!r}")
+    return LoginTokenConfig(
+        token_lifetime_ms=_int(
+            section.get("token_lifetime_ms", defaults.token_lifetime_ms),
+            ["token_lifetime_ms"],
+            1,
+            MAX_LIFETIME_MS,
+        ),
+        require_ui_auth=require_ui_auth,
+        ratelimit=_ratelimit(section.get("ratelimit"), ["ratelimit"], defaults.ratelimit),
+        failed_auth_ratelimit=_ratelimit(
+            section.get("failed_auth_ratelimit"),
+            ["failed_auth_ratelimit"],
+            defaults.failed_auth_ratelimit,
+        ),
+        ui_auth_session_lifetime_ms=_int(
+            section.get("ui_auth_session_lifetime_ms", defaults.ui_auth_session_lifetime_ms),
+            ["ui_auth_session_lifetime_ms"],
+            1_000,
+            MAX_LIFETIME_MS,
+        ),
+        sweep_interval_ms=_int(
+            section.get("sweep_interval_ms", defaults.sweep_interval_ms),
+            ["sweep_interval_ms"],
+            10,
+            MAX_LIFETIME_MS,
+        ),
+        store=_store(section.get("store"), ["store"]),
+    )

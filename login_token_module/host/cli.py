@@ -1,0 +1,165 @@
+"""``login-token-module``: run the reference homeserver and manage its users."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import signal
+import sys
+from typing import Any
+
+from login_token_module.config import ConfigError
+from login_token_module.host import database
+from login_token_module.host.config import HomeserverConfig, load_config_file
+from login_token_module.host.passwords import hash_password_sync
+from login_token_module.host.resources import LOCALPART_RE
+from login_token_module.sqlite import SqliteDatabase
+
+PROG = "login-token-module"
+
+
+class CliError(Exception):
+    """A problem to report as one line and exit 1."""
+
+
+def _load(path: str) -> HomeserverConfig:
+    try:
+        return load_config_file(path)
+    except OSError as error:
+        raise CliError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except ConfigError as error:
+        raise CliError(f"config error in {path}: {error}") from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+
+
+def serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    _setup_logging(args.log_level)
+    from twisted.internet import reactor
+
+    from login_token_module.host.server import Homeserver
+
+    r: Any = reactor
+    try:
+        hs = Homeserver(config, r)
+        hs.start()
+    except ConfigError as error:
+        raise CliError(f"config error in {args.config}: {error}") from None
+    except Exception as error:  # e.g. the port is taken
+        raise CliError(f"cannot start: {error}") from None
+
+    stopping = False
+
+    def shut_down(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        logging.getLogger(__name__).info("Signal %d received, stopping", signum)
+
+        from twisted.internet import defer
+
+        d = defer.ensureDeferred(hs.stop())
+        d.addBoth(lambda _: r.stop())
+
+    signal.signal(signal.SIGTERM, lambda s, f: r.callFromThread(shut_down, s, f))
+    signal.signal(signal.SIGINT, lambda s, f: r.callFromThread(shut_down, s, f))
+    r.run(installSignalHandlers=False)
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Confirm password: "):
+            raise CliError("the passwords do not match")
+        password = first
+    else:
+        password = sys.stdin.read()
+        if password.endswith("\n"):
+            password = password[:-1]
+        if password.endswith("\r"):
+            password = password[:-1]
+    if not password:
+        raise CliError("the password is empty")
+    if "\x00" in password:
+        raise CliError("the password contains a NUL character")
+    return password
+
+
+def register_user(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    localpart = args.localpart
+    if localpart.startswith("@"):
+        localpart, _, domain = localpart[1:].partition(":")
+        if domain != config.server_name:
+            raise CliError(f"user ids here end in :{config.server_name}")
+    if not LOCALPART_RE.match(localpart):
+        raise CliError("a user name may only contain a-z, 0-9 and . _ = - / +")
+    user_id = f"@{localpart}:{config.server_name}"
+    password = _read_password(args)
+    password_hash = hash_password_sync(password, config.bcrypt_rounds)
+    conn = SqliteDatabase(None, config.database_path, schema=database.SCHEMA).connect()
+    try:
+        try:
+            database.create_user(conn, user_id, password_hash)
+            print(f"Created user {user_id}")
+        except database.UserExistsError:
+            if not args.exist_ok:
+                raise CliError(f"user {user_id} already exists") from None
+            database.set_password_hash(conn, user_id, password_hash)
+            print(f"User {user_id} already existed; password updated")
+    finally:
+        conn.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The reference Matrix homeserver for login_token_module."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the homeserver until SIGTERM or SIGINT")
+    serve_parser.add_argument("-c", "--config", required=True, help="homeserver YAML config file")
+    serve_parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO"
+    )
+    serve_parser.set_defaults(func=serve)
+    register = commands.add_parser(
+        "register-user",
+        help="create a user; the password comes from standard input, or is asked for twice on a terminal",
+    )
+    register.add_argument("-c", "--config", required=True, help="homeserver YAML config file")
+    register.add_argument("localpart", help="the user name, e.g. alice (or @alice:server)")
+    register.add_argument(
+        "--exist-ok", action="store_true", help="if the user exists, set the new password instead of failing"
+    )
+    register.set_defaults(func=register_user)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except CliError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

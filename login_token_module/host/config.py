@@ -1,0 +1,154 @@
+"""The homeserver's YAML config, with Synapse's key names where they exist."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from login_token_module.config import ConfigError
+
+SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    port: int
+    bind_addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    module: str
+    config: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class HomeserverConfig:
+    server_name: str
+    listeners: tuple[ListenerConfig, ...]
+    database_path: str
+    bcrypt_rounds: int
+    modules: tuple[ModuleConfig, ...]
+    config_directory: str
+    max_request_body_size: int = 64 * 1024
+
+
+def _reject_unknown(section: Mapping[str, Any], known: set[str], path: list[str | int]) -> None:
+    for key in section:
+        if key not in known:
+            raise ConfigError(
+                [*path, str(key)], f"unknown option (expected one of: {', '.join(sorted(known))})"
+            )
+
+
+def _whole(value: Any, path: list[str | int], low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(path, f"must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _listener(value: Any, path: list[str | int]) -> ListenerConfig:
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, "must be a mapping with 'port' and 'bind_addresses'")
+    _reject_unknown(value, {"port", "bind_addresses", "type", "tls", "x_forwarded", "resources"}, path)
+    if value.get("type", "http") != "http":
+        raise ConfigError([*path, "type"], "only 'http' listeners are supported")
+    if value.get("tls", False) is not False:
+        raise ConfigError([*path, "tls"], "TLS is not supported; put a reverse proxy in front")
+    port = _whole(value.get("port"), [*path, "port"], 0, 65535)
+    addresses = value.get("bind_addresses", ["127.0.0.1"])
+    if (
+        not isinstance(addresses, list)
+        or not addresses
+        or not all(isinstance(a, str) and a for a in addresses)
+    ):
+        raise ConfigError([*path, "bind_addresses"], "must be a non-empty list of addresses")
+    return ListenerConfig(port=port, bind_addresses=tuple(addresses))
+
+
+def _database(value: Any, base: str) -> str:
+    if not isinstance(value, Mapping):
+        raise ConfigError(["database"], "must be a mapping with 'name' and 'args'")
+    _reject_unknown(value, {"name", "args"}, ["database"])
+    if value.get("name", "sqlite3") != "sqlite3":
+        raise ConfigError(["database", "name"], "only 'sqlite3' is supported")
+    args = value.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise ConfigError(["database", "args"], "must be a mapping")
+    _reject_unknown(args, {"database"}, ["database", "args"])
+    path = args.get("database", "homeserver.db")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(["database", "args", "database"], "must be a file path")
+    return resolve_path(base, path)
+
+
+def resolve_path(base: str, path: str) -> str:
+    if path == ":memory:" or os.path.isabs(path):
+        return path
+    return os.path.join(base, path)
+
+
+def _modules(value: Any) -> tuple[ModuleConfig, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(["modules"], "must be a list")
+    modules = []
+    for index, entry in enumerate(value):
+        path: list[str | int] = ["modules", index]
+        if not isinstance(entry, Mapping):
+            raise ConfigError(path, "must be a mapping with 'module' and 'config'")
+        _reject_unknown(entry, {"module", "config"}, path)
+        name = entry.get("module")
+        if not isinstance(name, str) or "." not in name:
+            raise ConfigError([*path, "module"], "must be a dotted path such as package.ClassName")
+        config = entry.get("config") or {}
+        if not isinstance(config, Mapping):
+            raise ConfigError([*path, "config"], "must be a mapping")
+        modules.append(ModuleConfig(module=name, config=config))
+    return tuple(modules)
+
+
+def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError([], "the config file must be a YAML mapping")
+    _reject_unknown(
+        raw,
+        {"server_name", "listeners", "database", "bcrypt_rounds", "modules", "max_request_body_size"},
+        [],
+    )
+    server_name = raw.get("server_name")
+    if not isinstance(server_name, str) or not SERVER_NAME_RE.match(server_name):
+        raise ConfigError(["server_name"], f"must be a host name such as 'localhost', got {server_name!r}")
+    listeners_raw = raw.get("listeners")
+    if not isinstance(listeners_raw, list) or not listeners_raw:
+        raise ConfigError(["listeners"], "must be a non-empty list")
+    listeners = tuple(_listener(entry, ["listeners", i]) for i, entry in enumerate(listeners_raw))
+    return HomeserverConfig(
+        server_name=server_name,
+        listeners=listeners,
+        database_path=_database(raw.get("database", {"name": "sqlite3"}), config_directory),
+        bcrypt_rounds=_whole(raw.get("bcrypt_rounds", 12), ["bcrypt_rounds"], 4, 31),
+        modules=_modules(raw.get("modules")),
+        config_directory=config_directory,
+        max_request_body_size=_whole(
+            raw.get("max_request_body_size", 64 * 1024), ["max_request_body_size"], 1024, 100 * 1024 * 1024
+        ),
+    )
+
+
+def load_config_file(path: str) -> HomeserverConfig:
+    """Read and validate a config file; raises ConfigError (OSError if unreadable)."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError([], f"not valid YAML{where}") from None
+    return parse_homeserver_config(raw, os.path.dirname(os.path.abspath(path)))

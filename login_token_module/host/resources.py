@@ -1,0 +1,211 @@
+"""The host's own Client-Server endpoints."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+from typing import TYPE_CHECKING, Any
+
+from twisted.web.server import Request
+
+from login_token_module.api import JsonDict
+from login_token_module.errors import Codes, MatrixError
+from login_token_module.host import auth, database
+from login_token_module.http import JsonResource, parse_json_object
+
+if TYPE_CHECKING:
+    from login_token_module.host.server import Homeserver
+
+SUPPORTED_VERSIONS = ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7"]
+PASSWORD_LOGIN = "m.login.password"
+MAX_DEVICE_ID_LENGTH = 255
+MAX_DISPLAY_NAME_LENGTH = 256
+LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
+
+
+def new_device_id() -> str:
+    return "".join(secrets.choice(string.ascii_uppercase) for _ in range(10))
+
+
+def user_id_from_name(name: str, server_name: str) -> str:
+    """``alice`` or ``@alice:server`` as a full user id on this server, else 403."""
+    if name.startswith("@"):
+        localpart, sep, domain = name[1:].partition(":")
+        if not sep or domain != server_name:
+            raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
+    else:
+        localpart = name
+    localpart = localpart.lower()
+    if not LOCALPART_RE.match(localpart):
+        raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
+    return f"@{localpart}:{server_name}"
+
+
+def identified_user(body: JsonDict, server_name: str) -> str | None:
+    """The user a login body names (``identifier`` m.id.user, or legacy ``user``)."""
+    identifier = body.get("identifier")
+    if identifier is not None:
+        if not isinstance(identifier, dict):
+            raise MatrixError(400, Codes.BAD_JSON, "'identifier' must be an object")
+        if identifier.get("type") != "m.id.user":
+            raise MatrixError(400, Codes.INVALID_PARAM, "Only m.id.user identifiers are supported")
+        name = identifier.get("user")
+    else:
+        name = body.get("user")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name:
+        raise MatrixError(400, Codes.BAD_JSON, "The user in 'identifier' must be a non-empty string")
+    return user_id_from_name(name, server_name)
+
+
+def _optional_string(body: JsonDict, key: str, max_length: int) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise MatrixError(
+            400, Codes.INVALID_PARAM, f"'{key}' must be a non-empty string of at most {max_length} characters"
+        )
+    return value
+
+
+class HostResource(JsonResource):
+    def __init__(self, hs: Homeserver) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.hs = hs
+
+
+class LoginResource(HostResource):
+    async def on_GET(self, request: Request) -> tuple[int, JsonDict]:
+        flows: list[JsonDict] = [{"type": PASSWORD_LOGIN}]
+        registry = self.hs.registry
+        for login_type in registry.login_types:
+            flows.append({"type": login_type, **registry.login_flow_fields.get(login_type, {})})
+        return 200, {"flows": flows}
+
+    async def on_POST(self, request: Request) -> tuple[int, JsonDict]:
+        body = parse_json_object(request)
+        login_type = body.get("type")
+        if login_type is None:
+            raise MatrixError(400, Codes.MISSING_PARAM, "'type' is required")
+        if not isinstance(login_type, str):
+            raise MatrixError(400, Codes.BAD_JSON, "'type' must be a string")
+        # Everything about the new device is checked before any credential is
+        # looked at, so a bad request never spends a single-use login token.
+        device_id = _optional_string(body, "device_id", MAX_DEVICE_ID_LENGTH)
+        display_name = _optional_string(body, "initial_device_display_name", MAX_DISPLAY_NAME_LENGTH)
+        server_name = self.hs.config.server_name
+
+        if login_type == PASSWORD_LOGIN:
+            user_id = await self._check_password(body)
+        elif login_type in self.hs.registry.login_types:
+            user_id = await self._check_module_login(login_type, body)
+        else:
+            raise MatrixError(400, Codes.UNKNOWN, f"Unknown login type {login_type}")
+
+        device_id = device_id or new_device_id()
+        access_token = auth.new_access_token()
+        created = await self.hs.db.run(
+            database.log_in_device, user_id, device_id, display_name, auth.hash_access_token(access_token)
+        )
+        if not created:
+            raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
+        return 200, {
+            "user_id": user_id,
+            "access_token": access_token,
+            "device_id": device_id,
+            "home_server": server_name,
+        }
+
+    async def _check_password(self, body: JsonDict) -> str:
+        user_id = identified_user(body, self.hs.config.server_name)
+        if user_id is None:
+            raise MatrixError(400, Codes.MISSING_PARAM, "'identifier' is required for password login")
+        password = body.get("password")
+        if password is None:
+            raise MatrixError(400, Codes.MISSING_PARAM, "'password' is required")
+        if not isinstance(password, str):
+            raise MatrixError(400, Codes.BAD_JSON, "'password' must be a string")
+        password_hash = await self.hs.db.run(database.get_password_hash, user_id)
+        if not await self.hs.hasher.check(password, password_hash):
+            raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
+        return user_id
+
+    async def _check_module_login(self, login_type: str, body: JsonDict) -> str:
+        handler = self.hs.registry.login_types[login_type]
+        for name in handler.required_fields:
+            if name not in body:
+                raise MatrixError(400, Codes.MISSING_PARAM, f"'{name}' is required for {login_type}")
+        username: str | None = None
+        try:
+            username = identified_user(body, self.hs.config.server_name)
+        except MatrixError:
+            # The identifier is advisory for module login types (the token
+            # alone names the user); a malformed one must not fail the login.
+            username = None
+        result = await handler.checker(username, login_type, body)
+        if result is None:
+            raise MatrixError(403, Codes.FORBIDDEN, "Invalid login")
+        user_id = result[0]
+        if not user_id.startswith("@"):
+            user_id = user_id_from_name(user_id, self.hs.config.server_name)
+        return user_id
+
+
+class VersionsResource(HostResource):
+    async def on_GET(self, request: Request) -> tuple[int, JsonDict]:
+        return 200, {
+            "versions": SUPPORTED_VERSIONS,
+            "unstable_features": dict(self.hs.registry.unstable_features),
+        }
+
+
+class CapabilitiesResource(HostResource):
+    async def on_GET(self, request: Request) -> tuple[int, JsonDict]:
+        await auth.get_user_by_req(self.hs.db, request)
+        capabilities: dict[str, Any] = {
+            "m.change_password": {"enabled": False},
+            "m.set_displayname": {"enabled": False},
+            "m.set_avatar_url": {"enabled": False},
+            "m.3pid_changes": {"enabled": False},
+        }
+        capabilities.update(self.hs.registry.capabilities)
+        return 200, {"capabilities": capabilities}
+
+
+class WhoamiResource(HostResource):
+    async def on_GET(self, request: Request) -> tuple[int, JsonDict]:
+        requester = await auth.get_user_by_req(self.hs.db, request)
+        return 200, {"user_id": requester.user_id, "device_id": requester.device_id, "is_guest": False}
+
+
+class LogoutResource(HostResource):
+    async def on_POST(self, request: Request) -> tuple[int, JsonDict]:
+        requester = await auth.get_user_by_req(self.hs.db, request)
+        assert requester.device_id is not None
+        await self.hs.db.run(database.log_out_device, requester.user_id, requester.device_id)
+        return 200, {}
+
+
+class LogoutAllResource(HostResource):
+    async def on_POST(self, request: Request) -> tuple[int, JsonDict]:
+        requester = await auth.get_user_by_req(self.hs.db, request)
+        await self.hs.db.run(database.log_out_all, requester.user_id)
+        return 200, {}
+
+
+def host_resources(hs: Homeserver) -> dict[str, JsonResource]:
+    """The host's endpoints by path, under every client API version prefix clients use."""
+    login, whoami = LoginResource(hs), WhoamiResource(hs)
+    capabilities = CapabilitiesResource(hs)
+    logout, logout_all = LogoutResource(hs), LogoutAllResource(hs)
+    paths: dict[str, JsonResource] = {"/_matrix/client/versions": VersionsResource(hs)}
+    for prefix in ("/_matrix/client/v3", "/_matrix/client/r0"):
+        paths[f"{prefix}/login"] = login
+        paths[f"{prefix}/capabilities"] = capabilities
+        paths[f"{prefix}/account/whoami"] = whoami
+        paths[f"{prefix}/logout"] = logout
+        paths[f"{prefix}/logout/all"] = logout_all
+    return paths

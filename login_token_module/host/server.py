@@ -1,0 +1,214 @@
+"""The reference homeserver: wiring config, database, modules and HTTP together."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import time
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from login_token_module.config import ConfigError
+from login_token_module.errors import Codes
+from login_token_module.host.config import HomeserverConfig
+from login_token_module.host.database import SCHEMA
+from login_token_module.host.module_api import HostModuleApi, ModuleRegistry
+from login_token_module.host.passwords import PasswordHasher
+from login_token_module.host.resources import host_resources
+from login_token_module.http import render_unrecognized, respond_json
+from login_token_module.sqlite import SqliteDatabase
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("login_token_module.access")
+
+
+class PathNode(Resource):
+    """A segment of the URL tree: 404 ``M_UNRECOGNIZED`` for anything not below it."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.own: IResource | None = None
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return _UNRECOGNIZED
+
+    def render(self, request: Request) -> Any:
+        if self.own is not None:
+            return self.own.render(request)
+        return render_unrecognized(request)
+
+
+class _Unrecognized(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        return render_unrecognized(request)
+
+
+_UNRECOGNIZED = _Unrecognized()  # type: ignore[no-untyped-call]
+
+
+def build_tree(resources: dict[str, IResource]) -> PathNode:
+    root = PathNode()
+    for path, resource in sorted(resources.items()):
+        node = root
+        for segment in path.strip("/").split("/"):
+            child = node.children.get(segment.encode())
+            if child is None:
+                child = PathNode()
+                node.putChild(segment.encode(), child)
+            assert isinstance(child, PathNode)
+            node = child
+        node.own = resource
+    return root
+
+
+class HostRequest(Request):
+    """A request that refuses oversized bodies without holding them in memory."""
+
+    max_body_size = 64 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._body_too_large = False
+        self._body_received = 0
+        self.started_at = time.monotonic()
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body_size:
+            self._body_too_large = True
+            self.content = io.BytesIO()
+            return
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._body_too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.max_body_size:
+            self._body_too_large = True
+            self.content = io.BytesIO()
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def process(self) -> None:
+        if self._body_too_large:
+            respond_json(
+                self,
+                413,
+                {"errcode": Codes.TOO_LARGE, "error": f"Request body is over {self.max_body_size} bytes"},
+            )
+            return
+        super().process()  # type: ignore[no-untyped-call]
+
+
+class HostSite(Site):
+    """A Site whose access log never shows query strings (they can hold access tokens)."""
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        started = getattr(request, "started_at", None)
+        took = f" {1000 * (time.monotonic() - started):.1f}ms" if started is not None else ""
+        client = request.getClientAddress()
+        access_logger.info(
+            "%s %s %s %d%s",
+            getattr(client, "host", "-"),
+            request.method.decode("ascii", "replace"),
+            request.path.decode("ascii", "replace"),
+            request.code,
+            took,
+        )
+
+
+def load_module_class(dotted: str) -> Any:
+    module_name, _, class_name = dotted.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(["module"], f"cannot import {module_name}: {error}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(["module"], f"{module_name} has no {class_name}")
+    return cls
+
+
+class Homeserver:
+    def __init__(self, config: HomeserverConfig, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.registry = ModuleRegistry()
+        self.db = SqliteDatabase(reactor, config.database_path, schema=SCHEMA, name="homeserver-db")
+        self.hasher = PasswordHasher(reactor, config.bcrypt_rounds)
+        self.modules: list[Any] = []
+        self.ports: list[IListeningPort] = []
+        self._load_modules()
+
+    def _load_modules(self) -> None:
+        for index, entry in enumerate(self.config.modules):
+            try:
+                cls = load_module_class(entry.module)
+                parse = getattr(cls, "parse_config", None)
+                parsed = parse(dict(entry.config)) if parse is not None else dict(entry.config)
+            except ConfigError as error:
+                if error.path[:1] == ["module"]:
+                    raise error.within("modules", index) from None
+                raise error.within("modules", index, "config") from None
+            self.modules.append(cls(parsed, HostModuleApi(self, entry.module)))
+
+    def build_site(self) -> HostSite:
+        resources: dict[str, IResource] = dict(host_resources(self))
+        for path, resource in self.registry.resources.items():
+            if path in resources:
+                raise ConfigError(["modules"], f"a module wants {path}, which the host serves itself")
+            resources[path] = resource
+        site = HostSite(build_tree(resources))  # type: ignore[no-untyped-call]
+        max_body_size = self.config.max_request_body_size
+
+        class BoundHostRequest(HostRequest):
+            pass
+
+        BoundHostRequest.max_body_size = max_body_size
+        site.requestFactory = BoundHostRequest
+        return site
+
+    def start(self) -> list[IListeningPort]:
+        """Listen on every configured address and start background tasks."""
+        site = self.build_site()
+        for listener in self.config.listeners:
+            for address in listener.bind_addresses:
+                port = self.reactor.listenTCP(listener.port, site, interface=address)
+                self.ports.append(port)
+                host = port.getHost()
+                logger.info("Listening on http://%s:%d", host.host, host.port)
+        for loop, msec in self.registry.loops:
+            loop.start(msec / 1000, now=False)
+        return self.ports
+
+    async def stop(self) -> None:
+        for port in self.ports:
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
+        self.ports.clear()
+        for loop, _ in self.registry.loops:
+            if loop.running:
+                loop.stop()
+        for callback in self.registry.shutdown_callbacks:
+            try:
+                result = callback()
+                if result is not None:
+                    await result
+            except Exception:
+                logger.exception("A module's shutdown callback failed")
+        self.db.close()
+
+
+__all__ = ["Homeserver", "build_tree", "defer"]

@@ -1,0 +1,104 @@
+"""SQLite off the reactor thread.
+
+Each :class:`SqliteDatabase` owns a small thread pool (one thread by default)
+and one connection per pool thread. The reactor only ever hands work to the
+pool and gets a Deferred back, so a slow disk never stalls other requests.
+Connections use WAL, so readers in other processes sharing the file are not
+blocked by a writer, and a busy timeout, so two processes writing at once wait
+for each other instead of failing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class SqliteDatabase:
+    def __init__(
+        self,
+        reactor: Any,
+        path: str,
+        *,
+        schema: str = "",
+        threads: int = 1,
+        name: str = "sqlite",
+    ) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._schema = schema
+        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._started = False
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection with our settings and the schema in place.
+
+        Also used directly (without the pool) by command-line tools that run
+        outside the reactor.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL is still safe against a process crash (SIGKILL);
+        # only an OS crash or power loss can lose the newest commits.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        if self._schema:
+            conn.executescript(self._schema)
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self.connect()
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def run(
+        self,
+        func: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Deferred[T]:
+        """Run ``func(conn, *args)`` in the pool; the result comes back as a Deferred."""
+        if not self._started:
+            self._pool.start()
+            self._started = True
+        return deferToThreadPool(self._reactor, self._pool, lambda: func(self._connection(), *args, **kwargs))
+
+    def close(self) -> None:
+        """Finish queued work, stop the threads and close every connection."""
+        if self._started:
+            self._pool.stop()
+            self._started = False
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+def transaction(conn: sqlite3.Connection, func: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``func`` inside ``BEGIN IMMEDIATE`` so its reads and writes are one unit."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = func(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
