@@ -1,0 +1,241 @@
+"""Real servers for tests: in-process on the test reactor, or as child processes.
+
+Every test talks HTTP over loopback to a listening homeserver with the module
+loaded from its YAML-shaped config, exactly as an operator would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import treq
+import yaml
+from twisted.internet import reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from login_token_module.host import database
+from login_token_module.host.config import parse_homeserver_config
+from login_token_module.host.server import Homeserver
+from login_token_module.module import LoginTokenModule
+
+REACTOR: Any = reactor
+ROOT = Path(__file__).resolve().parent.parent
+GET_TOKEN = "/_matrix/client/v1/login/get_token"
+LOGIN = "/_matrix/client/v3/login"
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class Response:
+    code: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def json(self) -> dict[str, Any]:
+        assert isinstance(self.body, dict), f"expected a JSON object, got {self.body!r}"
+        return self.body
+
+
+class HttpClient:
+    """A small treq client that returns (status, parsed JSON, headers)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        pool = HTTPConnectionPool(REACTOR, persistent=False)
+        self._http = treq.client.HTTPClient(Agent(REACTOR, pool=pool))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        raw_body: bytes | None = None,
+        access_token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        send_headers = {k: [v] for k, v in (headers or {}).items()}
+        if access_token is not None:
+            send_headers["Authorization"] = [f"Bearer {access_token}"]
+        data = raw_body
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            send_headers.setdefault("Content-Type", ["application/json"])
+        response = await self._http.request(method, self.base_url + path, data=data, headers=send_headers)
+        content = await treq.content(response)
+        body: Any = None
+        if content:
+            try:
+                body = json.loads(content)
+            except ValueError:
+                body = content
+        found = {
+            name.decode().lower(): values[-1].decode()
+            for name, values in response.headers.getAllRawHeaders()
+        }
+        return Response(response.code, body, found)
+
+    async def post(self, path: str, body: Any = None, access_token: str | None = None) -> Response:
+        return await self.request("POST", path, json_body=body, access_token=access_token)
+
+    async def get(self, path: str, access_token: str | None = None) -> Response:
+        return await self.request("GET", path, access_token=access_token)
+
+    async def password_login(
+        self, user: str, password: str = PASSWORD, **extra: Any
+    ) -> Response:
+        body = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}}
+        body["password"] = password
+        body.update(extra)
+        return await self.post(LOGIN, body)
+
+    async def access_token(self, user: str, password: str = PASSWORD) -> str:
+        response = await self.password_login(user, password)
+        assert response.code == 200, response
+        return str(response.json["access_token"])
+
+    async def get_login_token(
+        self, access_token: str, password: str = PASSWORD, path: str = GET_TOKEN
+    ) -> Response:
+        """The two-step UIA dance: ask, then answer the challenge with the password."""
+        challenge = await self.post(path, {}, access_token)
+        assert challenge.code == 401, challenge
+        auth = {"type": "m.login.password", "password": password, "session": challenge.json["session"]}
+        return await self.post(path, {"auth": auth}, access_token)
+
+    async def token_login(self, token: Any, **extra: Any) -> Response:
+        return await self.post(LOGIN, {"type": "m.login.token", "token": token, **extra})
+
+
+def homeserver_yaml(
+    directory: Path,
+    module_config: Mapping[str, Any] | None = None,
+    *,
+    port: int = 0,
+    database_name: str = "homeserver.db",
+    **extra: Any,
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "server_name": "test.local",
+        "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"]}],
+        "database": {"name": "sqlite3", "args": {"database": database_name}},
+        "bcrypt_rounds": 4,
+        "modules": [
+            {
+                "module": "login_token_module.LoginTokenModule",
+                "config": dict(
+                    module_config
+                    if module_config is not None
+                    else {"store": {"type": "sqlite", "path": "tokens.db"}}
+                ),
+            }
+        ],
+    }
+    config.update(extra)
+    return config
+
+
+@dataclass
+class InProcessServer:
+    hs: Homeserver
+    client: HttpClient
+
+    @property
+    def module(self) -> LoginTokenModule:
+        module = self.hs.modules[0]
+        assert isinstance(module, LoginTokenModule)
+        return module
+
+    async def register(self, localpart: str, password: str = PASSWORD) -> str:
+        user_id = f"@{localpart}:{self.hs.config.server_name}"
+        password_hash = await self.hs.hasher.hash(password)
+        await self.hs.db.run(database.create_user, user_id, password_hash)
+        return user_id
+
+    async def stop(self) -> None:
+        await self.hs.stop()
+
+
+async def start_in_process(
+    directory: Path, module_config: Mapping[str, Any] | None = None, **extra: Any
+) -> InProcessServer:
+    raw = homeserver_yaml(directory, module_config, **extra)
+    hs = Homeserver(parse_homeserver_config(raw, str(directory)), REACTOR)
+    ports = hs.start()
+    port = ports[0].getHost().port
+    return InProcessServer(hs, HttpClient(f"http://127.0.0.1:{port}"))
+
+
+LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
+
+
+@dataclass
+class ChildServer:
+    """The homeserver as an operator runs it: `login-token-module serve -c FILE`."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "login_token_module.host.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+
+
+def write_config(directory: Path, config: Mapping[str, Any], name: str = "homeserver.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(dict(config)))
+    return path
+
+
+def start_child(config_path: Path, log_name: str = "server.log", timeout: float = 30) -> ChildServer:
+    log_path = config_path.parent / log_name
+    log_file = open(log_path, "w")  # noqa: SIM115 (the child writes to it for its whole life)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = LISTENING_RE.search(log_path.read_text())
+        if match:
+            return ChildServer(process, int(match.group(1)), log_path)
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
