@@ -77,7 +77,9 @@ def _database(value: Any, base: str) -> str:
     _reject_unknown(value, {"name", "args"}, ["database"])
     if value.get("name", "sqlite3") != "sqlite3":
         raise ConfigError(["database", "name"], "only 'sqlite3' is supported")
-    args = value.get("args") or {}
+    args = value.get("args")
+    if args is None:
+        args = {}
     if not isinstance(args, Mapping):
         raise ConfigError(["database", "args"], "must be a mapping")
     _reject_unknown(args, {"database"}, ["database", "args"])
@@ -107,7 +109,9 @@ def _modules(value: Any) -> tuple[ModuleConfig, ...]:
         name = entry.get("module")
         if not isinstance(name, str) or "." not in name:
             raise ConfigError([*path, "module"], "must be a dotted path such as package.ClassName")
-        config = entry.get("config") or {}
+        config = entry.get("config")
+        if config is None:
+            config = {}
         if not isinstance(config, Mapping):
             raise ConfigError([*path, "config"], "must be a mapping")
         modules.append(ModuleConfig(module=name, config=config))

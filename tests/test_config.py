@@ -1,0 +1,132 @@
+"""Config parsing: defaults, and one clear error naming the key for each mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from login_token_module import ConfigError, LoginTokenModule
+from login_token_module.config import LoginTokenConfig
+from login_token_module.host.config import load_config_file, parse_homeserver_config
+from login_token_module.host.server import Homeserver
+from tests.helpers import REACTOR, ROOT, homeserver_yaml
+
+
+def test_defaults_follow_the_spec() -> None:
+    config = LoginTokenModule.parse_config({})
+    assert config == LoginTokenConfig()
+    assert config.token_lifetime_ms == 120_000
+    assert config.require_ui_auth is True
+    assert config.ratelimit.burst_count == 1
+    assert config.ratelimit.per_second == pytest.approx(1 / 60)
+    assert config.store.type == "sqlite"
+
+
+def test_a_full_config_is_read() -> None:
+    config = LoginTokenModule.parse_config(
+        {
+            "token_lifetime_ms": 60_000,
+            "require_ui_auth": False,
+            "ratelimit": {"per_second": 0.5, "burst_count": 3},
+            "failed_auth_ratelimit": {"per_second": 1, "burst_count": 10},
+            "ui_auth_session_lifetime_ms": 5_000,
+            "sweep_interval_ms": 1_000,
+            "store": {"type": "memory"},
+        }
+    )
+    assert config.token_lifetime_ms == 60_000
+    assert config.require_ui_auth is False
+    assert (config.ratelimit.per_second, config.ratelimit.burst_count) == (0.5, 3)
+    assert config.failed_auth_ratelimit.burst_count == 10
+    assert config.ui_auth_session_lifetime_ms == 5_000
+    assert config.sweep_interval_ms == 1_000
+    assert config.store.type == "memory"
+
+
+BAD_CONFIGS: list[tuple[Any, str]] = [
+    ([], "<top level>: must be a mapping"),
+    ({"token_lifetime": 5}, "token_lifetime: unknown option"),
+    ({"token_lifetime_ms": -5}, "token_lifetime_ms: must be between"),
+    ({"token_lifetime_ms": 0}, "token_lifetime_ms: must be between"),
+    ({"token_lifetime_ms": "2m"}, "token_lifetime_ms: must be a whole number"),
+    ({"token_lifetime_ms": True}, "token_lifetime_ms: must be a whole number"),
+    ({"token_lifetime_ms": 1.5}, "token_lifetime_ms: must be a whole number"),
+    ({"token_lifetime_ms": 10**12}, "token_lifetime_ms: must be between"),
+    ({"require_ui_auth": "yes"}, "require_ui_auth: must be true or false"),
+    ({"ratelimit": 5}, "ratelimit: must be a mapping"),
+    ({"ratelimit": {"per_second": "fast"}}, "ratelimit.per_second: must be a positive number"),
+    ({"ratelimit": {"per_second": 0}}, "ratelimit.per_second: must be a positive number"),
+    ({"ratelimit": {"per_second": -1}}, "ratelimit.per_second: must be a positive number"),
+    ({"ratelimit": {"per_second": float("nan")}}, "ratelimit.per_second: must be a positive number"),
+    ({"ratelimit": {"burst_count": 0}}, "ratelimit.burst_count: must be between"),
+    ({"ratelimit": {"burst": 2}}, "ratelimit.burst: unknown option"),
+    ({"failed_auth_ratelimit": {"burst_count": "x"}}, "failed_auth_ratelimit.burst_count: must be"),
+    ({"ui_auth_session_lifetime_ms": 10}, "ui_auth_session_lifetime_ms: must be between"),
+    ({"sweep_interval_ms": 0}, "sweep_interval_ms: must be between"),
+    ({"store": {"type": "redis"}}, "store.type: must be 'memory' or 'sqlite'"),
+    ({"store": {"type": "sqlite", "path": ""}}, "store.path: must be a non-empty file path"),
+    ({"store": {"type": "sqlite", "path": 5}}, "store.path: must be a non-empty file path"),
+    ({"store": {"type": "memory", "path": "x.db"}}, "store.path: only applies to the sqlite store"),
+    ({"store": {"typ": "memory"}}, "store.typ: unknown option"),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), BAD_CONFIGS)
+def test_each_mistake_is_one_error_naming_the_key(raw: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        LoginTokenModule.parse_config(raw)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_module_errors_are_placed_within_the_homeserver_config(tmp_path: Path) -> None:
+    raw = homeserver_yaml(tmp_path, {"ratelimit": {"per_second": "fast"}})
+    with pytest.raises(ConfigError) as caught:
+        Homeserver(parse_homeserver_config(raw, str(tmp_path)), REACTOR)
+    assert str(caught.value).startswith("modules[0].config.ratelimit.per_second: must be a positive")
+
+
+def test_an_unimportable_module_is_named(tmp_path: Path) -> None:
+    raw = homeserver_yaml(tmp_path)
+    raw["modules"][0]["module"] = "no_such_package.Module"
+    with pytest.raises(ConfigError) as caught:
+        Homeserver(parse_homeserver_config(raw, str(tmp_path)), REACTOR)
+    assert str(caught.value).startswith("modules[0].module: cannot import no_such_package")
+
+
+HOST_ERRORS: list[tuple[dict[str, Any], str]] = [
+    ({"server_name": None}, "server_name: must be a host name"),
+    ({"server_name": "bad name!"}, "server_name: must be a host name"),
+    ({"listeners": []}, "listeners: must be a non-empty list"),
+    ({"listeners": [{"port": 70000}]}, "listeners[0].port: must be a whole number"),
+    ({"listeners": [{"port": 8008, "tls": True}]}, "listeners[0].tls: TLS is not supported"),
+    ({"listeners": [{"port": 8008, "bind_addresses": []}]}, "listeners[0].bind_addresses"),
+    ({"database": {"name": "psycopg2"}}, "database.name: only 'sqlite3' is supported"),
+    ({"database": {"name": "sqlite3", "args": {"database": 3}}}, "database.args.database"),
+    ({"bcrypt_rounds": 2}, "bcrypt_rounds: must be a whole number from 4 to 31"),
+    ({"modules": {"module": "x"}}, "modules: must be a list"),
+    ({"modules": [{"module": "nodots"}]}, "modules[0].module: must be a dotted path"),
+    ({"modules": [{"module": "a.B", "config": []}]}, "modules[0].config: must be a mapping"),
+    ({"max_request_body_size": 10}, "max_request_body_size: must be a whole number"),
+    ({"pid_file": "x"}, "pid_file: unknown option"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), HOST_ERRORS)
+def test_homeserver_config_errors_name_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    raw = homeserver_yaml(tmp_path)
+    raw.update(change)
+    with pytest.raises(ConfigError) as caught:
+        parse_homeserver_config(raw, str(tmp_path))
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_sample_config_is_valid_and_resolves_paths_beside_itself() -> None:
+    config = load_config_file(str(ROOT / "sample_config.yaml"))
+    assert config.server_name == "localhost"
+    assert config.listeners[0].port == 8008
+    assert config.database_path == str(ROOT / "homeserver.db")
+    module_config = LoginTokenModule.parse_config(dict(config.modules[0].config))
+    assert module_config.token_lifetime_ms == 120_000
+    assert module_config.store.path == "login_tokens.db"

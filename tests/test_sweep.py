@@ -1,0 +1,53 @@
+"""The background sweep forgets expired tokens, UIA sessions and drained rate limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import deferLater
+
+from tests.helpers import GET_TOKEN, REACTOR, start_in_process
+
+
+async def _sleep(seconds: float) -> None:
+    await deferLater(REACTOR, seconds, lambda: None)
+
+
+@pytest.mark.parametrize("store_type", ["memory", "sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_expired_tokens_and_sessions_are_swept(tmp_path: Path, store_type: str) -> None:
+    store = {"type": store_type} if store_type == "memory" else {"type": "sqlite", "path": "t.db"}
+    server = await start_in_process(
+        tmp_path,
+        {
+            "store": store,
+            "token_lifetime_ms": 150,
+            "ui_auth_session_lifetime_ms": 1_000,
+            "sweep_interval_ms": 50,
+            "ratelimit": {"per_second": 20, "burst_count": 5},
+        },
+    )
+    try:
+        await server.register("alice")
+        client = server.client
+        access_token = await client.access_token("alice")
+        for _ in range(3):
+            issued = await client.get_login_token(access_token)
+            assert issued.code == 200
+        await client.post(GET_TOKEN, {}, access_token)  # an abandoned UIA session
+        module = server.module
+        assert await module.store.count_tokens() == 3
+        assert len(module._uia) == 1
+        assert len(module._ratelimiter) == 1
+
+        await _sleep(0.4)
+        assert await module.store.count_tokens() == 0
+        assert len(module._ratelimiter) == 0  # 3 actions drain in 0.15 s at 20/s
+        assert len(module._uia) == 1  # not expired yet
+
+        await _sleep(1.0)
+        assert len(module._uia) == 0
+    finally:
+        await server.stop()
