@@ -79,24 +79,22 @@ def _mapping(value: Any, path: list[str | int]) -> Mapping[str, Any]:
     return value
 
 
-def _reject_unknown(section: Mapping[str, Any], known: set[str], path: list[str | int]) -> None:
+def reject_unknown(section: Mapping[str, Any], known: set[str], path: list[str | int]) -> None:
     for key in section:
         if key not in known:
             expected = ", ".join(sorted(known))
             raise ConfigError([*path, str(key)], f"unknown option (expected one of: {expected})")
 
 
-def _int(value: Any, path: list[str | int], low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(path, f"must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(path, f"must be between {low} and {high}, got {value}")
+def whole_number(value: Any, path: list[str | int], low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(path, f"must be a whole number from {low} to {high}, got {value!r}")
     return value
 
 
 def _ratelimit(value: Any, path: list[str | int], default: RatelimitConfig) -> RatelimitConfig:
     section = _mapping(value, path)
-    _reject_unknown(section, {"per_second", "burst_count"}, path)
+    reject_unknown(section, {"per_second", "burst_count"}, path)
     per_second = section.get("per_second", default.per_second)
     if (
         isinstance(per_second, bool)
@@ -105,13 +103,15 @@ def _ratelimit(value: Any, path: list[str | int], default: RatelimitConfig) -> R
         or per_second <= 0
     ):
         raise ConfigError([*path, "per_second"], f"must be a positive number, got {per_second!r}")
-    burst = _int(section.get("burst_count", default.burst_count), [*path, "burst_count"], 1, 1_000_000)
+    burst = whole_number(
+        section.get("burst_count", default.burst_count), [*path, "burst_count"], 1, 1_000_000
+    )
     return RatelimitConfig(per_second=float(per_second), burst_count=burst)
 
 
 def _store(value: Any, path: list[str | int]) -> StoreConfig:
     section = _mapping(value, path)
-    _reject_unknown(section, {"type", "path"}, path)
+    reject_unknown(section, {"type", "path"}, path)
     store_type = section.get("type", StoreConfig.type)
     if store_type == "memory":
         if "path" in section:
@@ -129,7 +129,7 @@ def parse_config(raw: Any) -> LoginTokenConfig:
     """Validate the module's ``config:`` block; raises :class:`ConfigError`."""
     section = _mapping(raw, [])
     defaults = LoginTokenConfig()
-    _reject_unknown(
+    reject_unknown(
         section,
         {
             "token_lifetime_ms",
@@ -146,7 +146,7 @@ def parse_config(raw: Any) -> LoginTokenConfig:
     if not isinstance(require_ui_auth, bool):
         raise ConfigError(["require_ui_auth"], f"must be true or false, got {require_ui_auth!r}")
     return LoginTokenConfig(
-        token_lifetime_ms=_int(
+        token_lifetime_ms=whole_number(
             section.get("token_lifetime_ms", defaults.token_lifetime_ms),
             ["token_lifetime_ms"],
             1,
@@ -159,13 +159,13 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             ["failed_auth_ratelimit"],
             defaults.failed_auth_ratelimit,
         ),
-        ui_auth_session_lifetime_ms=_int(
+        ui_auth_session_lifetime_ms=whole_number(
             section.get("ui_auth_session_lifetime_ms", defaults.ui_auth_session_lifetime_ms),
             ["ui_auth_session_lifetime_ms"],
             1_000,
             MAX_LIFETIME_MS,
         ),
-        sweep_interval_ms=_int(
+        sweep_interval_ms=whole_number(
             section.get("sweep_interval_ms", defaults.sweep_interval_ms),
             ["sweep_interval_ms"],
             10,

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from login_token_module.config import ConfigError
+from login_token_module.config import ConfigError, reject_unknown, whole_number
 
 SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
@@ -38,29 +38,15 @@ class HomeserverConfig:
     max_request_body_size: int = 64 * 1024
 
 
-def _reject_unknown(section: Mapping[str, Any], known: set[str], path: list[str | int]) -> None:
-    for key in section:
-        if key not in known:
-            raise ConfigError(
-                [*path, str(key)], f"unknown option (expected one of: {', '.join(sorted(known))})"
-            )
-
-
-def _whole(value: Any, path: list[str | int], low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(path, f"must be a whole number from {low} to {high}, got {value!r}")
-    return value
-
-
 def _listener(value: Any, path: list[str | int]) -> ListenerConfig:
     if not isinstance(value, Mapping):
         raise ConfigError(path, "must be a mapping with 'port' and 'bind_addresses'")
-    _reject_unknown(value, {"port", "bind_addresses", "type", "tls", "x_forwarded", "resources"}, path)
+    reject_unknown(value, {"port", "bind_addresses", "type", "tls", "x_forwarded", "resources"}, path)
     if value.get("type", "http") != "http":
         raise ConfigError([*path, "type"], "only 'http' listeners are supported")
     if value.get("tls", False) is not False:
         raise ConfigError([*path, "tls"], "TLS is not supported; put a reverse proxy in front")
-    port = _whole(value.get("port"), [*path, "port"], 0, 65535)
+    port = whole_number(value.get("port"), [*path, "port"], 0, 65535)
     addresses = value.get("bind_addresses", ["127.0.0.1"])
     if (
         not isinstance(addresses, list)
@@ -74,7 +60,7 @@ def _listener(value: Any, path: list[str | int]) -> ListenerConfig:
 def _database(value: Any, base: str) -> str:
     if not isinstance(value, Mapping):
         raise ConfigError(["database"], "must be a mapping with 'name' and 'args'")
-    _reject_unknown(value, {"name", "args"}, ["database"])
+    reject_unknown(value, {"name", "args"}, ["database"])
     if value.get("name", "sqlite3") != "sqlite3":
         raise ConfigError(["database", "name"], "only 'sqlite3' is supported")
     args = value.get("args")
@@ -82,7 +68,7 @@ def _database(value: Any, base: str) -> str:
         args = {}
     if not isinstance(args, Mapping):
         raise ConfigError(["database", "args"], "must be a mapping")
-    _reject_unknown(args, {"database"}, ["database", "args"])
+    reject_unknown(args, {"database"}, ["database", "args"])
     path = args.get("database", "homeserver.db")
     if not isinstance(path, str) or not path:
         raise ConfigError(["database", "args", "database"], "must be a file path")
@@ -105,7 +91,7 @@ def _modules(value: Any) -> tuple[ModuleConfig, ...]:
         path: list[str | int] = ["modules", index]
         if not isinstance(entry, Mapping):
             raise ConfigError(path, "must be a mapping with 'module' and 'config'")
-        _reject_unknown(entry, {"module", "config"}, path)
+        reject_unknown(entry, {"module", "config"}, path)
         name = entry.get("module")
         if not isinstance(name, str) or "." not in name:
             raise ConfigError([*path, "module"], "must be a dotted path such as package.ClassName")
@@ -121,7 +107,7 @@ def _modules(value: Any) -> tuple[ModuleConfig, ...]:
 def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError([], "the config file must be a YAML mapping")
-    _reject_unknown(
+    reject_unknown(
         raw,
         {"server_name", "listeners", "database", "bcrypt_rounds", "modules", "max_request_body_size"},
         [],
@@ -137,10 +123,10 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
         server_name=server_name,
         listeners=listeners,
         database_path=_database(raw.get("database", {"name": "sqlite3"}), config_directory),
-        bcrypt_rounds=_whole(raw.get("bcrypt_rounds", 12), ["bcrypt_rounds"], 4, 31),
+        bcrypt_rounds=whole_number(raw.get("bcrypt_rounds", 12), ["bcrypt_rounds"], 4, 31),
         modules=_modules(raw.get("modules")),
         config_directory=config_directory,
-        max_request_body_size=_whole(
+        max_request_body_size=whole_number(
             raw.get("max_request_body_size", 64 * 1024), ["max_request_body_size"], 1024, 100 * 1024 * 1024
         ),
     )
