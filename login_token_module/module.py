@@ -16,7 +16,7 @@ from twisted.web.server import Request
 
 from login_token_module import tokens
 from login_token_module.api import JsonDict, ModuleApi, Requester
-from login_token_module.config import LoginTokenConfig, parse_config
+from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, parse_json_object
 from login_token_module.ratelimit import Ratelimiter
@@ -42,6 +42,10 @@ class LoginTokenModule:
         store_path = config.store.path
         if store_path and store_path != ":memory:" and not os.path.isabs(store_path):
             store_path = os.path.join(api.config_directory, store_path)
+        if config.store.type == "sqlite" and store_path != ":memory:":
+            folder = os.path.dirname(store_path) or "."
+            if not os.path.isdir(folder):
+                raise ConfigError(["store", "path"], f"the folder {folder} does not exist")
         self.store: TokenStore = make_store(config.store, self._reactor, store_path)
         self._ratelimiter = Ratelimiter(config.ratelimit.per_second, config.ratelimit.burst_count)
         self._failed_auth = Ratelimiter(

@@ -65,7 +65,7 @@ class HttpClient:
         access_token: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Response:
-        send_headers = {k: [v] for k, v in (headers or {}).items()}
+        send_headers: dict[bytes | str, list[bytes | str]] = {k: [v] for k, v in (headers or {}).items()}
         if access_token is not None:
             send_headers["Authorization"] = [f"Bearer {access_token}"]
         data = raw_body
@@ -81,8 +81,7 @@ class HttpClient:
             except ValueError:
                 body = content
         found = {
-            name.decode().lower(): values[-1].decode()
-            for name, values in response.headers.getAllRawHeaders()
+            name.decode().lower(): values[-1].decode() for name, values in response.headers.getAllRawHeaders()
         }
         return Response(response.code, body, found)
 
@@ -92,9 +91,7 @@ class HttpClient:
     async def get(self, path: str, access_token: str | None = None) -> Response:
         return await self.request("GET", path, access_token=access_token)
 
-    async def password_login(
-        self, user: str, password: str = PASSWORD, **extra: Any
-    ) -> Response:
+    async def password_login(self, user: str, password: str = PASSWORD, **extra: Any) -> Response:
         body = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}}
         body["password"] = password
         body.update(extra)
@@ -173,7 +170,7 @@ async def start_in_process(
     raw = homeserver_yaml(directory, module_config, **extra)
     hs = Homeserver(parse_homeserver_config(raw, str(directory)), REACTOR)
     ports = hs.start()
-    port = ports[0].getHost().port
+    port: int = ports[0].getHost().port  # type: ignore[attr-defined]
     return InProcessServer(hs, HttpClient(f"http://127.0.0.1:{port}"))
 
 

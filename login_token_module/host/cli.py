@@ -6,6 +6,7 @@ import argparse
 import getpass
 import logging
 import signal
+import sqlite3
 import sys
 from typing import Any
 
@@ -110,7 +111,10 @@ def register_user(args: argparse.Namespace) -> int:
     user_id = f"@{localpart}:{config.server_name}"
     password = _read_password(args)
     password_hash = hash_password_sync(password, config.bcrypt_rounds)
-    conn = SqliteDatabase(None, config.database_path, schema=database.SCHEMA).connect()
+    try:
+        conn = SqliteDatabase(None, config.database_path, schema=database.SCHEMA).connect()
+    except sqlite3.Error as error:
+        raise CliError(f"cannot open database {config.database_path}: {error}") from None
     try:
         try:
             database.create_user(conn, user_id, password_hash)

@@ -157,11 +157,12 @@ class Homeserver:
                 cls = load_module_class(entry.module)
                 parse = getattr(cls, "parse_config", None)
                 parsed = parse(dict(entry.config)) if parse is not None else dict(entry.config)
+                # A module may find a config problem only when it starts (a missing folder).
+                self.modules.append(cls(parsed, HostModuleApi(self, entry.module)))
             except ConfigError as error:
                 if error.path[:1] == ["module"]:
                     raise error.within("modules", index) from None
                 raise error.within("modules", index, "config") from None
-            self.modules.append(cls(parsed, HostModuleApi(self, entry.module)))
 
     def build_site(self) -> HostSite:
         resources: dict[str, IResource] = dict(host_resources(self))
