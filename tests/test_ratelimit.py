@@ -1,0 +1,134 @@
+"""The per-user rate limit on issuing login tokens, over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.task import deferLater
+
+from tests.helpers import GET_TOKEN, PASSWORD, REACTOR, InProcessServer, Response, start_in_process
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(REACTOR, seconds, lambda: None)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, module_config: Mapping[str, Any]) -> AsyncIterator[InProcessServer]:
+    """A server with the given module config and the user alice."""
+    srv = await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **module_config}
+    )
+    try:
+        await srv.register("alice")
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def password_auth(session: str) -> dict[str, Any]:
+    return {"auth": {"type": "m.login.password", "password": PASSWORD, "session": session}}
+
+
+def assert_limited(response: Response) -> int:
+    """A 429 M_LIMIT_EXCEEDED with no token; returns retry_after_ms."""
+    assert response.code == 429, response
+    assert response.json["errcode"] == "M_LIMIT_EXCEEDED"
+    assert "login_token" not in response.json
+    retry_after_ms = response.json["retry_after_ms"]
+    assert isinstance(retry_after_ms, int) and not isinstance(retry_after_ms, bool)
+    return retry_after_ms
+
+
+async def challenge(srv: InProcessServer, access_token: str) -> str:
+    response = await srv.client.post(GET_TOKEN, {}, access_token)
+    assert response.code == 401, response
+    assert "errcode" not in response.json
+    session = response.json["session"]
+    assert isinstance(session, str)
+    return session
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_token_within_a_minute_is_refused(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    first = await server.client.get_login_token(access)
+    assert first.code == 200, first
+    assert await server.module.store.count_tokens() == 1
+
+    second = await server.client.get_login_token(access)
+    retry_after_ms = assert_limited(second)
+    assert 0 < retry_after_ms <= 60_000
+    retry_after = second.headers.get("retry-after")
+    assert retry_after is not None, second.headers
+    assert retry_after.isdigit(), retry_after
+    assert int(retry_after) >= 1
+    # The header rounds up: waiting that many seconds is always enough.
+    assert int(retry_after) * 1000 >= retry_after_ms
+    assert await server.module.store.count_tokens() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_request_does_not_spend_the_session(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ratelimit": {"per_second": 2, "burst_count": 1}}) as srv:
+        access = await srv.client.access_token("alice")
+        assert (await srv.client.get_login_token(access)).code == 200
+
+        session = await challenge(srv, access)
+        limited = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        retry_after_ms = assert_limited(limited)
+        assert 0 < retry_after_ms <= 500
+        assert await srv.module.store.count_tokens() == 1
+
+        await sleep(0.6)
+        retry = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        assert retry.code == 200, retry
+        assert isinstance(retry.json["login_token"], str)
+        assert await srv.module.store.count_tokens() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_challenges_are_not_rate_limited(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    assert (await server.client.get_login_token(access)).code == 200
+    assert_limited(await server.client.get_login_token(access))
+    sessions = {await challenge(server, access) for _ in range(5)}
+    assert len(sessions) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_limit_is_per_user(server: InProcessServer) -> None:
+    await server.register("bob")
+    alice = await server.client.access_token("alice")
+    bob = await server.client.access_token("bob")
+    assert (await server.client.get_login_token(alice)).code == 200
+    assert_limited(await server.client.get_login_token(alice))
+
+    for_bob = await server.client.get_login_token(bob)
+    assert for_bob.code == 200, for_bob
+    login = await server.client.token_login(for_bob.json["login_token"])
+    assert (login.code, login.json["user_id"]) == (200, "@bob:test.local")
+    assert_limited(await server.client.get_login_token(bob))
+
+
+@pytest_twisted.ensureDeferred
+async def test_limit_is_per_user_not_per_device(server: InProcessServer) -> None:
+    phone = await server.client.access_token("alice")
+    laptop = await server.client.access_token("alice")
+    assert (await server.client.get_login_token(phone)).code == 200
+    assert_limited(await server.client.get_login_token(laptop))
+
+
+@pytest_twisted.ensureDeferred
+async def test_burst_count_allows_that_many_tokens(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ratelimit": {"per_second": 0.01, "burst_count": 2}}) as srv:
+        access = await srv.client.access_token("alice")
+        for _ in range(2):
+            response = await srv.client.get_login_token(access)
+            assert response.code == 200, response
+        assert_limited(await srv.client.get_login_token(access))
+        assert await srv.module.store.count_tokens() == 2

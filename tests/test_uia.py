@@ -1,0 +1,348 @@
+"""User-Interactive Auth on the get_token endpoints, over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.task import deferLater
+
+from tests.helpers import GET_TOKEN, PASSWORD, REACTOR, InProcessServer, Response, start_in_process
+
+R0_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/token"
+R1_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/get_token"
+PASSWORD_FLOWS = [{"stages": ["m.login.password"]}]
+# Enough allowance to mint several tokens for one user within a test.
+GENEROUS_RATELIMIT = {"per_second": 100, "burst_count": 100}
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(REACTOR, seconds, lambda: None)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, module_config: Mapping[str, Any]) -> AsyncIterator[InProcessServer]:
+    """A server with the given module config and the user alice."""
+    srv = await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **module_config}
+    )
+    try:
+        await srv.register("alice")
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def password_auth(session: str | None = None, password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
+    auth: dict[str, Any] = {"type": "m.login.password", "password": password, **extra}
+    if session is not None:
+        auth["session"] = session
+    return {"auth": auth}
+
+
+def assert_challenge(response: Response) -> str:
+    """A plain UIA 401 (no stage failed); returns its session."""
+    assert response.code == 401, response
+    body = response.json
+    assert body["flows"] == PASSWORD_FLOWS
+    assert body["params"] == {}
+    assert "errcode" not in body, body
+    session = body["session"]
+    assert isinstance(session, str) and session
+    return session
+
+
+def assert_failed_stage(response: Response) -> str:
+    """A UIA 401 after a failed or refused stage; returns its session."""
+    assert response.code == 401, response
+    body = response.json
+    assert body["errcode"] == "M_FORBIDDEN", body
+    assert body["flows"] == PASSWORD_FLOWS
+    assert body["completed"] == []
+    session = body["session"]
+    assert isinstance(session, str) and session
+    return session
+
+
+def assert_token(response: Response) -> str:
+    assert response.code == 200, response
+    token = response.json["login_token"]
+    assert isinstance(token, str) and token
+    assert isinstance(response.json["expires_in_ms"], int)
+    return token
+
+
+async def challenge(srv: InProcessServer, access_token: str, path: str = GET_TOKEN) -> str:
+    return assert_challenge(await srv.client.post(path, {}, access_token))
+
+
+# -- the basic dance ---------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_request_gets_a_challenge(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    response = await server.client.post(GET_TOKEN, {}, access)
+    assert_challenge(response)
+    assert "login_token" not in response.json
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_challenge_has_a_fresh_session(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    assert await challenge(server, access) != await challenge(server, access)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_keeps_the_session_and_issues_nothing(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    wrong = await server.client.post(GET_TOKEN, password_auth(session, "not the password"), access)
+    assert assert_failed_stage(wrong) == session
+    assert "login_token" not in wrong.json
+    assert await server.module.store.count_tokens() == 0
+
+    # The same session can still be completed with the right password.
+    right = await server.client.post(GET_TOKEN, password_auth(session), access)
+    assert_token(right)
+    assert await server.module.store.count_tokens() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_right_password_gives_a_token(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    response = await server.client.post(GET_TOKEN, password_auth(session), access)
+    token = assert_token(response)
+    assert set(response.json) == {"login_token", "expires_in_ms"}
+    assert response.json["expires_in_ms"] == 120_000
+    assert await server.module.store.count_tokens() == 1
+    login = await server.client.token_login(token)
+    assert login.code == 200, login
+    assert login.json["user_id"] == "@alice:test.local"
+
+
+# -- always re-prompt --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_completed_session_never_gives_a_second_token(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
+        access = await srv.client.access_token("alice")
+        session = await challenge(srv, access)
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(session), access))
+
+        for _ in range(2):
+            replay = await srv.client.post(GET_TOKEN, password_auth(session), access)
+            new_session = assert_failed_stage(replay)
+            assert new_session != session
+            assert "login_token" not in replay.json
+        assert await srv.module.store.count_tokens() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_completed_one_shot_session_is_spent_too(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
+        access = await srv.client.access_token("alice")
+        wrong = await srv.client.post(GET_TOKEN, password_auth(None, "nope"), access)
+        session = assert_failed_stage(wrong)
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(session), access))
+        replay = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        assert assert_failed_stage(replay) != session
+        assert await srv.module.store.count_tokens() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_is_bound_to_the_user(server: InProcessServer) -> None:
+    await server.register("bob")
+    alice = await server.client.access_token("alice")
+    bob = await server.client.access_token("bob")
+    session = await challenge(server, alice)
+
+    stolen = await server.client.post(GET_TOKEN, password_auth(session), bob)
+    assert assert_failed_stage(stolen) != session
+    assert "login_token" not in stolen.json
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_is_bound_to_the_endpoint(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access, GET_TOKEN)
+
+    elsewhere = await server.client.post(R1_PATH, password_auth(session), access)
+    assert assert_failed_stage(elsewhere) != session
+    assert "login_token" not in elsewhere.json
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_expires(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ui_auth_session_lifetime_ms": 1000}) as srv:
+        access = await srv.client.access_token("alice")
+        session = await challenge(srv, access)
+        await sleep(1.2)
+        late = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        assert assert_failed_stage(late) != session
+        assert "login_token" not in late.json
+        assert await srv.module.store.count_tokens() == 0
+
+        # A fresh session, used promptly, still works.
+        fresh = await challenge(srv, access)
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(fresh), access))
+
+
+# -- shapes of the auth dict ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_without_session_works_in_one_request(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    assert_token(await server.client.post(GET_TOKEN, password_auth(None), access))
+    assert await server.module.store.count_tokens() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_without_type_repeats_the_challenge(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    again = await server.client.post(GET_TOKEN, {"auth": {"session": session}}, access)
+    assert assert_challenge(again) == session
+    # And the session is still good.
+    assert_token(await server.client.post(GET_TOKEN, password_auth(session), access))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsupported_stage_is_unrecognized(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    auth = {"auth": {"type": "m.login.dummy", "session": session}}
+    response = await server.client.post(GET_TOKEN, auth, access)
+    assert (response.code, response.json["errcode"]) == (400, "M_UNRECOGNIZED")
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_password_is_a_missing_param(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    auth = {"auth": {"type": "m.login.password", "session": session}}
+    response = await server.client.post(GET_TOKEN, auth, access)
+    assert (response.code, response.json["errcode"]) == (400, "M_MISSING_PARAM")
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_that_is_not_an_object_is_bad_json(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    for auth in ("m.login.password", ["m.login.password"], 1, True):
+        response = await server.client.post(GET_TOKEN, {"auth": auth}, access)
+        assert (response.code, response.json["errcode"]) == (400, "M_BAD_JSON"), (auth, response)
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_identifier_naming_another_user_is_refused(server: InProcessServer) -> None:
+    await server.register("bob")
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    for name in ("bob", "@bob:test.local"):
+        identifier = {"type": "m.id.user", "user": name}
+        # Alice's own password, but claiming to be bob: still no token.
+        response = await server.client.post(GET_TOKEN, password_auth(session, identifier=identifier), access)
+        assert assert_failed_stage(response) == session, name
+        assert "login_token" not in response.json
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_identifier_naming_oneself_works(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
+        access = await srv.client.access_token("alice")
+        for name in ("alice", "@alice:test.local"):
+            identifier = {"type": "m.id.user", "user": name}
+            session = await challenge(srv, access)
+            response = await srv.client.post(GET_TOKEN, password_auth(session, identifier=identifier), access)
+            assert_token(response)
+        assert await srv.module.store.count_tokens() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_repeated_wrong_passwords_are_rate_limited(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    for _ in range(3):
+        wrong = await server.client.post(GET_TOKEN, password_auth(session, "guess"), access)
+        assert assert_failed_stage(wrong) == session
+    # Even the right password is turned away now, so the endpoint is no password oracle.
+    limited = await server.client.post(GET_TOKEN, password_auth(session), access)
+    assert (limited.code, limited.json["errcode"]) == (429, "M_LIMIT_EXCEEDED"), limited
+    assert isinstance(limited.json["retry_after_ms"], int)
+    assert "login_token" not in limited.json
+    assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_ui_auth_an_empty_request_gives_a_token(tmp_path: Path) -> None:
+    async with running(tmp_path, {"require_ui_auth": False}) as srv:
+        access = await srv.client.access_token("alice")
+        token = assert_token(await srv.client.post(GET_TOKEN, {}, access))
+        assert (await srv.client.token_login(token)).code == 200
+
+
+# -- the request body -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_json_is_not_json(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    response = await server.client.request(
+        "POST",
+        GET_TOKEN,
+        raw_body=b'{"auth": ',
+        access_token=access,
+        headers={"Content-Type": "application/json"},
+    )
+    assert (response.code, response.json["errcode"]) == (400, "M_NOT_JSON")
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_array_is_bad_json(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    response = await server.client.post(GET_TOKEN, [{"auth": {}}], access)
+    assert (response.code, response.json["errcode"]) == (400, "M_BAD_JSON")
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_body_is_an_empty_object(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    response = await server.client.request("POST", GET_TOKEN, raw_body=b"", access_token=access)
+    assert_challenge(response)
+
+
+# -- the unstable paths ------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_r0_path_also_answers_expires_in_seconds(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    response = await server.client.get_login_token(access, path=R0_PATH)
+    token = assert_token(response)
+    assert response.json["expires_in_ms"] == 120_000
+    assert response.json["expires_in"] == 120
+    login = await server.client.token_login(token)
+    assert (login.code, login.json["user_id"]) == (200, "@alice:test.local")
+
+
+@pytest_twisted.ensureDeferred
+async def test_r1_path_works(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    response = await server.client.get_login_token(access, path=R1_PATH)
+    token = assert_token(response)
+    assert set(response.json) == {"login_token", "expires_in_ms"}
+    login = await server.client.token_login(token)
+    assert (login.code, login.json["user_id"]) == (200, "@alice:test.local")
