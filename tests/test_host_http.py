@@ -1,0 +1,348 @@
+"""The reference host's own endpoints and HTTP behaviour, over real HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pytest_twisted
+from twisted.internet import threads
+
+from tests.helpers import GET_TOKEN, LOGIN, PASSWORD, InProcessServer, Response, start_in_process
+
+VERSIONS = "/_matrix/client/versions"
+CAPABILITIES = "/_matrix/client/v3/capabilities"
+WHOAMI = "/_matrix/client/v3/account/whoami"
+LOGOUT = "/_matrix/client/v3/logout"
+LOGOUT_ALL = "/_matrix/client/v3/logout/all"
+
+
+def _blocking_post(
+    base_url: str, path: str, chunks: list[bytes], *, chunked: bool
+) -> tuple[int, dict[str, Any]]:
+    """POST with http.client: a plain Content-Length body, or Transfer-Encoding: chunked."""
+    parts = urlsplit(base_url)
+    assert parts.hostname is not None and parts.port is not None
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if chunked:
+            body: Iterator[bytes] | bytes = iter(chunks)
+            conn.request("POST", path, body=body, headers=headers, encode_chunked=True)
+        else:
+            conn.request("POST", path, body=b"".join(chunks), headers=headers)
+        response = conn.getresponse()
+        payload = response.read()
+        if chunked:
+            assert response.status != 411
+        return response.status, json.loads(payload)
+    finally:
+        conn.close()
+
+
+async def raw_post(
+    server: InProcessServer, path: str, chunks: list[bytes], *, chunked: bool
+) -> tuple[int, dict[str, Any]]:
+    result: tuple[int, dict[str, Any]] = await threads.deferToThread(
+        _blocking_post, server.client.base_url, path, chunks, chunked=chunked
+    )
+    return result
+
+
+def assert_error(response: Response, code: int, errcode: str) -> None:
+    assert (response.code, response.json.get("errcode")) == (code, errcode), response
+
+
+# -- discovery ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_versions_advertise_v1_7_and_msc3882(server: InProcessServer) -> None:
+    response = await server.client.get(VERSIONS)
+    assert response.code == 200
+    assert "v1.7" in response.json["versions"]
+    features = response.json["unstable_features"]
+    assert features["org.matrix.msc3882"] is True
+    assert features["org.matrix.msc3882.r1"] is True
+    assert response.headers["content-type"] == "application/json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_capabilities_need_auth_and_offer_get_login_token(server: InProcessServer) -> None:
+    anonymous = await server.client.get(CAPABILITIES)
+    assert_error(anonymous, 401, "M_MISSING_TOKEN")
+    token = await server.client.access_token("alice")
+    response = await server.client.get(CAPABILITIES, token)
+    assert response.code == 200
+    assert response.json["capabilities"]["m.get_login_token"] == {"enabled": True}
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_flows_offer_password_and_token_with_get_login_token(server: InProcessServer) -> None:
+    response = await server.client.get(LOGIN)
+    assert response.code == 200
+    flows = response.json["flows"]
+    assert {"type": "m.login.password"} in flows
+    assert {"type": "m.login.token", "get_login_token": True} in flows
+
+
+# -- errors, methods and CORS ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_paths_are_404_unrecognized(server: InProcessServer) -> None:
+    for path in (
+        "/",
+        "/_matrix/client/v3/nonexistent",
+        "/_matrix/client/v3/login/extra",
+        "/_matrix/client/v1/login/get_token/more",
+        "/elsewhere/entirely",
+    ):
+        response = await server.client.get(path)
+        assert_error(response, 404, "M_UNRECOGNIZED")
+        assert response.headers["content-type"] == "application/json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_method_is_405_with_allow(server: InProcessServer) -> None:
+    cases = [
+        ("GET", LOGOUT, "POST"),
+        ("DELETE", LOGIN, "GET"),
+        ("PUT", VERSIONS, "GET"),
+        ("GET", GET_TOKEN, "POST"),
+    ]
+    for method, path, allowed in cases:
+        response = await server.client.request(method, path)
+        assert_error(response, 405, "M_UNRECOGNIZED")
+        allow = [m.strip() for m in response.headers["allow"].split(",")]
+        assert allowed in allow, (path, allow)
+        assert method not in allow
+
+
+@pytest_twisted.ensureDeferred
+async def test_options_on_any_path_is_200_with_cors(server: InProcessServer) -> None:
+    for path in (LOGIN, GET_TOKEN, VERSIONS, LOGOUT_ALL, f"{LOGIN}/extra", "/nowhere/at/all", "/"):
+        response = await server.client.request("OPTIONS", path)
+        assert response.code == 200, (path, response)
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "Authorization" in response.headers["access-control-allow-headers"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cors_headers_on_ordinary_responses(server: InProcessServer) -> None:
+    responses = [
+        await server.client.get(VERSIONS),
+        await server.client.get("/nowhere"),
+        await server.client.get(WHOAMI),
+        await server.client.password_login("alice"),
+        await server.client.password_login("alice", "wrong"),
+    ]
+    assert [r.code for r in responses] == [200, 404, 401, 200, 403]
+    for response in responses:
+        assert response.headers["access-control-allow-origin"] == "*"
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_json_is_400_not_json(server: InProcessServer) -> None:
+    for body in (b"{not json", b"\xff\xfe", b'{"type": NaN}', b""):
+        response = await server.client.request("POST", LOGIN, raw_body=body)
+        assert_error(response, 400, "M_NOT_JSON")
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_that_is_not_an_object_is_400_bad_json(server: InProcessServer) -> None:
+    for body in ([1, 2], "a string", 42, None):
+        response = await server.client.request("POST", LOGIN, raw_body=json.dumps(body).encode())
+        assert_error(response, 400, "M_BAD_JSON")
+    token = await server.client.access_token("alice")
+    response = await server.client.request("POST", GET_TOKEN, raw_body=b"[]", access_token=token)
+    assert_error(response, 400, "M_BAD_JSON")
+
+
+def _padded_login(size: int) -> list[bytes]:
+    """A password login body of exactly ``size`` bytes, split into a few chunks."""
+    head = b'{"type": "m.login.password", "user": "alice", "password": "nope", "pad": "'
+    tail = b'"}'
+    body = head + b"x" * (size - len(head) - len(tail)) + tail
+    assert len(body) == size
+    return [body[i : i + 8192] for i in range(0, size, 8192)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_is_413_with_content_length(server: InProcessServer) -> None:
+    status, body = await raw_post(server, LOGIN, _padded_login(65536 + 1), chunked=False)
+    assert (status, body["errcode"]) == (413, "M_TOO_LARGE")
+    # Exactly at the limit is still read and judged (a wrong password here).
+    status, body = await raw_post(server, LOGIN, _padded_login(65536), chunked=False)
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_chunked_body_is_413(server: InProcessServer) -> None:
+    status, body = await raw_post(server, LOGIN, _padded_login(65536 + 1), chunked=True)
+    assert (status, body["errcode"]) == (413, "M_TOO_LARGE")
+    status, body = await raw_post(server, LOGIN, _padded_login(65536), chunked=True)
+    assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_request_body_size_is_configurable(tmp_path: Path) -> None:
+    srv = await start_in_process(tmp_path, max_request_body_size=2048)
+    try:
+        for chunked in (False, True):
+            status, body = await raw_post(srv, LOGIN, _padded_login(2049), chunked=chunked)
+            assert (status, body["errcode"]) == (413, "M_TOO_LARGE")
+            status, body = await raw_post(srv, LOGIN, _padded_login(2048), chunked=chunked)
+            assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
+    finally:
+        await srv.stop()
+
+
+# -- password login ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_login_by_localpart_user_id_and_legacy_user(server: InProcessServer) -> None:
+    by_localpart = await server.client.password_login("alice")
+    by_user_id = await server.client.password_login("@alice:test.local")
+    by_capitals = await server.client.password_login("Alice")
+    legacy = await server.client.post(
+        LOGIN, {"type": "m.login.password", "user": "alice", "password": PASSWORD}
+    )
+    legacy_full = await server.client.post(
+        LOGIN, {"type": "m.login.password", "user": "@alice:test.local", "password": PASSWORD}
+    )
+    responses = [by_localpart, by_user_id, by_capitals, legacy, legacy_full]
+    for response in responses:
+        assert response.code == 200, response
+        assert response.json["user_id"] == "@alice:test.local"
+        assert response.json["home_server"] == "test.local"
+        assert response.json["access_token"].startswith("mat_")
+    # Each login is its own device with its own working access token.
+    assert len({r.json["device_id"] for r in responses}) == len(responses)
+    assert len({r.json["access_token"] for r in responses}) == len(responses)
+    for response in responses:
+        whoami = await server.client.get(WHOAMI, response.json["access_token"])
+        assert whoami.json["device_id"] == response.json["device_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_and_unknown_user_are_403(server: InProcessServer) -> None:
+    cases = [
+        await server.client.password_login("alice", "not the password"),
+        await server.client.password_login("alice", ""),
+        await server.client.password_login("mallory"),
+        await server.client.password_login("@alice:other.server"),
+        await server.client.password_login("no spaces allowed"),
+        await server.client.post(LOGIN, {"type": "m.login.password", "user": "bob", "password": PASSWORD}),
+    ]
+    for response in cases:
+        assert_error(response, 403, "M_FORBIDDEN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_password_is_400_missing_param(server: InProcessServer) -> None:
+    no_password = await server.client.post(
+        LOGIN, {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}}
+    )
+    assert_error(no_password, 400, "M_MISSING_PARAM")
+    no_user = await server.client.post(LOGIN, {"type": "m.login.password", "password": PASSWORD})
+    assert_error(no_user, 400, "M_MISSING_PARAM")
+    no_type = await server.client.post(LOGIN, {"user": "alice", "password": PASSWORD})
+    assert_error(no_type, 400, "M_MISSING_PARAM")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_login_type_is_400_unknown(server: InProcessServer) -> None:
+    for login_type in ("m.login.sso", "m.login.magic", "M.LOGIN.PASSWORD"):
+        response = await server.client.post(
+            LOGIN, {"type": login_type, "user": "alice", "password": PASSWORD}
+        )
+        assert_error(response, 400, "M_UNKNOWN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_with_device_id_reuses_it_and_replaces_its_token(server: InProcessServer) -> None:
+    first = await server.client.password_login("alice", device_id="PHONE")
+    other = await server.client.password_login("alice", device_id="LAPTOP")
+    second = await server.client.password_login("alice", device_id="PHONE")
+    assert [r.code for r in (first, other, second)] == [200, 200, 200]
+    assert first.json["device_id"] == second.json["device_id"] == "PHONE"
+    assert first.json["access_token"] != second.json["access_token"]
+
+    old = await server.client.get(WHOAMI, first.json["access_token"])
+    assert_error(old, 401, "M_UNKNOWN_TOKEN")
+    new = await server.client.get(WHOAMI, second.json["access_token"])
+    assert (new.code, new.json["device_id"]) == (200, "PHONE")
+    # Another device's token is untouched.
+    laptop = await server.client.get(WHOAMI, other.json["access_token"])
+    assert (laptop.code, laptop.json["device_id"]) == (200, "LAPTOP")
+
+
+# -- access tokens -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_whoami_returns_user_and_device(server: InProcessServer) -> None:
+    login = await server.client.password_login("alice", device_id="DESK")
+    response = await server.client.get(WHOAMI, login.json["access_token"])
+    assert response.code == 200
+    assert response.json["user_id"] == "@alice:test.local"
+    assert response.json["device_id"] == "DESK"
+    unknown = await server.client.get(WHOAMI, "mat_unknown")
+    assert_error(unknown, 401, "M_UNKNOWN_TOKEN")
+    assert unknown.json["soft_logout"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_invalidates_only_that_token(server: InProcessServer) -> None:
+    first = await server.client.access_token("alice")
+    second = await server.client.access_token("alice")
+    response = await server.client.post(LOGOUT, {}, first)
+    assert (response.code, response.json) == (200, {})
+    assert_error(await server.client.get(WHOAMI, first), 401, "M_UNKNOWN_TOKEN")
+    assert_error(await server.client.post(LOGOUT, {}, first), 401, "M_UNKNOWN_TOKEN")
+    assert (await server.client.get(WHOAMI, second)).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_all_invalidates_every_token_of_the_user(server: InProcessServer) -> None:
+    await server.register("bob")
+    alices = [await server.client.access_token("alice") for _ in range(3)]
+    bob = await server.client.access_token("bob")
+    response = await server.client.post(LOGOUT_ALL, {}, alices[0])
+    assert response.code == 200
+    for token in alices:
+        assert_error(await server.client.get(WHOAMI, token), 401, "M_UNKNOWN_TOKEN")
+    still = await server.client.get(WHOAMI, bob)
+    assert (still.code, still.json["user_id"]) == (200, "@bob:test.local")
+    # Alice can sign in again afterwards.
+    assert (await server.client.password_login("alice")).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_token_query_parameter_works(server: InProcessServer) -> None:
+    token = await server.client.access_token("alice")
+    response = await server.client.get(f"{WHOAMI}?access_token={quote(token)}")
+    assert (response.code, response.json["user_id"]) == (200, "@alice:test.local")
+    capabilities = await server.client.get(f"{CAPABILITIES}?access_token={quote(token)}")
+    assert capabilities.code == 200
+    issued = await server.client.post(f"{GET_TOKEN}?access_token={quote(token)}", {})
+    assert issued.code == 401 and "session" in issued.json, issued
+    bad = await server.client.get(f"{WHOAMI}?access_token=mat_nope")
+    assert_error(bad, 401, "M_UNKNOWN_TOKEN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_bearer_authorization_is_401_missing_token(server: InProcessServer) -> None:
+    token = await server.client.access_token("alice")
+    for value in ("Basic x", "Basic " + token, "Bearer", "Bearer   ", token):
+        response = await server.client.request("GET", WHOAMI, headers={"Authorization": value})
+        assert_error(response, 401, "M_MISSING_TOKEN")
+    # The scheme is case-insensitive.
+    response = await server.client.request("GET", WHOAMI, headers={"Authorization": f"bearer {token}"})
+    assert response.code == 200
