@@ -20,7 +20,9 @@ from login_token_module.config import ConfigError, LoginTokenConfig, parse_confi
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, parse_json_object
 from login_token_module.ratelimit import Ratelimiter
+from login_token_module.sqlite import unusable_database_reason
 from login_token_module.stores import TokenStore, make_store
+from login_token_module.stores.sqlite import SCHEMA as SQLITE_SCHEMA
 from login_token_module.uia import UiaSessions
 
 logger = logging.getLogger(__name__)
@@ -42,10 +44,10 @@ class LoginTokenModule:
         store_path = config.store.path
         if store_path and store_path != ":memory:" and not os.path.isabs(store_path):
             store_path = os.path.join(api.config_directory, store_path)
-        if config.store.type == "sqlite" and store_path != ":memory:":
-            folder = os.path.dirname(store_path) or "."
-            if not os.path.isdir(folder):
-                raise ConfigError(["store", "path"], f"the folder {folder} does not exist")
+        if config.store.type == "sqlite":
+            problem = unusable_database_reason(store_path, SQLITE_SCHEMA)
+            if problem is not None:
+                raise ConfigError(["store", "path"], problem)
         self.store: TokenStore = make_store(config.store, self._reactor, store_path)
         self._ratelimiter = Ratelimiter(config.ratelimit.per_second, config.ratelimit.burst_count)
         self._failed_auth = Ratelimiter(
@@ -196,7 +198,8 @@ class LoginTokenModule:
         if not isinstance(name, str):
             raise MatrixError(400, Codes.BAD_JSON, "The user in 'auth.identifier' must be a string")
         if name.startswith("@"):
-            return name
+            localpart, _, domain = name[1:].partition(":")
+            return f"@{localpart.lower()}:{domain}"
         return f"@{name.lower()}:{self.api.server_name}"
 
     # -- spending ----------------------------------------------------------

@@ -10,6 +10,7 @@ for each other instead of failing.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -90,6 +91,24 @@ class SqliteDatabase:
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+def unusable_database_reason(path: str, schema: str) -> str | None:
+    """Why ``path`` cannot hold our database, or None if it can (it is then created).
+
+    Called once at start-up, before anything is served, so that a bad path is a
+    clear start-up error instead of a 500 on every request.
+    """
+    if path == ":memory:":
+        return None
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    try:
+        SqliteDatabase(None, path, schema=schema).connect().close()
+    except sqlite3.Error as error:
+        return f"cannot use {path} as an SQLite database: {error}"
+    return None
 
 
 def transaction(conn: sqlite3.Connection, func: Callable[[sqlite3.Connection], T]) -> T:

@@ -252,6 +252,16 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         _module_config(store={"type": "sqlite", "path": "no/such/folder/tokens.db"}),
         "modules[0].config.store.path",
     ),
+    (
+        "database_is_a_folder",
+        lambda cfg: cfg["database"]["args"].update(database="."),
+        "database.args.database",
+    ),
+    (
+        "store_is_a_folder",
+        _module_config(store={"type": "sqlite", "path": "."}),
+        "modules[0].config.store.path",
+    ),
 ]
 
 

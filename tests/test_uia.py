@@ -263,12 +263,12 @@ async def test_identifier_naming_another_user_is_refused(server: InProcessServer
 async def test_identifier_naming_oneself_works(tmp_path: Path) -> None:
     async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
         access = await srv.client.access_token("alice")
-        for name in ("alice", "@alice:test.local"):
+        for name in ("alice", "@alice:test.local", "Alice", "@Alice:test.local"):
             identifier = {"type": "m.id.user", "user": name}
             session = await challenge(srv, access)
             response = await srv.client.post(GET_TOKEN, password_auth(session, identifier=identifier), access)
             assert_token(response)
-        assert await srv.module.store.count_tokens() == 2
+        assert await srv.module.store.count_tokens() == 4
 
 
 @pytest_twisted.ensureDeferred

@@ -21,7 +21,7 @@ from login_token_module.host.module_api import HostModuleApi, ModuleRegistry
 from login_token_module.host.passwords import PasswordHasher
 from login_token_module.host.resources import host_resources
 from login_token_module.http import render_unrecognized, respond_json
-from login_token_module.sqlite import SqliteDatabase
+from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("login_token_module.access")
@@ -145,6 +145,9 @@ class Homeserver:
         self.config = config
         self.reactor = reactor
         self.registry = ModuleRegistry()
+        problem = unusable_database_reason(config.database_path, SCHEMA)
+        if problem is not None:
+            raise ConfigError(["database", "args", "database"], problem)
         self.db = SqliteDatabase(reactor, config.database_path, schema=SCHEMA, name="homeserver-db")
         self.hasher = PasswordHasher(reactor, config.bcrypt_rounds)
         self.modules: list[Any] = []
