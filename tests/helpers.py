@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import treq
 import yaml
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from login_token_module.host import database
@@ -33,6 +35,19 @@ ROOT = Path(__file__).resolve().parent.parent
 GET_TOKEN = "/_matrix/client/v1/login/get_token"
 LOGIN = "/_matrix/client/v3/login"
 PASSWORD = "correct horse battery staple"
+PASSWORD_FLOWS = [{"stages": ["m.login.password"]}]
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(REACTOR, seconds, lambda: None)
+
+
+def password_auth(session: str | None = None, password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
+    """A get_token body answering the password stage (in ``session``, if given)."""
+    auth: dict[str, Any] = {"type": "m.login.password", "password": password, **extra}
+    if session is not None:
+        auth["session"] = session
+    return {"auth": auth}
 
 
 @dataclass
@@ -236,3 +251,36 @@ def start_child(config_path: Path, log_name: str = "server.log", timeout: float 
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+
+@asynccontextmanager
+async def running(
+    tmp_path: Path, module_config: Mapping[str, Any], users: tuple[str, ...] = ("alice",)
+) -> AsyncIterator[InProcessServer]:
+    """A server with the given module config (SQLite store unless it says otherwise) and users."""
+    srv = await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **module_config}
+    )
+    try:
+        for user in users:
+            await srv.register(user)
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def assert_challenge(response: Response) -> str:
+    """A plain UIA 401 (no stage failed); returns its session."""
+    assert response.code == 401, response
+    body = response.json
+    assert body["flows"] == PASSWORD_FLOWS
+    assert body["params"] == {}
+    assert "errcode" not in body, body
+    session = body["session"]
+    assert isinstance(session, str) and session
+    return session
+
+
+async def challenge(srv: InProcessServer, access_token: str, path: str = GET_TOKEN) -> str:
+    """Start UIA on ``path``; returns the new session."""
+    return assert_challenge(await srv.client.post(path, {}, access_token))

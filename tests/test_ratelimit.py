@@ -2,36 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest_twisted
-from twisted.internet.task import deferLater
 
-from tests.helpers import GET_TOKEN, PASSWORD, REACTOR, InProcessServer, Response, start_in_process
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(REACTOR, seconds, lambda: None)
-
-
-@asynccontextmanager
-async def running(tmp_path: Path, module_config: Mapping[str, Any]) -> AsyncIterator[InProcessServer]:
-    """A server with the given module config and the user alice."""
-    srv = await start_in_process(
-        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **module_config}
-    )
-    try:
-        await srv.register("alice")
-        yield srv
-    finally:
-        await srv.stop()
-
-
-def password_auth(session: str) -> dict[str, Any]:
-    return {"auth": {"type": "m.login.password", "password": PASSWORD, "session": session}}
+from tests.helpers import GET_TOKEN, InProcessServer, Response, challenge, password_auth, running, sleep
 
 
 def assert_limited(response: Response) -> int:
@@ -42,15 +17,6 @@ def assert_limited(response: Response) -> int:
     retry_after_ms = response.json["retry_after_ms"]
     assert isinstance(retry_after_ms, int) and not isinstance(retry_after_ms, bool)
     return retry_after_ms
-
-
-async def challenge(srv: InProcessServer, access_token: str) -> str:
-    response = await srv.client.post(GET_TOKEN, {}, access_token)
-    assert response.code == 401, response
-    assert "errcode" not in response.json
-    session = response.json["session"]
-    assert isinstance(session, str)
-    return session
 
 
 @pytest_twisted.ensureDeferred

@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 
-from tests.helpers import GET_TOKEN, REACTOR, start_in_process
-
-
-async def _sleep(seconds: float) -> None:
-    await deferLater(REACTOR, seconds, lambda: None)
+from tests.helpers import GET_TOKEN, sleep, start_in_process
 
 
 @pytest.mark.parametrize("store_type", ["memory", "sqlite"])
@@ -42,12 +37,12 @@ async def test_expired_tokens_and_sessions_are_swept(tmp_path: Path, store_type:
         assert len(module._uia) == 1
         assert len(module._ratelimiter) == 1
 
-        await _sleep(0.4)
+        await sleep(0.4)
         assert await module.store.count_tokens() == 0
         assert len(module._ratelimiter) == 0  # 3 actions drain in 0.15 s at 20/s
         assert len(module._uia) == 1  # not expired yet
 
-        await _sleep(1.0)
+        await sleep(1.0)
         assert len(module._uia) == 0
     finally:
         await server.stop()

@@ -3,42 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from login_token_module.tokens import generate_token
-from tests.helpers import LOGIN, REACTOR, InProcessServer, Response, start_in_process
+from tests.helpers import LOGIN, InProcessServer, Response, running, sleep
 
 WHOAMI = "/_matrix/client/v3/account/whoami"
 # Enough allowance to mint several tokens for one user within a test.
 GENEROUS_RATELIMIT = {"per_second": 100, "burst_count": 100}
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(REACTOR, seconds, lambda: None)
-
-
-@asynccontextmanager
-async def running(tmp_path: Path, module_config: Mapping[str, Any]) -> AsyncIterator[InProcessServer]:
-    """A server with the given module config and the users alice and bob."""
-    config = {"store": {"type": "sqlite", "path": "tokens.db"}, "ratelimit": GENEROUS_RATELIMIT}
-    srv = await start_in_process(tmp_path, {**config, **module_config})
-    try:
-        await srv.register("alice")
-        await srv.register("bob")
-        yield srv
-    finally:
-        await srv.stop()
+def generous(
+    tmp_path: Path, module_config: Mapping[str, Any]
+) -> AbstractAsyncContextManager[InProcessServer]:
+    """A server where alice and bob may mint as many tokens as a test needs."""
+    return running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT, **module_config}, users=("alice", "bob"))
 
 
 @pytest_twisted.async_yield_fixture
 async def srv(tmp_path: Path) -> AsyncIterator[InProcessServer]:
     """A server that lets alice and bob mint as many tokens as a test needs."""
-    async with running(tmp_path, {}) as started:
+    async with generous(tmp_path, {}) as started:
         yield started
 
 
@@ -126,7 +115,7 @@ async def test_missing_token_is_a_missing_param(server: InProcessServer) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_expired_token_is_forbidden(tmp_path: Path) -> None:
-    async with running(tmp_path, {"token_lifetime_ms": 300}) as server:
+    async with generous(tmp_path, {"token_lifetime_ms": 300}) as server:
         stale = await new_token(server)
         await sleep(0.5)
         assert_forbidden(await server.client.token_login(stale))

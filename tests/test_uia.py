@@ -2,57 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest_twisted
-from twisted.internet.task import deferLater
 
-from tests.helpers import GET_TOKEN, PASSWORD, REACTOR, InProcessServer, Response, start_in_process
+from tests.helpers import (
+    GET_TOKEN,
+    PASSWORD_FLOWS,
+    InProcessServer,
+    Response,
+    assert_challenge,
+    challenge,
+    password_auth,
+    running,
+    sleep,
+)
 
 R0_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/token"
 R1_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/get_token"
-PASSWORD_FLOWS = [{"stages": ["m.login.password"]}]
 # Enough allowance to mint several tokens for one user within a test.
 GENEROUS_RATELIMIT = {"per_second": 100, "burst_count": 100}
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(REACTOR, seconds, lambda: None)
-
-
-@asynccontextmanager
-async def running(tmp_path: Path, module_config: Mapping[str, Any]) -> AsyncIterator[InProcessServer]:
-    """A server with the given module config and the user alice."""
-    srv = await start_in_process(
-        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **module_config}
-    )
-    try:
-        await srv.register("alice")
-        yield srv
-    finally:
-        await srv.stop()
-
-
-def password_auth(session: str | None = None, password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
-    auth: dict[str, Any] = {"type": "m.login.password", "password": password, **extra}
-    if session is not None:
-        auth["session"] = session
-    return {"auth": auth}
-
-
-def assert_challenge(response: Response) -> str:
-    """A plain UIA 401 (no stage failed); returns its session."""
-    assert response.code == 401, response
-    body = response.json
-    assert body["flows"] == PASSWORD_FLOWS
-    assert body["params"] == {}
-    assert "errcode" not in body, body
-    session = body["session"]
-    assert isinstance(session, str) and session
-    return session
 
 
 def assert_failed_stage(response: Response) -> str:
@@ -73,10 +42,6 @@ def assert_token(response: Response) -> str:
     assert isinstance(token, str) and token
     assert isinstance(response.json["expires_in_ms"], int)
     return token
-
-
-async def challenge(srv: InProcessServer, access_token: str, path: str = GET_TOKEN) -> str:
-    return assert_challenge(await srv.client.post(path, {}, access_token))
 
 
 # -- the basic dance ---------------------------------------------------------
