@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -284,3 +286,25 @@ def assert_challenge(response: Response) -> str:
 async def challenge(srv: InProcessServer, access_token: str, path: str = GET_TOKEN) -> str:
     """Start UIA on ``path``; returns the new session."""
     return assert_challenge(await srv.client.post(path, {}, access_token))
+
+
+# Loopback requests must never go through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def sync_call(
+    base_url: str, method: str, path: str, body: Any = None, access_token: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """One request with urllib, for tests that run without the reactor."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base_url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if access_token is not None:
+        request.add_header("Authorization", f"Bearer {access_token}")
+    try:
+        with _OPENER.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())

@@ -6,7 +6,6 @@ These are plain synchronous tests (no reactor): HTTP goes through urllib.
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from tests.helpers import (
     cli,
     homeserver_yaml,
     start_child,
+    sync_call,
     write_config,
 )
 
@@ -38,26 +38,6 @@ WHOAMI = "/_matrix/client/v3/account/whoami"
 GENEROUS = {"ratelimit": {"per_second": 1000, "burst_count": 1000}}
 SQLITE_STORE = {"store": {"type": "sqlite", "path": "tokens.db"}, **GENEROUS}
 MEMORY_STORE = {"store": {"type": "memory"}, **GENEROUS}
-
-# Loopback requests must never go through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def call(
-    base_url: str, method: str, path: str, body: Any = None, access_token: str | None = None
-) -> tuple[int, dict[str, Any]]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base_url + path, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if access_token is not None:
-        request.add_header("Authorization", f"Bearer {access_token}")
-    try:
-        with _OPENER.open(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
 
 
 def password_login(
@@ -68,7 +48,7 @@ def password_login(
         "identifier": {"type": "m.id.user", "user": user},
         "password": password,
     }
-    return call(base_url, "POST", LOGIN, body)
+    return sync_call(base_url, "POST", LOGIN, body)
 
 
 def access_token(base_url: str, user: str = "alice", password: str = PASSWORD) -> str:
@@ -78,16 +58,16 @@ def access_token(base_url: str, user: str = "alice", password: str = PASSWORD) -
 
 
 def mint_login_token(base_url: str, token: str, password: str = PASSWORD) -> str:
-    code, challenge = call(base_url, "POST", GET_TOKEN, {}, token)
+    code, challenge = sync_call(base_url, "POST", GET_TOKEN, {}, token)
     assert code == 401, challenge
     auth = {"type": "m.login.password", "password": password, "session": challenge["session"]}
-    code, issued = call(base_url, "POST", GET_TOKEN, {"auth": auth}, token)
+    code, issued = sync_call(base_url, "POST", GET_TOKEN, {"auth": auth}, token)
     assert code == 200, issued
     return str(issued["login_token"])
 
 
 def token_login(base_url: str, login_token: str) -> tuple[int, dict[str, Any]]:
-    return call(base_url, "POST", LOGIN, {"type": "m.login.token", "token": login_token})
+    return sync_call(base_url, "POST", LOGIN, {"type": "m.login.token", "token": login_token})
 
 
 def register(config: Path, localpart: str = "alice", password: str = PASSWORD) -> None:
@@ -316,13 +296,13 @@ def test_port_in_use_stops_serve_with_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_stops_cleanly_on_signal(config: Path, launch: Launcher, sig: signal.Signals) -> None:
     server = launch(config)
-    assert call(server.base_url, "GET", "/_matrix/client/versions")[0] == 200
+    assert sync_call(server.base_url, "GET", "/_matrix/client/versions")[0] == 200
     assert server.terminate(sig) == 0
     log = server.log()
     assert "stopping" in log
     assert "Traceback" not in log
     with pytest.raises(urllib.error.URLError):
-        call(server.base_url, "GET", "/_matrix/client/versions")
+        sync_call(server.base_url, "GET", "/_matrix/client/versions")
 
 
 def test_relative_paths_resolve_against_the_config_folder(
@@ -362,7 +342,7 @@ def test_sqlite_tokens_survive_a_restart(config: Path, launch: Launcher, sig: si
     again = token_login(second.base_url, login_token)
     assert (again[0], again[1]["errcode"]) == (403, "M_FORBIDDEN")
     # Access tokens issued before the restart still work too.
-    assert call(second.base_url, "GET", WHOAMI, access_token=old_access)[0] == 200
+    assert sync_call(second.base_url, "GET", WHOAMI, access_token=old_access)[0] == 200
 
 
 def test_memory_tokens_do_not_survive_a_restart(tmp_path: Path, launch: Launcher) -> None:
@@ -379,7 +359,7 @@ def test_memory_tokens_do_not_survive_a_restart(tmp_path: Path, launch: Launcher
     code, body = token_login(second.base_url, login_token)
     assert (code, body["errcode"]) == (403, "M_FORBIDDEN")
     # ...while users and access tokens live in the host's database and do survive.
-    assert call(second.base_url, "GET", WHOAMI, access_token=token)[0] == 200
+    assert sync_call(second.base_url, "GET", WHOAMI, access_token=token)[0] == 200
     assert not (tmp_path / "tokens.db").exists()
     assert not (tmp_path / "login_tokens.db").exists()
 
@@ -391,18 +371,18 @@ def test_log_holds_no_passwords_or_tokens(config: Path, launch: Launcher) -> Non
     assert password_login(base, "alice", wrong_password)[0] == 403
     first_access = access_token(base)
 
-    code, challenge = call(base, "POST", GET_TOKEN, {}, first_access)
+    code, challenge = sync_call(base, "POST", GET_TOKEN, {}, first_access)
     bad_auth = {"type": "m.login.password", "password": wrong_password, "session": challenge["session"]}
-    assert call(base, "POST", GET_TOKEN, {"auth": bad_auth}, first_access)[0] == 401
+    assert sync_call(base, "POST", GET_TOKEN, {"auth": bad_auth}, first_access)[0] == 401
     login_token = mint_login_token(base, first_access)
     code, by_token = token_login(base, login_token)
     assert code == 200
     second_access = str(by_token["access_token"])
     assert token_login(base, login_token)[0] == 403
-    assert call(base, "GET", f"{WHOAMI}?access_token={second_access}")[0] == 200
-    assert call(base, "POST", f"{GET_TOKEN}?access_token={second_access}", {})[0] == 401
-    assert call(base, "GET", f"{WHOAMI}?access_token=mat_not_a_real_token_8Kd2")[0] == 401
-    assert call(base, "POST", "/_matrix/client/v3/logout", {}, first_access)[0] == 200
+    assert sync_call(base, "GET", f"{WHOAMI}?access_token={second_access}")[0] == 200
+    assert sync_call(base, "POST", f"{GET_TOKEN}?access_token={second_access}", {})[0] == 401
+    assert sync_call(base, "GET", f"{WHOAMI}?access_token=mat_not_a_real_token_8Kd2")[0] == 401
+    assert sync_call(base, "POST", "/_matrix/client/v3/logout", {}, first_access)[0] == 200
     assert server.terminate() == 0
 
     log = server.log()
@@ -447,7 +427,7 @@ def test_two_processes_never_both_spend_one_token(config: Path, launch: Launcher
 
     # Both processes answer from the same users and access tokens.
     for base in bases:
-        assert call(base, "GET", WHOAMI, access_token=session)[1]["user_id"] == "@alice:test.local"
+        assert sync_call(base, "GET", WHOAMI, access_token=session)[1]["user_id"] == "@alice:test.local"
     for server in servers:
         assert server.terminate() == 0
 
