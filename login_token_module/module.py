@@ -7,7 +7,6 @@ unstable paths), and the ``m.login.token`` login type that spends the token.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +15,11 @@ from twisted.web.server import Request
 
 from login_token_module import tokens
 from login_token_module.api import JsonDict, ModuleApi, Requester
-from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
+from login_token_module.config import LoginTokenConfig, parse_config
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, parse_json_object
 from login_token_module.ratelimit import Ratelimiter
-from login_token_module.sqlite import unusable_database_reason
 from login_token_module.stores import TokenStore, make_store
-from login_token_module.stores.sqlite import SCHEMA as SQLITE_SCHEMA
 from login_token_module.uia import UiaSessions
 
 logger = logging.getLogger(__name__)
@@ -41,14 +38,7 @@ class LoginTokenModule:
         self._config = config
         self.api = api
         self._reactor = api.reactor
-        store_path = config.store.path
-        if store_path and store_path != ":memory:" and not os.path.isabs(store_path):
-            store_path = os.path.join(api.config_directory, store_path)
-        if config.store.type == "sqlite":
-            problem = unusable_database_reason(store_path, SQLITE_SCHEMA)
-            if problem is not None:
-                raise ConfigError(["store", "path"], problem)
-        self.store: TokenStore = make_store(config.store, self._reactor, store_path)
+        self.store: TokenStore = make_store(config.store, self._reactor, api.config_directory)
         self._ratelimiter = Ratelimiter(config.ratelimit.per_second, config.ratelimit.burst_count)
         self._failed_auth = Ratelimiter(
             config.failed_auth_ratelimit.per_second, config.failed_auth_ratelimit.burst_count

@@ -7,9 +7,10 @@ same token at once, at most one of them gets the user back.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
-from login_token_module.config import StoreConfig
+from login_token_module.config import ConfigError, StoreConfig
 
 
 class TokenStore(Protocol):
@@ -29,11 +30,20 @@ class TokenStore(Protocol):
         """Release files and threads; the store is not used afterwards."""
 
 
-def make_store(config: StoreConfig, reactor: Any, resolved_path: str) -> TokenStore:
+def make_store(config: StoreConfig, reactor: Any, config_directory: str) -> TokenStore:
+    """The configured store, ready to use; a path it cannot use is a ConfigError."""
     if config.type == "memory":
         from login_token_module.stores.memory import MemoryTokenStore
 
         return MemoryTokenStore(reactor)
-    from login_token_module.stores.sqlite import SqliteTokenStore
+    from login_token_module.sqlite import unusable_database_reason
+    from login_token_module.stores.sqlite import SCHEMA, SqliteTokenStore
 
-    return SqliteTokenStore(reactor, resolved_path)
+    path = config.path
+    if path != ":memory:" and not os.path.isabs(path):
+        path = os.path.join(config_directory, path)
+    # Checked now, at start-up, so a bad path never becomes a 500 per request.
+    problem = unusable_database_reason(path, SCHEMA)
+    if problem is not None:
+        raise ConfigError(["store", "path"], problem)
+    return SqliteTokenStore(reactor, path)
