@@ -1,0 +1,345 @@
+"""Real servers on 127.0.0.1 for the benchmarks: the reference host, and Synapse.
+
+Both run as child processes exactly as an operator would run them. Users are
+created through each server's own supported tools: for the reference host, the
+same helper ``register-user`` uses (``create_user`` with a real bcrypt hash);
+for Synapse, its shared-secret admin registration API (driven by the load
+generator, see ``loadgen.job_register_synapse``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+import yaml
+
+from login_token_module.host import database
+from login_token_module.host.passwords import hash_password_sync
+from login_token_module.sqlite import SqliteDatabase
+
+BENCH_DIR = Path(__file__).resolve().parent
+SYNAPSE_VENV = BENCH_DIR / ".venv-synapse"
+SYNAPSE_REQUIREMENT = "matrix-synapse==1.163.0"
+LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
+SERVER_NAME = "bench.local"
+GENEROUS = {"per_second": 100_000, "burst_count": 100_000}
+
+
+class ServerError(Exception):
+    pass
+
+
+class RssSampler:
+    """Samples a process's resident memory in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self._process = psutil.Process(pid)
+        self._interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self._process.memory_info().rss))
+            except psutil.Error:
+                return
+            self._stop.wait(self._interval)
+
+    def peak_mb(self, t_start: float, t_end: float) -> float:
+        inside = [rss for t, rss in self.samples if t_start <= t <= t_end]
+        if not inside:
+            before = [rss for t, rss in self.samples if t <= t_end]
+            inside = before[-1:] if before else [0]
+        return max(inside) / (1024 * 1024)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    log_file: IO[bytes]
+    sampler: RssSampler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sampler = RssSampler(self.process.pid)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 30) -> None:
+        self.sampler.stop()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.log_file.close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+# -- the reference host ------------------------------------------------------
+
+
+def host_config(
+    directory: Path, *, bcrypt_rounds: int, store: str = "sqlite", database_name: str = "homeserver.db"
+) -> Path:
+    """Write a host config with the module, generous rate limits and port 0."""
+    generous = {"per_second": 1000, "burst_count": 1000}
+    store_config: dict[str, Any] = {"type": "memory"} if store == "memory" else {"type": "sqlite"}
+    if store == "sqlite":
+        store_config["path"] = "login_tokens.db"
+    config = {
+        "server_name": SERVER_NAME,
+        "listeners": [{"port": 0, "bind_addresses": ["127.0.0.1"]}],
+        "database": {"name": "sqlite3", "args": {"database": database_name}},
+        "bcrypt_rounds": bcrypt_rounds,
+        "modules": [
+            {
+                "module": "login_token_module.LoginTokenModule",
+                "config": {
+                    "token_lifetime_ms": 120_000,
+                    "require_ui_auth": True,
+                    # The default (1 a minute per user) is the right production
+                    # setting; the benchmark asks for many tokens per user.
+                    "ratelimit": generous,
+                    "failed_auth_ratelimit": generous,
+                    "store": store_config,
+                },
+            }
+        ],
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "homeserver.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def create_host_users(
+    database_path: Path, localparts: Sequence[str], password: str, bcrypt_rounds: int
+) -> None:
+    """Create users the way ``register-user`` does (a real bcrypt hash each)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # bcrypt releases the GIL
+        hashes = list(pool.map(lambda _: hash_password_sync(password, bcrypt_rounds), localparts))
+    conn = SqliteDatabase(None, str(database_path), schema=database.SCHEMA).connect()
+    try:
+        conn.execute("BEGIN")
+        for localpart, password_hash in zip(localparts, hashes, strict=True):
+            database.create_user(conn, f"@{localpart}:{SERVER_NAME}", password_hash)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def start_host(config_path: Path, name: str = "ours", timeout: float = 30) -> ServerProcess:
+    log_path = config_path.parent / "server.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 (the child writes to it for its whole life)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = LISTENING_RE.search(log_path.read_text(errors="replace"))
+        if match:
+            return ServerProcess(name, process, int(match.group(1)), log_path, log_file)
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    log_file.close()
+    raise ServerError(f"the reference host did not start; see {log_path}")
+
+
+# -- Synapse -----------------------------------------------------------------
+
+
+def synapse_python() -> Path:
+    return SYNAPSE_VENV / "bin" / "python"
+
+
+def synapse_version(python: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            [
+                str(python),
+                "-c",
+                "import importlib.metadata as m, synapse; print(m.version('matrix-synapse'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def ensure_synapse(log: Any) -> tuple[Path | None, str]:
+    """The Synapse venv's python (creating and installing it if missing), or why not."""
+    python = synapse_python()
+    version = synapse_version(python) if python.exists() else None
+    if version is not None:
+        return python, version
+    log(f"installing {SYNAPSE_REQUIREMENT} into {SYNAPSE_VENV} (first run only; a few minutes)")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(SYNAPSE_VENV)], check=True, timeout=300)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                SYNAPSE_REQUIREMENT,
+            ],
+            check=True,
+            timeout=1800,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        tail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else []
+        return None, f"cannot install {SYNAPSE_REQUIREMENT}: {error} {' '.join(tail)}".strip()
+    version = synapse_version(python)
+    if version is None:
+        return None, f"{SYNAPSE_REQUIREMENT} installed but 'import synapse' fails"
+    return python, version
+
+
+def synapse_config(python: Path, directory: Path, *, bcrypt_rounds: int, port: int) -> tuple[Path, str]:
+    """Generate a throwaway Synapse config on SQLite; returns (path, shared secret)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "homeserver.yaml"
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "synapse.app.homeserver",
+            "--generate-config",
+            "--server-name",
+            SERVER_NAME,
+            "--config-path",
+            str(path),
+            "--data-directory",
+            str(directory),
+            "--report-stats=no",
+        ],
+        check=True,
+        cwd=directory,
+        capture_output=True,
+        timeout=120,
+    )
+    config = yaml.safe_load(path.read_text())
+    log_config_path = Path(config["log_config"])
+    log_config = yaml.safe_load(log_config_path.read_text())
+    log_config["handlers"]["file"]["filename"] = str(directory / "synapse.log")
+    log_config_path.write_text(yaml.safe_dump(log_config))
+    shared_secret = secrets.token_urlsafe(24)
+    config.update(
+        {
+            "listeners": [
+                {
+                    "port": port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "tls": False,
+                    "x_forwarded": False,
+                    "resources": [{"names": ["client"], "compress": False}],
+                }
+            ],
+            "database": {"name": "sqlite3", "args": {"database": str(directory / "homeserver.db")}},
+            "bcrypt_rounds": bcrypt_rounds,
+            "login_via_existing_session": {"enabled": True, "require_ui_auth": True, "token_timeout": "2m"},
+            "rc_login": {"address": GENEROUS, "account": GENEROUS, "failed_attempts": GENEROUS},
+            "rc_registration": GENEROUS,
+            "registration_shared_secret": shared_secret,
+            "enable_metrics": False,
+            "report_stats": False,
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "presence": {"enabled": False},
+            "url_preview_enabled": False,
+        }
+    )
+    path.write_text(yaml.safe_dump(config))
+    return path, shared_secret
+
+
+def _versions_ok(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(base_url + "/_matrix/client/versions", timeout=2) as response:
+            json.loads(response.read())
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def start_synapse(python: Path, config_path: Path, port: int, timeout: float = 180) -> ServerProcess:
+    log_path = config_path.parent / "stdout.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 (the child writes to it for its whole life)
+    process = subprocess.Popen(
+        [str(python), "-m", "synapse.app.homeserver", "-c", str(config_path)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=config_path.parent,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        if _versions_ok(base_url):
+            return ServerProcess("synapse", process, port, log_path, log_file)
+        time.sleep(0.2)
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+    log_file.close()
+    raise ServerError(f"Synapse did not start; see {log_path} and {config_path.parent / 'synapse.log'}")

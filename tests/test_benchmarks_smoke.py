@@ -1,0 +1,52 @@
+"""The benchmark command's smoke mode still works end to end.
+
+This is not a timed test: it only checks that ``python -m benchmarks --smoke``
+(real servers, the load generator, the store and bookkeeping workers) runs to
+the end and prints its table with numbers, so the benchmarks cannot rot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VERDICT = re.compile(r"\s(MET|MISSED|SKIPPED)$")
+NUMBER = re.compile(r"\d[\d,]*\.\d+")
+
+
+@pytest.mark.timeout(120)
+def test_smoke_mode_prints_a_table_of_measurements_and_targets(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+
+    flow_rows = [line for line in out.splitlines() if line.startswith("token login ") and " ours " in line]
+    assert flow_rows and NUMBER.search(flow_rows[0]), out
+    targets = [line for line in out.splitlines() if line.startswith("#") and VERDICT.search(line)]
+    measured = [line for line in targets if not line.endswith("SKIPPED")]
+    assert len(targets) >= 10, out
+    assert len(measured) >= 10, out
+    assert all(NUMBER.search(line) or re.search(r"\s\d+\s", line) for line in measured), out
+    assert "Synapse comparison skipped (smoke mode)" in out
+
+    # Tokens never reach the output (login tokens start mlt_, access tokens mat_).
+    assert "mlt_" not in out + result.stderr
+    assert "mat_" not in out + result.stderr
+
+    written = list(tmp_path.glob("smoke-*.json"))
+    assert len(written) == 1
+    payload = json.loads(written[0].read_text())
+    assert payload["targets"] and all("result" in target for target in payload["targets"])
