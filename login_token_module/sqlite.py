@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+
+from login_token_module.threads import WorkerPool
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -37,11 +37,10 @@ class SqliteDatabase:
         self.path = path
         self._reactor = reactor
         self._schema = schema
-        self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=name)
+        self._pool = WorkerPool(reactor, name, minthreads=1, maxthreads=threads)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._started = False
 
     def connect(self) -> sqlite3.Connection:
         """A new connection with our settings and the schema in place.
@@ -76,16 +75,11 @@ class SqliteDatabase:
         **kwargs: P.kwargs,
     ) -> Deferred[T]:
         """Run ``func(conn, *args)`` in the pool; the result comes back as a Deferred."""
-        if not self._started:
-            self._pool.start()
-            self._started = True
-        return deferToThreadPool(self._reactor, self._pool, lambda: func(self._connection(), *args, **kwargs))
+        return self._pool.run(lambda: func(self._connection(), *args, **kwargs))
 
     def close(self) -> None:
         """Finish queued work, stop the threads and close every connection."""
-        if self._started:
-            self._pool.stop()
-            self._started = False
+        self._pool.close()
         with self._lock:
             for conn in self._connections:
                 conn.close()

@@ -1,17 +1,25 @@
-"""bcrypt password hashing, always in a worker thread.
+"""bcrypt password hashing, always in worker threads of its own.
 
 bcrypt is deliberately slow (tens to hundreds of milliseconds); on the reactor
-thread it would stall every other request. bcrypt only reads the first 72
-bytes of a password, which this host makes explicit rather than letting the
-library refuse longer ones.
+thread it would stall every other request. It releases the GIL, so the limit
+is CPU: a pool as large as Twisted's shared one (10 threads) would let a burst
+of logins take every core and starve the reactor. The pool therefore leaves
+one core to the reactor. bcrypt only reads the first 72 bytes of a password,
+which this host makes explicit rather than letting the library refuse longer
+ones.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import bcrypt
-from twisted.internet.threads import deferToThreadPool
+
+from login_token_module.threads import WorkerPool
+
+T = TypeVar("T")
 
 BCRYPT_MAX_BYTES = 72
 
@@ -31,32 +39,31 @@ def check_password_sync(password: str, password_hash: str) -> bool:
         return False
 
 
+def default_hashing_threads() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 class PasswordHasher:
-    def __init__(self, reactor: Any, rounds: int) -> None:
+    def __init__(self, reactor: Any, rounds: int, threads: int | None = None) -> None:
         self._reactor = reactor
         self._rounds = rounds
+        self._pool = WorkerPool(reactor, "bcrypt", maxthreads=threads or default_hashing_threads())
         self._dummy_hash: str | None = None
 
+    async def _in_pool(self, func: Callable[..., T], *args: Any) -> T:
+        return await self._pool.run(func, *args)
+
     async def hash(self, password: str) -> str:
-        result: str = await deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), hash_password_sync, password, self._rounds
-        )
-        return result
+        return await self._in_pool(hash_password_sync, password, self._rounds)
 
     async def check(self, password: str, password_hash: str | None) -> bool:
         """Check ``password``; with no hash (unknown user) spend the same time, then fail."""
         if password_hash is None:
             if self._dummy_hash is None:
                 self._dummy_hash = await self.hash("not a real password")
-            await deferToThreadPool(
-                self._reactor,
-                self._reactor.getThreadPool(),
-                check_password_sync,
-                password,
-                self._dummy_hash,
-            )
+            await self._in_pool(check_password_sync, password, self._dummy_hash)
             return False
-        result: bool = await deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), check_password_sync, password, password_hash
-        )
-        return result
+        return await self._in_pool(check_password_sync, password, password_hash)
+
+    def close(self) -> None:
+        self._pool.close()

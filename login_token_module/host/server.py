@@ -213,6 +213,7 @@ class Homeserver:
             except Exception:
                 logger.exception("A module's shutdown callback failed")
         self.db.close()
+        self.hasher.close()
 
 
 __all__ = ["Homeserver", "build_tree", "defer"]
