@@ -346,3 +346,18 @@ async def test_non_bearer_authorization_is_401_missing_token(server: InProcessSe
     # The scheme is case-insensitive.
     response = await server.client.request("GET", WHOAMI, headers={"Authorization": f"bearer {token}"})
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_form_content_type_is_not_parsed_as_a_form(server: InProcessServer) -> None:
+    """Bodies are JSON whatever the Content-Type says; form fields never become arguments."""
+    body = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}}
+    body["password"] = PASSWORD
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    logged_in = await server.client.request("POST", LOGIN, raw_body=json.dumps(body).encode(), headers=form)
+    assert logged_in.code == 200, logged_in
+    token = logged_in.json["access_token"]
+    as_form = await server.client.request(
+        "POST", GET_TOKEN, raw_body=f"access_token={token}".encode(), headers=form
+    )
+    assert (as_form.code, as_form.json["errcode"]) == (401, "M_MISSING_TOKEN")
