@@ -25,7 +25,13 @@ LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
 
 
 def new_device_id() -> str:
-    return "".join(secrets.choice(string.ascii_uppercase) for _ in range(10))
+    """Ten random capital letters, from one draw of randomness rather than ten."""
+    number = secrets.randbelow(26**10)
+    letters = []
+    for _ in range(10):
+        number, index = divmod(number, 26)
+        letters.append(string.ascii_uppercase[index])
+    return "".join(letters)
 
 
 def user_id_from_name(name: str, server_name: str) -> str:
