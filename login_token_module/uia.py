@@ -9,14 +9,15 @@ number of live sessions, so a client looping on ``{}`` cannot grow memory.
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAX_SESSIONS_PER_USER = 8
+# Sessions checked per reactor turn while sweeping (each check may also unlink).
+SWEEP_SLICE = 1_000
 
 
-@dataclass
+@dataclass(slots=True)
 class UiaSession:
     session_id: str
     user_id: str
@@ -28,15 +29,17 @@ class UiaSessions:
     def __init__(self, lifetime_seconds: float) -> None:
         self._lifetime = lifetime_seconds
         self._sessions: dict[str, UiaSession] = {}
-        self._by_user: dict[str, OrderedDict[str, None]] = {}
+        # Each user's live session ids, oldest first (dicts keep insertion order).
+        self._by_user: dict[str, dict[str, None]] = {}
 
     def create(self, user_id: str, endpoint: str, now: float) -> UiaSession:
         session = UiaSession(secrets.token_urlsafe(24), user_id, endpoint, now + self._lifetime)
         self._sessions[session.session_id] = session
-        mine = self._by_user.setdefault(user_id, OrderedDict())
+        mine = self._by_user.setdefault(user_id, {})
         mine[session.session_id] = None
         while len(mine) > MAX_SESSIONS_PER_USER:
-            oldest, _ = mine.popitem(last=False)
+            oldest = next(iter(mine))
+            del mine[oldest]
             self._sessions.pop(oldest, None)
         return session
 
@@ -61,8 +64,8 @@ class UiaSessions:
     def sweep(self, now: float) -> Iterator[None]:
         """Drop expired sessions; yields between slices so the caller can pause."""
         ids = list(self._sessions)
-        for start in range(0, len(ids), 5_000):
-            for session_id in ids[start : start + 5_000]:
+        for start in range(0, len(ids), SWEEP_SLICE):
+            for session_id in ids[start : start + SWEEP_SLICE]:
                 session = self._sessions.get(session_id)
                 if session is not None and session.expires_at <= now:
                     self.spend(session_id)
