@@ -55,6 +55,9 @@ class SqliteDatabase:
         # In WAL mode NORMAL is still safe against a process crash (SIGKILL);
         # only an OS crash or power loss can lose the newest commits.
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Read pages through a memory map rather than a read() call each: with a
+        # million tokens the index no longer fits SQLite's own small page cache.
+        conn.execute("PRAGMA mmap_size = 268435456")
         if self._schema:
             conn.executescript(self._schema)
         return conn
