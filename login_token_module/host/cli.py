@@ -6,7 +6,6 @@ import argparse
 import getpass
 import logging
 import signal
-import sqlite3
 import sys
 from typing import Any
 
@@ -15,7 +14,7 @@ from login_token_module.host import database
 from login_token_module.host.config import HomeserverConfig, load_config_file
 from login_token_module.host.passwords import hash_password_sync
 from login_token_module.host.resources import LOCALPART_RE
-from login_token_module.sqlite import SqliteDatabase
+from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
 
 PROG = "login-token-module"
 
@@ -109,12 +108,12 @@ def register_user(args: argparse.Namespace) -> int:
     if not LOCALPART_RE.match(localpart):
         raise CliError("a user name may only contain a-z, 0-9 and . _ = - / +")
     user_id = f"@{localpart}:{config.server_name}"
+    problem = unusable_database_reason(config.database_path, database.SCHEMA)
+    if problem is not None:
+        raise CliError(f"config error in {args.config}: database.args.database: {problem}")
     password = _read_password(args)
     password_hash = hash_password_sync(password, config.bcrypt_rounds)
-    try:
-        conn = SqliteDatabase(None, config.database_path, schema=database.SCHEMA).connect()
-    except sqlite3.Error as error:
-        raise CliError(f"cannot open database {config.database_path}: {error}") from None
+    conn = SqliteDatabase(None, config.database_path, schema=database.SCHEMA).connect()
     try:
         try:
             database.create_user(conn, user_id, password_hash)

@@ -72,11 +72,7 @@ def _database(value: Any, base: str) -> str:
     path = args.get("database", "homeserver.db")
     if not isinstance(path, str) or not path:
         raise ConfigError(["database", "args", "database"], "must be a file path")
-    resolved = resolve_path(base, path)
-    folder = os.path.dirname(resolved) or "."
-    if resolved != ":memory:" and not os.path.isdir(folder):
-        raise ConfigError(["database", "args", "database"], f"the folder {folder} does not exist")
-    return resolved
+    return resolve_path(base, path)
 
 
 def resolve_path(base: str, path: str) -> str:

@@ -8,7 +8,6 @@ import logging
 import time
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -216,6 +215,3 @@ class Homeserver:
                 logger.exception("A module's shutdown callback failed")
         self.db.close()
         self.hasher.close()
-
-
-__all__ = ["Homeserver", "build_tree", "defer"]
