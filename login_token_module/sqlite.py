@@ -1,8 +1,10 @@
 """SQLite off the reactor thread.
 
-Each :class:`SqliteDatabase` owns a small thread pool (one thread by default)
-and one connection per pool thread. The reactor only ever hands work to the
-pool and gets a Deferred back, so a slow disk never stalls other requests.
+Each :class:`SqliteDatabase` owns one worker thread and one connection used
+only by it. The reactor only ever hands work to the thread and gets a Deferred
+back, so a slow disk or a lock held by another process never stalls other
+requests. One thread per database is all SQLite can use for writes anyway, and
+it lets the worker hand results back in batches (see BatchingWorker).
 Connections use WAL, so readers in other processes sharing the file are not
 blocked by a writer, and a busy timeout, so two processes writing at once wait
 for each other instead of failing.
@@ -12,13 +14,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from login_token_module.threads import WorkerPool
+from login_token_module.threads import BatchingWorker
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -31,21 +32,18 @@ class SqliteDatabase:
         path: str,
         *,
         schema: str = "",
-        threads: int = 1,
         name: str = "sqlite",
     ) -> None:
         self.path = path
         self._reactor = reactor
         self._schema = schema
-        self._pool = WorkerPool(reactor, name, minthreads=1, maxthreads=threads)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._worker = BatchingWorker(reactor, name)
+        self._conn: sqlite3.Connection | None = None
 
     def connect(self) -> sqlite3.Connection:
         """A new connection with our settings and the schema in place.
 
-        Also used directly (without the pool) by command-line tools that run
+        Also used directly (without the worker thread) by command-line tools that run
         outside the reactor.
         """
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -63,13 +61,10 @@ class SqliteDatabase:
         return conn
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self.connect()
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        # Only ever called on the worker thread.
+        if self._conn is None:
+            self._conn = self.connect()
+        return self._conn
 
     def run(
         self,
@@ -77,17 +72,15 @@ class SqliteDatabase:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> Deferred[T]:
-        """Run ``func(conn, *args)`` in the pool; the result comes back as a Deferred."""
-        return self._pool.run(lambda: func(self._connection(), *args, **kwargs))
+        """Run ``func(conn, *args)`` on the worker thread; the result comes back as a Deferred."""
+        return self._worker.run(lambda: func(self._connection(), *args, **kwargs))
 
     def close(self) -> None:
-        """Finish queued work, stop the threads and close every connection."""
-        self._pool.close()
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        """Finish queued work, stop the thread and close the connection."""
+        self._worker.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def unusable_database_reason(path: str, schema: str) -> str | None:
