@@ -293,10 +293,19 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def sync_call(
-    base_url: str, method: str, path: str, body: Any = None, access_token: str | None = None
+    base_url: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    access_token: str | None = None,
+    *,
+    raw_body: bytes | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """One request with urllib, for tests that run without the reactor."""
-    data = None if body is None else json.dumps(body).encode()
+    """One request with urllib, for tests that run without the reactor.
+
+    ``body`` is sent as JSON (``None``: no body); ``raw_body`` as given bytes.
+    """
+    data = raw_body if raw_body is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(base_url + path, data=data, method=method)
     if data is not None:
         request.add_header("Content-Type", "application/json")

@@ -7,10 +7,7 @@ generating the bodies.
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,19 +112,6 @@ def child(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChildServe
     assert "Traceback" not in server.log(), server.log()
 
 
-def send_raw(base_url: str, path: str, data: bytes, access_token: str | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(base_url + path, data=data, method="POST")
-    if access_token is not None:
-        request.add_header("Authorization", f"Bearer {access_token}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
-
-
 def assert_matrix_error(code: int, body: Any, allowed: set[int]) -> None:
     assert code in allowed, (code, body)
     assert isinstance(body, dict)
@@ -170,9 +154,9 @@ def test_any_get_token_body_without_the_password_issues_nothing(
 @given(data=st.binary(max_size=200))
 def test_any_bytes_get_a_matrix_error(child: tuple[ChildServer, str], data: bytes) -> None:
     server, access_token = child
-    code, answer = send_raw(server.base_url, LOGIN, data)
+    code, answer = sync_call(server.base_url, "POST", LOGIN, raw_body=data)
     assert_matrix_error(code, answer, {400, 403})
-    code, answer = send_raw(server.base_url, GET_TOKEN, data, access_token)
+    code, answer = sync_call(server.base_url, "POST", GET_TOKEN, access_token=access_token, raw_body=data)
     assert_matrix_error(code, answer, {400, 401})
 
 

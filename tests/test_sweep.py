@@ -7,25 +7,21 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from tests.helpers import GET_TOKEN, sleep, start_in_process
+from tests.helpers import GET_TOKEN, running, sleep
 
 
 @pytest.mark.parametrize("store_type", ["memory", "sqlite"])
 @pytest_twisted.ensureDeferred
 async def test_expired_tokens_and_sessions_are_swept(tmp_path: Path, store_type: str) -> None:
     store = {"type": store_type} if store_type == "memory" else {"type": "sqlite", "path": "t.db"}
-    server = await start_in_process(
-        tmp_path,
-        {
-            "store": store,
-            "token_lifetime_ms": 150,
-            "ui_auth_session_lifetime_ms": 1_000,
-            "sweep_interval_ms": 50,
-            "ratelimit": {"per_second": 20, "burst_count": 5},
-        },
-    )
-    try:
-        await server.register("alice")
+    config = {
+        "store": store,
+        "token_lifetime_ms": 150,
+        "ui_auth_session_lifetime_ms": 1_000,
+        "sweep_interval_ms": 50,
+        "ratelimit": {"per_second": 20, "burst_count": 5},
+    }
+    async with running(tmp_path, config) as server:
         client = server.client
         access_token = await client.access_token("alice")
         for _ in range(3):
@@ -44,5 +40,3 @@ async def test_expired_tokens_and_sessions_are_swept(tmp_path: Path, store_type:
 
         await sleep(1.0)
         assert len(module._uia) == 0
-    finally:
-        await server.stop()
