@@ -79,14 +79,27 @@ class LoginTokenModule:
         if retry_after is not None:
             # Nothing is spent: the session and the user's allowance stay as they were.
             raise rate_limited(retry_after)
-        if session_id is not None and not self._uia.spend(session_id):
-            raise self._challenge(
-                requester, endpoint, now, error="This session has already been used; start again"
-            )
+        session = None
+        if session_id is not None:
+            session = self._uia.spend(session_id)
+            if session is None:
+                raise self._challenge(
+                    requester, endpoint, now, error="This session has already been used; start again"
+                )
         self._ratelimiter.record(requester.user_id, now)
         token = tokens.generate_token()
         lifetime = self._config.token_lifetime_ms
-        await self.store.add_token(tokens.hash_token(token), requester.user_id, int(now * 1000) + lifetime)
+        try:
+            await self.store.add_token(
+                tokens.hash_token(token), requester.user_id, int(now * 1000) + lifetime
+            )
+        except Exception:
+            # Nothing was issued: give back what this request spent, so the
+            # user can retry the same session once the store recovers.
+            self._ratelimiter.refund(requester.user_id, self._now())
+            if session is not None:
+                self._uia.restore(session)
+            raise
         logger.info("Issued a login token for %s (device %s)", requester.user_id, requester.device_id)
         return token, lifetime
 

@@ -36,6 +36,14 @@ class Ratelimiter:
     def record(self, key: str, now: float) -> None:
         self._buckets[key] = (self._count(key, now) + 1, now)
 
+    def refund(self, key: str, now: float) -> None:
+        """Take back one recorded action (its request failed before doing anything)."""
+        count = self._count(key, now) - 1
+        if count > 0:
+            self._buckets[key] = (count, now)
+        else:
+            self._buckets.pop(key, None)
+
     def sweep(self, now: float) -> Iterator[None]:
         """Drop drained keys; yields between slices so the caller can pause."""
         keys = list(self._buckets)

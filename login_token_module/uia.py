@@ -34,14 +34,18 @@ class UiaSessions:
 
     def create(self, user_id: str, endpoint: str, now: float) -> UiaSession:
         session = UiaSession(secrets.token_urlsafe(24), user_id, endpoint, now + self._lifetime)
+        self.restore(session)
+        return session
+
+    def restore(self, session: UiaSession) -> None:
+        """Hold ``session`` (new, or given back after a spend that came to nothing)."""
         self._sessions[session.session_id] = session
-        mine = self._by_user.setdefault(user_id, {})
+        mine = self._by_user.setdefault(session.user_id, {})
         mine[session.session_id] = None
         while len(mine) > MAX_SESSIONS_PER_USER:
             oldest = next(iter(mine))
             del mine[oldest]
             self._sessions.pop(oldest, None)
-        return session
 
     def get(self, session_id: str, now: float) -> UiaSession | None:
         session = self._sessions.get(session_id)
@@ -49,17 +53,17 @@ class UiaSessions:
             return None
         return session
 
-    def spend(self, session_id: str) -> bool:
-        """Remove the session; False if it was already gone (spent by a racer)."""
+    def spend(self, session_id: str) -> UiaSession | None:
+        """Remove the session and return it; None if it was already gone (spent by a racer)."""
         session = self._sessions.pop(session_id, None)
         if session is None:
-            return False
+            return None
         mine = self._by_user.get(session.user_id)
         if mine is not None:
             mine.pop(session_id, None)
             if not mine:
                 del self._by_user[session.user_id]
-        return True
+        return session
 
     def sweep(self, now: float) -> Iterator[None]:
         """Drop expired sessions; yields between slices so the caller can pause."""

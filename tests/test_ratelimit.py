@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest_twisted
 
+from login_token_module.stores.sqlite import SCHEMA as STORE_SCHEMA
 from tests.helpers import GET_TOKEN, InProcessServer, Response, challenge, password_auth, running, sleep
 
 
@@ -98,3 +100,24 @@ async def test_burst_count_allows_that_many_tokens(tmp_path: Path) -> None:
             assert response.code == 200, response
         assert_limited(await srv.client.get_login_token(access))
         assert await srv.module.store.count_tokens() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_that_could_not_be_stored_spends_neither_session_nor_allowance(tmp_path: Path) -> None:
+    """The store fails mid-request (its table is gone): 500, and the same session then works."""
+    async with running(tmp_path, {}) as srv:
+        access = await srv.client.access_token("alice")
+        session = await challenge(srv, access)
+        assert await srv.module.store.count_tokens() == 0  # the store's connection is open
+        with sqlite3.connect(tmp_path / "tokens.db") as conn:
+            conn.execute("DROP TABLE login_tokens")
+        failed = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        assert failed.code == 500, failed
+
+        with sqlite3.connect(tmp_path / "tokens.db") as conn:
+            conn.executescript(STORE_SCHEMA)
+        retried = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        assert retried.code == 200, retried
+        assert await srv.module.store.count_tokens() == 1
+        login = await srv.client.token_login(retried.json["login_token"])
+        assert login.code == 200, login
