@@ -59,6 +59,18 @@ class PhaseResult:
         if len(self.error_samples) < 5:
             self.error_samples.append(str(error) or type(error).__name__)
 
+    async def timed(self, op: Awaitable[object], http_requests: int) -> None:
+        """Await one operation, recording its latency, or the failure if it failed."""
+        started = time.perf_counter()
+        try:
+            await op
+        except (TimeoutError, UnexpectedResponseError, aiohttp.ClientError) as error:
+            self.failed(error)
+            return
+        finally:
+            self.http_requests += http_requests
+        self.latencies_ms.append((time.perf_counter() - started) * 1000)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -134,6 +146,12 @@ async def token_login(client: Client, login_token: str) -> str:
     return str(reply["access_token"])
 
 
+async def get_ok(client: Client, path: str) -> None:
+    status, reply = await client.request("GET", path)
+    if status != 200:
+        raise UnexpectedResponseError(f"GET {path}", status, reply)
+
+
 async def run_workers(concurrency: int, worker: Callable[[int], Awaitable[object]]) -> None:
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
 
@@ -150,16 +168,7 @@ async def timed_over_items(
 
     async def worker(_: int) -> None:
         while queue:
-            item = queue.pop()
-            started = time.perf_counter()
-            try:
-                await op(item)
-            except (TimeoutError, UnexpectedResponseError, aiohttp.ClientError) as error:
-                phase.failed(error)
-                continue
-            finally:
-                phase.http_requests += requests_per_op
-            phase.latencies_ms.append((time.perf_counter() - started) * 1000)
+            await phase.timed(op(queue.pop()), requests_per_op)
 
     phase.t_start = time.monotonic()
     await run_workers(concurrency, worker)
@@ -199,17 +208,7 @@ async def job_get(job: dict[str, Any]) -> dict[str, Any]:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     next_at = max(next_at + interval, time.monotonic())
-                started = time.perf_counter()
-                try:
-                    status, reply = await client.request("GET", path)
-                    if status != 200:
-                        raise UnexpectedResponseError(f"GET {path}", status, reply)
-                except (TimeoutError, UnexpectedResponseError, aiohttp.ClientError) as error:
-                    phase.failed(error)
-                    continue
-                finally:
-                    phase.http_requests += 1
-                phase.latencies_ms.append((time.perf_counter() - started) * 1000)
+                await phase.timed(get_ok(client, path), 1)
 
         phase.t_start = time.monotonic()
         await run_workers(concurrency, worker)
@@ -274,15 +273,7 @@ async def job_storm(job: dict[str, Any]) -> dict[str, Any]:
         async def worker(index: int) -> None:
             user = users[index]
             while time.monotonic() < deadline:
-                started = time.perf_counter()
-                try:
-                    await get_token_with_uia(client, user, password, access[user])
-                except (TimeoutError, UnexpectedResponseError, aiohttp.ClientError) as error:
-                    phase.failed(error)
-                    continue
-                finally:
-                    phase.http_requests += 2
-                phase.latencies_ms.append((time.perf_counter() - started) * 1000)
+                await phase.timed(get_token_with_uia(client, user, password, access[user]), 2)
 
         phase.t_start = time.monotonic()
         await run_workers(len(users), worker)
