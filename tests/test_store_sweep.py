@@ -1,0 +1,103 @@
+"""Sweeping expired tokens at the unit, for every store: all of them, and only them.
+
+Expiry times are given explicitly, so nothing depends on the clock. The stores
+sweep in slices (memory) or batches (SQLite); these tests hold more expired
+tokens than several slices or batches, so a sweep that stops early shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from login_token_module import tokens
+from login_token_module.stores import TokenStore
+from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
+from login_token_module.stores.sqlite import SWEEP_BATCH, SqliteTokenStore
+from tests.helpers import REACTOR
+
+NOW = 1_700_000_000_000
+# More than two SQLite batches (and many memory slices).
+MANY = 2 * max(SWEEP_BATCH, SWEEP_SLICE) + 7
+
+
+def _hash(i: int) -> bytes:
+    return tokens.hash_token(f"token {i}")
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
+    made: TokenStore = (
+        MemoryTokenStore(REACTOR)
+        if request.param == "memory"
+        else SqliteTokenStore(REACTOR, str(tmp_path / "tokens.db"))
+    )
+    yield made
+    await made.close()
+
+
+async def add_many(store: TokenStore, first: int, count: int, expires_at_ms: int) -> list[bytes]:
+    hashes = [_hash(i) for i in range(first, first + count)]
+    # Queued all at once: the SQLite worker runs them in batches, so this stays quick.
+    await defer.gatherResults(
+        [defer.ensureDeferred(store.add_token(h, "@old:test", expires_at_ms)) for h in hashes]
+    )
+    return hashes
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_removes_every_expired_token_however_many(store: TokenStore) -> None:
+    await add_many(store, 0, MANY, NOW - 1)
+    live = await add_many(store, MANY, 3, NOW + 60_000)
+    assert await store.count_tokens() == MANY + 3
+
+    assert await store.delete_expired(NOW) == MANY
+    assert await store.count_tokens() == 3
+    for token_hash in live:
+        assert await store.consume_token(token_hash, NOW) == "@old:test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_of_one_batch_and_a_bit(store: TokenStore) -> None:
+    """One full SQLite batch is not the end: the tokens after it go too."""
+    await add_many(store, 0, SWEEP_BATCH + 1, NOW - 1)
+    assert await store.delete_expired(NOW) == SWEEP_BATCH + 1
+    assert await store.count_tokens() == 0
+    assert await store.delete_expired(NOW) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_expiring_exactly_now_is_swept(store: TokenStore) -> None:
+    expiring = await add_many(store, 0, 2, NOW)
+    later = await add_many(store, 2, 1, NOW + 1)
+    assert await store.delete_expired(NOW) == 2
+    assert await store.count_tokens() == 1
+    assert [await store.consume_token(h, NOW) for h in expiring] == [None, None]
+    assert await store.consume_token(later[0], NOW) == "@old:test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_store_sweeps_to_nothing(store: TokenStore) -> None:
+    assert await store.delete_expired(NOW) == 0
+    live = await add_many(store, 0, 2, NOW + 1)
+    assert await store.delete_expired(NOW) == 0
+    assert await store.count_tokens() == 2
+    assert await store.consume_token(live[1], NOW) == "@old:test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_spent_tokens_do_not_stop_the_memory_sweep() -> None:
+    """The memory store's issue-order queue still holds spent tokens; the sweep steps over them."""
+    store = MemoryTokenStore(REACTOR)
+    hashes = await add_many(store, 0, SWEEP_SLICE + 5, NOW - 1)
+    for token_hash in hashes[: SWEEP_SLICE + 2]:
+        assert await store.consume_token(token_hash, NOW - 2) == "@old:test"
+    live = await add_many(store, SWEEP_SLICE + 5, 1, NOW + 1)
+    assert await store.delete_expired(NOW) == 3
+    assert await store.count_tokens() == 1
+    assert await store.consume_token(live[0], NOW) == "@old:test"
+    await store.close()
