@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest_twisted
 
+from login_token_module.uia import MAX_SESSIONS_PER_USER
 from tests.helpers import (
     GET_TOKEN,
     PASSWORD_FLOWS,
@@ -29,6 +30,7 @@ def assert_failed_stage(response: Response) -> str:
     assert response.code == 401, response
     body = response.json
     assert body["errcode"] == "M_FORBIDDEN", body
+    assert isinstance(body["error"], str) and body["error"], body
     assert body["flows"] == PASSWORD_FLOWS
     assert body["completed"] == []
     session = body["session"]
@@ -161,6 +163,53 @@ async def test_session_expires(tmp_path: Path) -> None:
         assert_token(await srv.client.post(GET_TOKEN, password_auth(fresh), access))
 
 
+# -- the per-user cap on live sessions ---------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_cap_of_sessions_all_work(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
+        access = await srv.client.access_token("alice")
+        sessions = [await challenge(srv, access) for _ in range(MAX_SESSIONS_PER_USER)]
+        # Oldest first: none of them was pushed out.
+        for session in sessions:
+            assert_token(await srv.client.post(GET_TOKEN, password_auth(session), access))
+        assert await srv.module.store.count_tokens() == MAX_SESSIONS_PER_USER
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_past_the_cap_push_out_the_oldest(tmp_path: Path) -> None:
+    async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
+        access = await srv.client.access_token("alice")
+        sessions = [await challenge(srv, access) for _ in range(MAX_SESSIONS_PER_USER + 2)]
+        # The newest ones are there, down to the oldest that still fits.
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(sessions[-1]), access))
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(sessions[2]), access))
+        # The two before it were pushed out (each refusal opens a fresh session).
+        for pushed_out in sessions[:2]:
+            refused = await srv.client.post(GET_TOKEN, password_auth(pushed_out), access)
+            assert assert_failed_stage(refused) not in sessions
+            assert "login_token" not in refused.json
+        assert await srv.module.store.count_tokens() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_spending_a_session_does_not_lift_the_cap(tmp_path: Path) -> None:
+    """After one session is spent, the user's other sessions still count against the cap."""
+    async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
+        access = await srv.client.access_token("alice")
+        sessions = [await challenge(srv, access) for _ in range(MAX_SESSIONS_PER_USER)]
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(sessions[-1]), access))
+        # Seven left; a full cap's worth of new ones pushes out all seven.
+        newer = [await challenge(srv, access) for _ in range(MAX_SESSIONS_PER_USER)]
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(newer[0]), access))
+        for old in sessions[:-1]:
+            refused = await srv.client.post(GET_TOKEN, password_auth(old), access)
+            assert assert_failed_stage(refused) not in sessions
+            assert "login_token" not in refused.json
+        assert await srv.module.store.count_tokens() == 2
+
+
 # -- shapes of the auth dict ------------------------------------------------
 
 
@@ -222,6 +271,21 @@ async def test_identifier_naming_another_user_is_refused(server: InProcessServer
         assert assert_failed_stage(response) == session, name
         assert "login_token" not in response.json
     assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_legacy_user_field_naming_another_user_is_refused(server: InProcessServer) -> None:
+    await server.register("bob")
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    for name in ("bob", "@bob:test.local", "@alice:elsewhere.example"):
+        # Alice's own password, but the legacy field names someone else: no token.
+        response = await server.client.post(GET_TOKEN, password_auth(session, user=name), access)
+        assert assert_failed_stage(response) == session, name
+        assert "login_token" not in response.json
+    assert await server.module.store.count_tokens() == 0
+    # Naming herself, the same session completes.
+    assert_token(await server.client.post(GET_TOKEN, password_auth(session, user="Alice"), access))
 
 
 @pytest_twisted.ensureDeferred
