@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import string
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -9,7 +12,8 @@ from typing import Any
 
 import pytest_twisted
 
-from login_token_module.tokens import generate_token
+from login_token_module.stores.sqlite import SCHEMA as STORE_SCHEMA
+from login_token_module.tokens import generate_token, is_well_formed
 from tests.helpers import LOGIN, InProcessServer, Response, running, sleep
 
 WHOAMI = "/_matrix/client/v3/account/whoami"
@@ -55,6 +59,60 @@ def assert_logged_in(response: Response, user_id: str = "@alice:test.local") -> 
 
 def flip_last(token: str) -> str:
     return token[:-1] + ("B" if token[-1] == "A" else "A")
+
+
+BASE62 = string.digits + string.ascii_letters
+
+
+def with_checksum(body: str) -> str:
+    """``body`` + ``_`` + its CRC-32 in six base62 digits, worked out here independently."""
+    crc = zlib.crc32(body.encode("ascii"))
+    digits = ""
+    for _ in range(6):
+        crc, digit = divmod(crc, 62)
+        digits = BASE62[digit] + digits
+    return f"{body}_{digits}"
+
+
+# Each has a checksum that matches, so only the shape check can turn it away.
+MISSHAPEN_WITH_GOOD_CHECKSUMS = [
+    with_checksum("mlt_" + "a" * 42),  # one character short
+    with_checksum("mlt_" + "a" * 44),  # one character long
+    with_checksum("mlt_" + "a" * 20),
+    with_checksum("mlt_" + "a" * 100),
+    with_checksum("mlt_" + "a" * 42 + "-"),  # not base62
+    with_checksum("mlt_" + "a" * 42 + "_"),
+    with_checksum("mlt_" + "a" * 21 + "_" + "a" * 21),
+    with_checksum("mlx_" + "a" * 43),  # another prefix
+    with_checksum("MLT_" + "a" * 43),
+    with_checksum("mlt" + "a" * 44),
+    with_checksum("a" * 47),
+]
+
+
+def test_tokens_have_the_documented_shape() -> None:
+    """mlt_ + 43 base62 characters + _ + the CRC-32 of what precedes it in 6 base62 characters."""
+    seen = set()
+    for _ in range(200):
+        token = generate_token()
+        assert len(token) == 54
+        assert token.startswith("mlt_") and token[47] == "_"
+        assert all(char in BASE62 for char in token[4:47] + token[48:])
+        assert token == with_checksum(token[:47])
+        assert is_well_formed(token)
+        seen.add(token[4:47])
+    assert len(seen) == 200
+    # 256 random bits fill the body: its first character is not always the same.
+    assert len({body[0] for body in seen}) > 1
+
+
+def test_misshapen_tokens_are_not_well_formed() -> None:
+    assert is_well_formed(with_checksum("mlt_" + "a" * 43))
+    for candidate in MISSHAPEN_WITH_GOOD_CHECKSUMS:
+        assert not is_well_formed(candidate), candidate
+    token = generate_token()
+    assert not is_well_formed(token[:47] + "-" + token[48:])
+    assert not is_well_formed(token[:47] + "_" + token[48:-1])
 
 
 @pytest_twisted.ensureDeferred
@@ -105,6 +163,36 @@ async def test_bad_tokens_are_forbidden(server: InProcessServer) -> None:
         assert_forbidden(response)
     # None of that spent or disturbed the real token.
     assert_logged_in(await server.client.token_login(token))
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_tokens_are_refused_without_a_store_lookup(tmp_path: Path) -> None:
+    """With the store's table gone, any lookup fails with a 500, so a 403 proves there was none."""
+    async with running(tmp_path, {}) as server:
+        assert await server.module.store.count_tokens() == 0  # the store's connection is open
+        with sqlite3.connect(tmp_path / "tokens.db") as conn:
+            conn.execute("DROP TABLE login_tokens")
+        token = generate_token()
+        candidates: list[Any] = [
+            *MISSHAPEN_WITH_GOOD_CHECKSUMS,
+            flip_last(token),
+            token[:-1],
+            token + "A",
+            token.upper(),
+            "",
+            7,
+            None,
+        ]
+        for candidate in candidates:
+            assert_forbidden(await server.client.token_login(candidate))
+        # A well-formed token does reach the store (and its failure is a 500).
+        looked_up = await server.client.token_login(token)
+        assert looked_up.code == 500, looked_up
+        assert looked_up.json["errcode"] == "M_UNKNOWN"
+
+        with sqlite3.connect(tmp_path / "tokens.db") as conn:
+            conn.executescript(STORE_SCHEMA)
+        assert_forbidden(await server.client.token_login(token))
 
 
 @pytest_twisted.ensureDeferred
