@@ -78,7 +78,14 @@ async def test_capabilities_need_auth_and_offer_get_login_token(server: InProces
     token = await server.client.access_token("alice")
     response = await server.client.get(CAPABILITIES, token)
     assert response.code == 200
-    assert response.json["capabilities"]["m.get_login_token"] == {"enabled": True}
+    capabilities = response.json["capabilities"]
+    assert capabilities["m.get_login_token"] == {"enabled": True}
+    # MSC3882's unstable name, for clients that predate spec v1.7.
+    assert capabilities["org.matrix.msc3882.get_login_token"] == {"enabled": True}
+    # The host's own, none of which this server supports.
+    for name in ("m.change_password", "m.set_displayname", "m.set_avatar_url", "m.3pid_changes"):
+        assert capabilities[name] == {"enabled": False}, name
+    assert len(capabilities) == 6, capabilities
 
 
 @pytest_twisted.ensureDeferred
