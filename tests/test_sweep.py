@@ -1,42 +1,96 @@
-"""The background sweep forgets expired tokens, UIA sessions and drained rate limits."""
+"""The sweep forgets expired tokens, UIA sessions and drained rate limits, and nothing else.
+
+The tests call ``module.sweep()`` themselves (the background loop is set far
+apart so it never runs meanwhile), after waiting at least as long as things
+take to expire, so what a sweep removes does not depend on when a tick lands.
+One test checks that the background loop does run the sweep, by waiting for it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 
-from tests.helpers import GET_TOKEN, running, sleep
+from login_token_module.module import LoginTokenModule
+from tests.helpers import GET_TOKEN, REACTOR, InProcessServer, password_auth, running, sleep
+
+HOUR_MS = 3_600_000
+
+
+def store_config(store_type: str) -> dict[str, Any]:
+    return {"type": store_type} if store_type == "memory" else {"type": "sqlite", "path": "t.db"}
+
+
+def sizes(module: LoginTokenModule) -> tuple[int, int, int]:
+    return len(module._uia), len(module._ratelimiter), len(module._failed_auth)
+
+
+async def leave_one_of_everything(server: InProcessServer, tokens: int) -> str:
+    """Issue ``tokens`` tokens, abandon a UIA session and fail a password once; returns the last token."""
+    client = server.client
+    access = await client.access_token("alice")
+    token = ""
+    for _ in range(tokens):
+        # The password in the same request: no session has to outlive a short lifetime.
+        issued = await client.post(GET_TOKEN, password_auth(None), access)
+        assert issued.code == 200, issued
+        token = issued.json["login_token"]
+    await client.post(GET_TOKEN, {}, access)  # an abandoned UIA session
+    wrong = await client.post(GET_TOKEN, password_auth(None, "wrong"), access)
+    assert wrong.code == 401, wrong  # and the session this one opened
+    assert await server.module.store.count_tokens() == tokens
+    assert sizes(server.module) == (2, 1, 1)
+    return token
 
 
 @pytest.mark.parametrize("store_type", ["memory", "sqlite"])
 @pytest_twisted.ensureDeferred
-async def test_expired_tokens_and_sessions_are_swept(tmp_path: Path, store_type: str) -> None:
-    store = {"type": store_type} if store_type == "memory" else {"type": "sqlite", "path": "t.db"}
+async def test_a_sweep_removes_what_has_expired(tmp_path: Path, store_type: str) -> None:
     config = {
-        "store": store,
-        "token_lifetime_ms": 150,
-        "ui_auth_session_lifetime_ms": 1_000,
-        "sweep_interval_ms": 50,
-        "ratelimit": {"per_second": 20, "burst_count": 5},
+        "store": store_config(store_type),
+        "token_lifetime_ms": 100,
+        "ui_auth_session_lifetime_ms": 1000,
+        "ratelimit": {"per_second": 20, "burst_count": 5},  # 3 actions drain in 0.15 s
+        "failed_auth_ratelimit": {"per_second": 20, "burst_count": 3},
+        "sweep_interval_ms": HOUR_MS,
     }
     async with running(tmp_path, config) as server:
-        client = server.client
-        access_token = await client.access_token("alice")
-        for _ in range(3):
-            issued = await client.get_login_token(access_token)
-            assert issued.code == 200
-        await client.post(GET_TOKEN, {}, access_token)  # an abandoned UIA session
-        module = server.module
-        assert await module.store.count_tokens() == 3
-        assert len(module._uia) == 1
-        assert len(module._ratelimiter) == 1
+        token = await leave_one_of_everything(server, tokens=3)
+        await sleep(1.1)  # at least this long: everything above has expired or drained
+        await server.module.sweep()
+        assert await server.module.store.count_tokens() == 0
+        assert sizes(server.module) == (0, 0, 0)
+        assert (await server.client.token_login(token)).code == 403
 
-        await sleep(0.4)
-        assert await module.store.count_tokens() == 0
-        assert len(module._ratelimiter) == 0  # 3 actions drain in 0.15 s at 20/s
-        assert len(module._uia) == 1  # not expired yet
 
-        await sleep(1.0)
-        assert len(module._uia) == 0
+@pytest.mark.parametrize("store_type", ["memory", "sqlite"])
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_keeps_what_is_still_live(tmp_path: Path, store_type: str) -> None:
+    """Default lifetimes (minutes): a sweep right away must leave everything in force."""
+    config = {"store": store_config(store_type), "sweep_interval_ms": HOUR_MS}
+    async with running(tmp_path, config) as server:
+        token = await leave_one_of_everything(server, tokens=1)
+        await server.module.sweep()
+        assert await server.module.store.count_tokens() == 1
+        assert sizes(server.module) == (2, 1, 1)
+        # Still in force: the limit refuses a second token, and the first one logs in.
+        access = await server.client.access_token("alice")
+        assert (await server.client.get_login_token(access)).code == 429
+        login = await server.client.token_login(token)
+        assert login.code == 200, login
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_background_loop_runs_the_sweep(tmp_path: Path) -> None:
+    config = {"token_lifetime_ms": 50, "sweep_interval_ms": 50}
+    async with running(tmp_path, config) as server:
+        access = await server.client.access_token("alice")
+        assert (await server.client.get_login_token(access)).code == 200
+        # Not a race against a tick: wait (up to a generous limit) until a tick has swept.
+        deadline = REACTOR.seconds() + 30
+        while await server.module.store.count_tokens() and REACTOR.seconds() < deadline:
+            await sleep(0.05)
+        assert await server.module.store.count_tokens() == 0
