@@ -1,0 +1,138 @@
+"""Mutation score per file from the last mutmut run (``mutants/``), for scripts/mutation.
+
+The files are those in ``[tool.mutmut] only_mutate`` in pyproject.toml. A
+surviving mutant named in docs/mutation.md (equivalent to the original, or
+changing nothing a test can observe) is "accepted" and left out of the score;
+any other survivor is listed as new, and the exit status is 1 while there are
+any, so each run only asks about mutants nobody has looked at yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCEPTED_DOC = ROOT / "docs" / "mutation.md"
+MUTANT_NAME = re.compile(r"`(login_token_module\.[^`\s]+__mutmut_\d+)`")
+
+# mutmut's exit codes for a mutant's test run, as its own `mutmut results` names them.
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    -24: "timeout",
+    24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    37: "type check",
+    -11: "crashed",
+    -9: "crashed",
+    None: "not run",
+}
+# A mutant the tests noticed: they failed, hung, or crashed on it.
+DETECTED = {"killed", "timeout", "crashed", "type check"}
+
+
+def target_files() -> list[str]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return list(config["only_mutate"])
+
+
+def accepted_mutants() -> set[str]:
+    if not ACCEPTED_DOC.exists():
+        return set()
+    return set(MUTANT_NAME.findall(ACCEPTED_DOC.read_text()))
+
+
+def load_results(path: str) -> dict[str, str]:
+    meta = ROOT / "mutants" / f"{path}.meta"
+    if not meta.exists():
+        return {}
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", type=Path, help="also write the per-file numbers to this file")
+    args = parser.parse_args()
+
+    accepted = accepted_mutants()
+    rows: list[dict[str, object]] = []
+    new_survivors: list[tuple[str, str]] = []
+    seen_survivors: set[str] = set()
+    header = (
+        f"{'file':44} {'mutants':>7} {'killed':>7} {'survived':>8} {'accepted':>8} {'new':>5} {'score':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    totals: Counter[str] = Counter()
+    for path in target_files():
+        results = load_results(path)
+        if not results:
+            print(f"{path:44} (no results: run scripts/mutation first)")
+            continue
+        counts = Counter(results.values())
+        detected = sum(counts[status] for status in DETECTED)
+        missed = {name: status for name, status in results.items() if status not in DETECTED}
+        seen_survivors.update(missed)
+        accepted_here = sum(1 for name in missed if name in accepted)
+        new_here = sorted((name, status) for name, status in missed.items() if name not in accepted)
+        new_survivors.extend(new_here)
+        scored = len(results) - accepted_here
+        score = 100.0 * detected / scored if scored else 100.0
+        numbers = {
+            "mutants": len(results),
+            "killed": detected,
+            "survived": len(missed),
+            "accepted": accepted_here,
+            "new": len(new_here),
+        }
+        totals.update(numbers)
+        rows.append({"file": path, **numbers, "score": round(score, 1)})
+        print(
+            f"{path:44} {len(results):7} {detected:7} {len(missed):8} {accepted_here:8} {len(new_here):5}"
+            f" {score:6.1f}%"
+        )
+    if rows:
+        scored = totals["mutants"] - totals["accepted"]
+        score = 100.0 * totals["killed"] / scored if scored else 100.0
+        print("-" * len(header))
+        print(
+            f"{'all':44} {totals['mutants']:7} {totals['killed']:7} {totals['survived']:8}"
+            f" {totals['accepted']:8} {totals['new']:5} {score:6.1f}%"
+        )
+        print("score = killed / (mutants - accepted); killed counts time-outs and crashes too")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+    stale = sorted(accepted - seen_survivors)
+    if stale:
+        print(
+            f"\n{len(stale)} mutant(s) in docs/mutation.md no longer survive (killed, or renamed by edits):"
+        )
+        for name in stale:
+            print(f"  {name}")
+    if new_survivors:
+        print(f"\n{len(new_survivors)} surviving mutant(s) not in docs/mutation.md:")
+        for name, status in new_survivors:
+            print(f"  {name}  ({status})")
+        print(
+            "See one with: .venv/bin/mutmut show NAME. Kill it with a test, or explain it in docs/mutation.md"
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
