@@ -300,6 +300,7 @@ async def test_whoami_returns_user_and_device(server: InProcessServer) -> None:
     assert response.code == 200
     assert response.json["user_id"] == "@alice:test.local"
     assert response.json["device_id"] == "DESK"
+    assert response.json["is_guest"] is False
     unknown = await server.client.get(WHOAMI, "mat_unknown")
     assert_error(unknown, 401, "M_UNKNOWN_TOKEN")
     assert unknown.json["soft_logout"] is False

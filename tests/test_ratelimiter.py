@@ -118,3 +118,18 @@ def test_sweep_covers_every_slice() -> None:
     assert drain_sweep(limiter, NOW + 5) == 3  # slices of 5,000
     assert len(limiter) == 1
     assert limiter.retry_after_ms("late", NOW + 5) == 1000
+
+
+def test_keys_that_change_between_slices_are_judged_as_they_are_then() -> None:
+    """The sweep pauses between slices; a key refunded away or recorded again meanwhile is fine."""
+    limiter = Ratelimiter(per_second=1.0, burst_count=1)
+    for i in range(5_002):
+        limiter.record(f"user{i}", NOW)
+    sweep = limiter.sweep(NOW + 5)
+    next(sweep)  # the first slice is done: 5,000 keys gone
+    assert len(limiter) == 2
+    limiter.refund("user5000", NOW + 5)  # gone before the sweep reaches it
+    limiter.record("user5001", NOW + 5)  # busy again: no longer drained
+    assert list(sweep) == [None]
+    assert len(limiter) == 1
+    assert limiter.retry_after_ms("user5001", NOW + 5) == 1000

@@ -8,6 +8,7 @@ One test checks that the background loop does run the sweep, by waiting for it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ async def leave_one_of_everything(server: InProcessServer, tokens: int) -> str:
 
 @pytest.mark.parametrize("store_type", ["memory", "sqlite"])
 @pytest_twisted.ensureDeferred
-async def test_a_sweep_removes_what_has_expired(tmp_path: Path, store_type: str) -> None:
+async def test_a_sweep_removes_what_has_expired(
+    tmp_path: Path, store_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
     config = {
         "store": store_config(store_type),
         "token_lifetime_ms": 100,
@@ -60,7 +63,11 @@ async def test_a_sweep_removes_what_has_expired(tmp_path: Path, store_type: str)
     async with running(tmp_path, config) as server:
         token = await leave_one_of_everything(server, tokens=3)
         await sleep(1.1)  # at least this long: everything above has expired or drained
+        caplog.set_level(logging.DEBUG, logger="login_token_module.module")
         await server.module.sweep()
+        assert [r.getMessage() for r in caplog.records if r.name == "login_token_module.module"] == [
+            "Swept 3 expired login tokens"
+        ]
         assert await server.module.store.count_tokens() == 0
         assert sizes(server.module) == (0, 0, 0)
         assert (await server.client.token_login(token)).code == 403
@@ -68,12 +75,16 @@ async def test_a_sweep_removes_what_has_expired(tmp_path: Path, store_type: str)
 
 @pytest.mark.parametrize("store_type", ["memory", "sqlite"])
 @pytest_twisted.ensureDeferred
-async def test_a_sweep_keeps_what_is_still_live(tmp_path: Path, store_type: str) -> None:
+async def test_a_sweep_keeps_what_is_still_live(
+    tmp_path: Path, store_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Default lifetimes (minutes): a sweep right away must leave everything in force."""
     config = {"store": store_config(store_type), "sweep_interval_ms": HOUR_MS}
     async with running(tmp_path, config) as server:
         token = await leave_one_of_everything(server, tokens=1)
+        caplog.set_level(logging.DEBUG, logger="login_token_module.module")
         await server.module.sweep()
+        assert not [r for r in caplog.records if r.msg.startswith("Swept")]
         assert await server.module.store.count_tokens() == 1
         assert sizes(server.module) == (2, 1, 1)
         # Still in force: the limit refuses a second token, and the first one logs in.

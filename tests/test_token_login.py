@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import string
 import zlib
@@ -10,11 +11,12 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from login_token_module.stores.sqlite import SCHEMA as STORE_SCHEMA
 from login_token_module.tokens import generate_token, is_well_formed
-from tests.helpers import LOGIN, InProcessServer, Response, running, sleep
+from tests.helpers import LOGIN, PASSWORD, InProcessServer, Response, running, sleep
 
 WHOAMI = "/_matrix/client/v3/account/whoami"
 # Enough allowance to mint several tokens for one user within a test.
@@ -47,6 +49,7 @@ async def new_token(server: InProcessServer, user: str = "alice") -> str:
 def assert_forbidden(response: Response) -> None:
     assert response.code == 403, response
     assert response.json["errcode"] == "M_FORBIDDEN"
+    assert isinstance(response.json["error"], str) and response.json["error"], response
     assert "access_token" not in response.json
 
 
@@ -87,6 +90,7 @@ MISSHAPEN_WITH_GOOD_CHECKSUMS = [
     with_checksum("MLT_" + "a" * 43),
     with_checksum("mlt" + "a" * 44),
     with_checksum("a" * 47),
+    "mlt_" + "a" * 36 + "_" + "a" * 13,  # the right length, split at another underscore
 ]
 
 
@@ -304,3 +308,25 @@ async def test_login_flows_list_the_token_type(server: InProcessServer) -> None:
     flows = response.json["flows"]
     assert {"type": "m.login.token", "get_login_token": True} in flows
     assert {"type": "m.login.password"} in flows
+
+
+@pytest_twisted.ensureDeferred
+async def test_issuing_and_spending_are_logged_by_user_never_by_token(
+    server: InProcessServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="login_token_module")
+    first = await server.client.password_login("alice")
+    access = first.json["access_token"]
+    device = first.json["device_id"]
+    token = (await server.client.get_login_token(access)).json["login_token"]
+    login = await server.client.token_login(token)
+    assert_logged_in(login)
+
+    module_lines = [r.getMessage() for r in caplog.records if r.name == "login_token_module.module"]
+    assert module_lines == [
+        f"Issued a login token for @alice:test.local (device {device})",
+        "Login token spent for @alice:test.local",
+    ]
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in (token, access, login.json["access_token"], PASSWORD):
+        assert secret not in everything

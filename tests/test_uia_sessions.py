@@ -138,3 +138,14 @@ def test_sweep_with_nothing_to_do() -> None:
     sessions.create("@alice:test", ENDPOINT, NOW)
     assert len(list(sessions.sweep(NOW))) == 1
     assert len(sessions) == 1
+
+
+def test_sessions_that_change_between_slices_are_judged_as_they_are_then() -> None:
+    sessions = UiaSessions(LIFETIME)
+    ids = [sessions.create(f"@user{i}:test", ENDPOINT, NOW).session_id for i in range(SWEEP_SLICE + 2)]
+    sweep = sessions.sweep(NOW + LIFETIME)
+    next(sweep)  # the first slice is done
+    assert len(sessions) == 2
+    assert sessions.spend(ids[-1]) is not None  # spent before the sweep reaches it
+    assert list(sweep) == [None]
+    assert len(sessions) == 0
