@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 
@@ -257,6 +258,35 @@ async def test_auth_that_is_not_an_object_is_bad_json(server: InProcessServer) -
         response = await server.client.post(GET_TOKEN, {"auth": auth}, access)
         assert (response.code, response.json["errcode"]) == (400, "M_BAD_JSON"), (auth, response)
     assert await server.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_auth_fields_are_400_and_change_nothing(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    session = await challenge(server, access)
+    malformed: list[tuple[dict[str, Any], str]] = [
+        ({"session": 1}, "M_BAD_JSON"),
+        ({"session": [session]}, "M_BAD_JSON"),
+        ({"password": 1234}, "M_BAD_JSON"),
+        ({"password": ["correct horse battery staple"]}, "M_BAD_JSON"),
+        ({"identifier": "alice"}, "M_BAD_JSON"),
+        ({"identifier": ["alice"]}, "M_BAD_JSON"),
+        ({"identifier": {"type": "m.id.thirdparty", "medium": "email"}}, "M_INVALID_PARAM"),
+        ({"identifier": {"user": "alice"}}, "M_INVALID_PARAM"),
+        ({"identifier": {"type": "m.id.user", "user": 7}}, "M_BAD_JSON"),
+        ({"user": 7}, "M_BAD_JSON"),
+        ({"user": ["alice"]}, "M_BAD_JSON"),
+    ]
+    for fields, errcode in malformed:
+        body = password_auth(session)
+        body["auth"].update(fields)
+        response = await server.client.post(GET_TOKEN, body, access)
+        assert (response.code, response.json.get("errcode")) == (400, errcode), (fields, response)
+        assert isinstance(response.json["error"], str) and response.json["error"], response
+        assert "login_token" not in response.json
+    assert await server.module.store.count_tokens() == 0
+    # Nothing was spent: the same session still completes.
+    assert_token(await server.client.post(GET_TOKEN, password_auth(session), access))
 
 
 @pytest_twisted.ensureDeferred
