@@ -125,6 +125,17 @@ async def test_completed_one_shot_session_is_spent_too(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_fresh_session_offered_after_a_refused_one_completes(tmp_path: Path) -> None:
+    """An unknown or spent session gets a 401 with a new session, for this user and this path."""
+    async with running(tmp_path, {"ratelimit": GENEROUS_RATELIMIT}) as srv:
+        access = await srv.client.access_token("alice")
+        for path in (GET_TOKEN, R1_PATH):
+            refused = await srv.client.post(path, password_auth("no such session"), access)
+            fresh = assert_failed_stage(refused)
+            assert_token(await srv.client.post(path, password_auth(fresh), access))
+
+
+@pytest_twisted.ensureDeferred
 async def test_session_is_bound_to_the_user(server: InProcessServer) -> None:
     await server.register("bob")
     alice = await server.client.access_token("alice")
@@ -238,6 +249,7 @@ async def test_unsupported_stage_is_unrecognized(server: InProcessServer) -> Non
     auth = {"auth": {"type": "m.login.dummy", "session": session}}
     response = await server.client.post(GET_TOKEN, auth, access)
     assert (response.code, response.json["errcode"]) == (400, "M_UNRECOGNIZED")
+    assert "m.login.password" in response.json["error"]
     assert await server.module.store.count_tokens() == 0
 
 
@@ -248,6 +260,7 @@ async def test_missing_password_is_a_missing_param(server: InProcessServer) -> N
     auth = {"auth": {"type": "m.login.password", "session": session}}
     response = await server.client.post(GET_TOKEN, auth, access)
     assert (response.code, response.json["errcode"]) == (400, "M_MISSING_PARAM")
+    assert isinstance(response.json["error"], str) and response.json["error"]
     assert await server.module.store.count_tokens() == 0
 
 
