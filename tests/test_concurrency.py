@@ -9,6 +9,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
+from login_token_module.api import Requester
+from login_token_module.errors import MatrixError
 from tests.helpers import GET_TOKEN, challenge, password_auth, running
 
 STORES: dict[str, dict[str, Any]] = {
@@ -47,3 +49,29 @@ async def test_concurrent_get_token_with_one_session_issues_one_token(tmp_path: 
         )
         assert sorted(r.code for r in results) == [200] + [401] * 19
         assert await server.module.store.count_tokens() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_request_that_loses_a_race_for_one_session_gets_a_fresh_one(tmp_path: Path) -> None:
+    """Two requests with one completed session, both past the password check: the second is told
+    to start again, with a new session on the same path that completes. Started together on the
+    module, so both are certainly waiting on the password check when the first one finishes."""
+    async with running(tmp_path, {"ratelimit": GENEROUS, "store": {"type": "memory"}}) as server:
+        access_token = await server.client.access_token("alice")
+        body = password_auth(await challenge(server, access_token))
+        requester = Requester(user_id="@alice:test.local", device_id=None)
+        racers = [
+            defer.ensureDeferred(server.module.issue_token(requester, body, GET_TOKEN)) for _ in range(2)
+        ]
+        outcomes = await defer.DeferredList(racers, consumeErrors=True)
+        assert outcomes[0][0] is True, outcomes[0]
+        assert outcomes[1][0] is False, outcomes[1]
+        error = outcomes[1][1].value
+        assert isinstance(error, MatrixError) and error.code == 401
+        answer = error.to_json()
+        assert answer["errcode"] == "M_FORBIDDEN"
+        assert isinstance(answer["error"], str) and answer["error"]
+        assert answer["session"] != body["auth"]["session"]
+        retried = await server.client.post(GET_TOKEN, password_auth(answer["session"]), access_token)
+        assert retried.code == 200, retried
+        assert await server.module.store.count_tokens() == 2

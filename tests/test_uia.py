@@ -406,6 +406,7 @@ async def test_r0_path_also_answers_expires_in_seconds(server: InProcessServer) 
     token = assert_token(response)
     assert response.json["expires_in_ms"] == 120_000
     assert response.json["expires_in"] == 120
+    assert isinstance(response.json["expires_in"], int)
     login = await server.client.token_login(token)
     assert (login.code, login.json["user_id"]) == (200, "@alice:test.local")
 
