@@ -62,6 +62,10 @@ def load_results(path: str) -> dict[str, str]:
     return {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
 
 
+def percent(score: float | None) -> str:
+    return "      -" if score is None else f"{score:6.1f}%"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, help="also write the per-file numbers to this file")
@@ -72,7 +76,8 @@ def main() -> int:
     new_survivors: list[tuple[str, str]] = []
     seen_survivors: set[str] = set()
     header = (
-        f"{'file':44} {'mutants':>7} {'killed':>7} {'survived':>8} {'accepted':>8} {'new':>5} {'score':>7}"
+        f"{'file':44} {'mutants':>7} {'killed':>7} {'survived':>8} {'accepted':>8} {'new':>5}"
+        f" {'not run':>7} {'score':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -84,35 +89,41 @@ def main() -> int:
             continue
         counts = Counter(results.values())
         detected = sum(counts[status] for status in DETECTED)
-        missed = {name: status for name, status in results.items() if status not in DETECTED}
+        not_run = counts["not run"]
+        missed = {
+            name: status for name, status in results.items() if status not in DETECTED and status != "not run"
+        }
         seen_survivors.update(missed)
         accepted_here = sum(1 for name in missed if name in accepted)
         new_here = sorted((name, status) for name, status in missed.items() if name not in accepted)
         new_survivors.extend(new_here)
-        scored = len(results) - accepted_here
-        score = 100.0 * detected / scored if scored else 100.0
+        scored = len(results) - not_run - accepted_here
+        score = 100.0 * detected / scored if scored else None
         numbers = {
             "mutants": len(results),
             "killed": detected,
             "survived": len(missed),
             "accepted": accepted_here,
             "new": len(new_here),
+            "not run": not_run,
         }
         totals.update(numbers)
-        rows.append({"file": path, **numbers, "score": round(score, 1)})
+        rows.append({"file": path, **numbers, "score": None if score is None else round(score, 1)})
         print(
             f"{path:44} {len(results):7} {detected:7} {len(missed):8} {accepted_here:8} {len(new_here):5}"
-            f" {score:6.1f}%"
+            f" {not_run:7} {percent(score)}"
         )
     if rows:
-        scored = totals["mutants"] - totals["accepted"]
-        score = 100.0 * totals["killed"] / scored if scored else 100.0
+        scored = totals["mutants"] - totals["not run"] - totals["accepted"]
+        total_score = 100.0 * totals["killed"] / scored if scored else None
         print("-" * len(header))
         print(
             f"{'all':44} {totals['mutants']:7} {totals['killed']:7} {totals['survived']:8}"
-            f" {totals['accepted']:8} {totals['new']:5} {score:6.1f}%"
+            f" {totals['accepted']:8} {totals['new']:5} {totals['not run']:7} {percent(total_score)}"
         )
-        print("score = killed / (mutants - accepted); killed counts time-outs and crashes too")
+        print("score = killed / (mutants - not run - accepted); killed counts time-outs and crashes too")
+        if totals["not run"]:
+            print(f"{totals['not run']} mutant(s) not run yet: bash scripts/mutation --resume")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
