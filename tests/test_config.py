@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 
 from login_token_module import ConfigError, LoginTokenModule
 from login_token_module.config import LoginTokenConfig
@@ -130,3 +131,51 @@ def test_sample_config_is_valid_and_resolves_paths_beside_itself() -> None:
     module_config = LoginTokenModule.parse_config(dict(config.modules[0].config))
     assert module_config.token_lifetime_ms == 120_000
     assert module_config.store.path == "login_tokens.db"
+
+
+def start_with_store(tmp_path: Path, store: dict[str, Any]) -> Homeserver:
+    return Homeserver(
+        parse_homeserver_config(homeserver_yaml(tmp_path, {"store": store}), str(tmp_path)), REACTOR
+    )
+
+
+def test_an_unusable_store_path_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    missing = tmp_path / "no such folder" / "tokens.db"
+    with pytest.raises(ConfigError) as caught:
+        start_with_store(tmp_path, {"type": "sqlite", "path": str(missing)})
+    assert str(caught.value) == f"modules[0].config.store.path: the folder {missing.parent} does not exist"
+
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("not a database\n" * 100)
+    with pytest.raises(ConfigError) as caught:
+        start_with_store(tmp_path, {"type": "sqlite", "path": "notes.txt"})
+    assert str(caught.value).startswith(
+        f"modules[0].config.store.path: cannot use {not_a_database} as an SQLite database: "
+    ), str(caught.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_paths_relative_absolute_and_in_memory(tmp_path: Path) -> None:
+    config_dir, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    (config_dir / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    cases = [
+        ("data/tokens.db", config_dir / "data" / "tokens.db"),
+        (str(elsewhere / "t.db"), elsewhere / "t.db"),
+    ]
+    for path, expected in cases:
+        hs = start_with_store(config_dir, {"type": "sqlite", "path": path})
+        try:
+            assert expected.exists(), path
+        finally:
+            await hs.stop()
+    before = set(config_dir.iterdir())
+    hs = start_with_store(config_dir, {"type": "sqlite", "path": ":memory:"})
+    try:
+        store = hs.modules[0].store
+        await store.add_token(b"h" * 32, "@alice:test.local", 2**62)
+        assert await store.count_tokens() == 1
+        # SQLite's own in-memory database: no file appears beside the config.
+        assert set(config_dir.iterdir()) == before
+    finally:
+        await hs.stop()
