@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ async def raw_post(
 
 def assert_error(response: Response, code: int, errcode: str) -> None:
     assert (response.code, response.json.get("errcode")) == (code, errcode), response
+    assert isinstance(response.json.get("error"), str) and response.json["error"], response
 
 
 # -- discovery ---------------------------------------------------------------
@@ -351,9 +353,24 @@ async def test_non_bearer_authorization_is_401_missing_token(server: InProcessSe
     for value in ("Basic x", "Basic " + token, "Bearer", "Bearer   ", token):
         response = await server.client.request("GET", WHOAMI, headers={"Authorization": value})
         assert_error(response, 401, "M_MISSING_TOKEN")
-    # The scheme is case-insensitive.
-    response = await server.client.request("GET", WHOAMI, headers={"Authorization": f"bearer {token}"})
-    assert response.code == 200
+    # The scheme is case-insensitive, and more than one space may follow it.
+    for value in (f"bearer {token}", f"BEARER {token}", f"Bearer   {token}"):
+        response = await server.client.request("GET", WHOAMI, headers={"Authorization": value})
+        assert response.code == 200, (value, response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_access_token_that_is_not_utf8_is_401_not_500(server: InProcessServer) -> None:
+    response = await server.client.get(f"{WHOAMI}?access_token=%ff%fe")
+    assert_error(response, 401, "M_UNKNOWN_TOKEN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_devices_get_ten_capital_letters(server: InProcessServer) -> None:
+    ids = {(await server.client.password_login("alice")).json["device_id"] for _ in range(5)}
+    assert len(ids) == 5
+    for device_id in ids:
+        assert re.fullmatch(r"[A-Z]{10}", device_id), device_id
 
 
 @pytest_twisted.ensureDeferred
