@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from login_token_module import tokens
 from login_token_module.stores import TokenStore
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
 from login_token_module.stores.sqlite import SqliteTokenStore, _consume
-from tests.helpers import REACTOR
+from tests.helpers import REACTOR, start_in_process
 
 NOW = 1_700_000_000_000
 
@@ -149,3 +150,20 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert sorted(winners) == sorted(hashes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_server_closes_the_token_database(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The module's shutdown callback closes the store: SQLite folds its WAL back in and removes it."""
+    srv = await start_in_process(tmp_path)
+    await srv.register("alice")
+    access = await srv.client.access_token("alice")
+    assert (await srv.client.get_login_token(access)).code == 200
+    assert (tmp_path / "tokens.db-wal").exists()
+    await srv.stop()
+    assert not (tmp_path / "tokens.db-wal").exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    with sqlite3.connect(tmp_path / "tokens.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM login_tokens").fetchone() == (1,)
