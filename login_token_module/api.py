@@ -47,6 +47,14 @@ class ModuleApi(Protocol):
     def config_directory(self) -> str:
         """The folder of the host's config file; relative paths resolve here."""
 
+    @property
+    def multiple_workers(self) -> bool:
+        """Whether several processes serve this homeserver at once (workers).
+
+        State a module keeps must then be shared between them (a database), or
+        each process would hold its own part; the module refuses to start otherwise.
+        """
+
     def register_web_resource(self, path: str, resource: IResource) -> None:
         """Serve ``resource`` at ``path`` (an exact path from the server root)."""
 

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from login_token_module.errors import Codes, MatrixError
+from login_token_module.errors import Codes, MatrixError, StorageUnavailableError, storage_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ CORS_HEADERS = {
 
 
 # Phrases Twisted does not know (it would say "Unknown Status").
-_REASONS = {429: b"Too Many Requests", 413: b"Payload Too Large"}
+_REASONS = {429: b"Too Many Requests", 413: b"Payload Too Large", 503: b"Service Unavailable"}
 
 
 def set_cors_headers(request: Request) -> None:
@@ -139,6 +139,10 @@ class JsonResource(Resource):
             code, body = await handler(request)
         except MatrixError as error:
             respond_error(request, error)
+            return
+        except StorageUnavailableError:
+            # Logged (with the reason, throttled) where the database noticed it.
+            respond_error(request, storage_unavailable())
             return
         except Exception:
             # Log the failure without the request body: it may hold a password.

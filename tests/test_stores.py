@@ -124,7 +124,7 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
     """Many connections (as many processes would) race to spend each token: one wins."""
     path = str(tmp_path / "tokens.db")
     store = SqliteTokenStore(REACTOR, path)  # creates the schema on first use
-    setup = store._db.connect()
+    setup = store.sqlite.connect()
     hashes = [_hash() for _ in range(20)]
     for token_hash in hashes:
         setup.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 60_000))
@@ -135,7 +135,7 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
     barrier = threading.Barrier(8)
 
     def racer() -> None:
-        conn = store._db.connect()
+        conn = store.sqlite.connect()
         barrier.wait()
         for token_hash in hashes:
             if _consume(conn, token_hash, NOW) is not None:

@@ -30,13 +30,13 @@ async def test_expired_tokens_and_sessions_are_swept(tmp_path: Path, store_type:
         await client.post(GET_TOKEN, {}, access_token)  # an abandoned UIA session
         module = server.module
         assert await module.store.count_tokens() == 3
-        assert len(module._uia) == 1
-        assert len(module._ratelimiter) == 1
+        assert await module._uia.count() == 1
+        assert await module._ratelimiter.count() == 1
 
         await sleep(0.4)
         assert await module.store.count_tokens() == 0
-        assert len(module._ratelimiter) == 0  # 3 actions drain in 0.15 s at 20/s
-        assert len(module._uia) == 1  # not expired yet
+        assert await module._ratelimiter.count() == 0  # 3 actions drain in 0.15 s at 20/s
+        assert await module._uia.count() == 1  # not expired yet
 
         await sleep(1.0)
-        assert len(module._uia) == 0
+        assert await module._uia.count() == 0

@@ -14,7 +14,6 @@ from login_token_module.host import database
 from login_token_module.host.config import HomeserverConfig, load_config_file
 from login_token_module.host.passwords import hash_password_sync
 from login_token_module.host.resources import LOCALPART_RE
-from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
 
 PROG = "login-token-module"
 
@@ -108,12 +107,14 @@ def register_user(args: argparse.Namespace) -> int:
     if not LOCALPART_RE.match(localpart):
         raise CliError("a user name may only contain a-z, 0-9 and . _ = - / +")
     user_id = f"@{localpart}:{config.server_name}"
-    problem = unusable_database_reason(config.database_path, database.SCHEMA)
-    if problem is not None:
-        raise CliError(f"config error in {args.config}: database.args.database: {problem}")
+    try:
+        # Checked before the password is asked for, so a bad database fails at once.
+        database.connect_now(config.database).close()
+    except ConfigError as error:
+        raise CliError(f"config error in {args.config}: {error}") from None
     password = _read_password(args)
     password_hash = hash_password_sync(password, config.bcrypt_rounds)
-    conn = SqliteDatabase(None, config.database_path, schema=database.SCHEMA).connect()
+    conn = database.connect_now(config.database)
     try:
         try:
             database.create_user(conn, user_id, password_hash)

@@ -58,6 +58,10 @@ class HostModuleApi:
     def config_directory(self) -> str:
         return self._hs.config.config_directory
 
+    @property
+    def multiple_workers(self) -> bool:
+        return self._hs.workers > 1
+
     def register_web_resource(self, path: str, resource: IResource) -> None:
         registry = self._hs.registry
         if path in registry.resources:
