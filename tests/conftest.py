@@ -8,7 +8,7 @@ from typing import NoReturn
 import pytest
 import pytest_twisted
 
-from tests.helpers import InProcessServer, start_in_process
+from tests.helpers import ChildServer, InProcessServer, Launcher, start_child, start_in_process
 from tests.pgcluster import ClusterUnavailableError, Database, PostgresCluster, driver_missing_reason
 
 
@@ -19,6 +19,21 @@ async def server(tmp_path: Path) -> AsyncIterator[InProcessServer]:
     await srv.register("alice")
     yield srv
     await srv.stop()
+
+
+@pytest.fixture
+def launch() -> Iterator[Launcher]:
+    """start_child, with every child (and its workers) killed at the end whatever happens."""
+    children: list[ChildServer] = []
+
+    def start(config: Path, log_name: str = "server.log", *extra_args: str) -> ChildServer:
+        child = start_child(config, log_name, extra_args=extra_args)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill_all()
 
 
 def postgres_unavailable(reason: str) -> NoReturn:
