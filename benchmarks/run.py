@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks import servers
+from benchmarks import scaleout, servers
 from benchmarks.stats import ratio, summarize_ms
 
 ROOT = servers.BENCH_DIR.parent
@@ -51,6 +51,8 @@ class Settings:
     store_sample: int
     sweep_size: int
     bookkeeping_users: list[int]
+    scaleout_users: int
+    scaleout_rounds: int
     synapse: bool
     results_dir: Path
 
@@ -72,6 +74,8 @@ class Settings:
                 store_sample=100,
                 sweep_size=1_000,
                 bookkeeping_users=[100, 1_000],
+                scaleout_users=args.scaleout_users or 24,
+                scaleout_rounds=1,
                 synapse=False,
                 results_dir=args.results_dir,
             )
@@ -90,6 +94,8 @@ class Settings:
             store_sample=5_000,
             sweep_size=100_000,
             bookkeeping_users=[1_000, 100_000],
+            scaleout_users=args.scaleout_users or 2_000,
+            scaleout_rounds=args.scaleout_rounds,
             synapse=not args.no_synapse,
             results_dir=args.results_dir,
         )
@@ -244,9 +250,7 @@ def bench_ours(settings: Settings, work: Path, report: Report) -> None:
     users = [f"bench{i}" for i in range(settings.users)]
     warmup = [f"warm{i}" for i in range(settings.warmup_users)]
     config = servers.host_config(work / "ours", bcrypt_rounds=settings.bcrypt_rounds)
-    servers.create_host_users(
-        work / "ours" / "homeserver.db", users + warmup, password, settings.bcrypt_rounds
-    )
+    servers.create_host_users(config, users + warmup, password, settings.bcrypt_rounds)
     server = servers.start_host(config)
     try:
         log(f"#1 reference host: flow for {len(users)} users at concurrency {settings.concurrency}")
@@ -323,7 +327,7 @@ def bench_storm(settings: Settings, work: Path, report: Report) -> None:
     password = servers.new_password()
     users = [f"storm{i}" for i in range(settings.storm_clients)]
     config = servers.host_config(work / "storm", bcrypt_rounds=rounds)
-    servers.create_host_users(work / "storm" / "homeserver.db", users, password, rounds)
+    servers.create_host_users(config, users, password, rounds)
     server = servers.start_host(config, name="ours-storm")
     try:
         log(f"#3 reactor: idle GET /versions probe, {settings.storm_seconds:.0f}s")
@@ -381,6 +385,23 @@ def bench_bookkeeping(settings: Settings, report: Report) -> None:
         log(f"#5 bookkeeping: Ratelimiter and UiaSessions with {users:,} users")
         results[str(users)] = worker_result("benchmarks.bookkeeping", ["--users", str(users)])
     report.sections["bookkeeping"] = results
+
+
+def bench_scaleout(settings: Settings, work: Path, report: Report) -> None:
+    section = scaleout.bench_scaleout(
+        users=settings.scaleout_users,
+        warmup=settings.warmup_users,
+        concurrency=settings.concurrency,
+        bcrypt_rounds=settings.bcrypt_rounds,
+        rounds=settings.scaleout_rounds,
+        work=work,
+        loadgen=loadgen,
+        summarize=phase_summary,
+        log=log,
+    )
+    if section["postgres_skipped"]:
+        report.notes.append(f"#6 PostgreSQL configurations skipped: {section['postgres_skipped']}")
+    report.sections["scaleout"] = section
 
 
 # -- judging and printing ------------------------------------------------------------
@@ -689,12 +710,63 @@ def render(settings: Settings, report: Report) -> str:
             )
         )
         out.append("")
+    scale = s.get("scaleout")
+    if scale is not None:
+        out.extend(render_scaleout(scale))
     out.append("Targets")
     rows = [[t.name, f"{_fmt(t.measured, 2)} {t.unit}".strip(), t.wanted, t.status()] for t in report.targets]
     out.append(_table(["target", "measured", "wanted", "result"], rows))
     for note in report.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+def render_scaleout(scale: dict[str, Any]) -> list[str]:
+    out = [
+        f"#6 Scale-out: 1 worker vs 2, SQLite vs PostgreSQL ({scale['users']} users, concurrency"
+        f" {scale['concurrency']}, median of {scale['rounds']} round(s); CPU ms per operation from the"
+        " processes' own counters)"
+    ]
+    rows = []
+    for key, label in scaleout.PHASES:
+        for config in scale["configs"]:
+            d = config["phases"][key]
+            rows.append(
+                [
+                    label,
+                    config["label"],
+                    _fmt(d["ops_per_s"]),
+                    _fmt(d["p50_ms"], 2),
+                    _fmt(d["p99_ms"], 2),
+                    _fmt(d["server_cpu_ms_per_op"], 3),
+                    _fmt(d["postgres_cpu_ms_per_op"], 3) if config["store"] == "postgres" else "-",
+                    _fmt(d["errors"]),
+                ]
+            )
+    out.append(
+        _table(
+            [
+                "phase",
+                "configuration",
+                "ops/s",
+                "p50 ms",
+                "p99 ms",
+                "server CPU ms/op",
+                "PostgreSQL CPU ms/op",
+                "errors",
+            ],
+            rows,
+        )
+    )
+    out.append("")
+    rows = [
+        [name, label, f"{_fmt(ops, 2)}x", f"{_fmt(cpu, 2)}x"]
+        for name, label, ops, cpu in scaleout.ratios(scale)
+    ]
+    if rows:
+        out.append(_table(["comparison", "phase", "ops/s", "CPU per op (server + PostgreSQL)"], rows))
+        out.append("")
+    return out
 
 
 # -- main ----------------------------------------------------------------------------
@@ -740,7 +812,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--storm-bcrypt-rounds", type=int, default=12, help="bcrypt rounds for #3 (default 12)"
     )
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated benchmarks to run (2 needs 1)")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated benchmarks to run (2 needs 1)")
+    parser.add_argument(
+        "--scaleout-users",
+        type=int,
+        default=0,
+        help="users per configuration for #6 (default 2000; smoke 24)",
+    )
+    parser.add_argument(
+        "--scaleout-rounds", type=int, default=3, help="rounds of #6's configurations (default 3)"
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     parser.add_argument("--keep-work", action="store_true", help="keep the servers' temporary directories")
     return parser.parse_args(argv)
@@ -758,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         ("3", lambda: bench_storm(settings, work, report)),
         ("4", lambda: bench_stores(settings, report)),
         ("5", lambda: bench_bookkeeping(settings, report)),
+        ("6", lambda: bench_scaleout(settings, work, report)),
     ]
     failed = False
     try:
@@ -778,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render(settings, report))
     path = write_json(settings, report)
     print(f"\nJSON written to {path}")
+    if "scaleout" in report.sections:
+        picture = scaleout.plot(report.sections["scaleout"], path.with_suffix(".png"))
+        print(f"Plot written to {picture}")
     return 1 if failed else 0
 
 

@@ -30,14 +30,16 @@ from typing import IO, Any
 import psutil
 import yaml
 
+from login_token_module.db import Conn
 from login_token_module.host import database
+from login_token_module.host.config import load_config_file
 from login_token_module.host.passwords import hash_password_sync
-from login_token_module.sqlite import SqliteDatabase
 
 BENCH_DIR = Path(__file__).resolve().parent
 SYNAPSE_VENV = BENCH_DIR / ".venv-synapse"
 SYNAPSE_REQUIREMENT = "matrix-synapse==1.163.0"
 LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
+WORKERS_RE = re.compile(r"workers serving http://[^:]+:(\d+)")
 SERVER_NAME = "bench.local"
 GENEROUS = {"per_second": 100_000, "burst_count": 100_000}
 
@@ -75,6 +77,67 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (a server and its workers; PostgreSQL and its backends)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+class CpuSampler:
+    """The CPU time (user + system) used by groups of process trees, sampled in a thread.
+
+    Each process's own counters (what the kernel charged it) are read every
+    ``interval``; a group's total adds every process ever seen in it, so a
+    process that exits keeps what it used. Unlike throughput, this does not
+    depend on who else wanted the machine's two cores at the time.
+    """
+
+    def __init__(self, roots: dict[str, int], interval: float = 0.02) -> None:
+        self._roots = roots
+        self._interval = interval
+        self._last: dict[str, dict[int, float]] = {group: {} for group in roots}
+        self._processes: dict[int, psutil.Process] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._sample()
+        self._thread.start()
+
+    def _sample(self) -> None:
+        totals: dict[str, float] = {}
+        for group, root in self._roots.items():
+            seen = self._last[group]
+            for process in process_tree(root):
+                known = self._processes.setdefault(process.pid, process)
+                try:
+                    times = known.cpu_times()
+                except psutil.Error:
+                    continue
+                seen[process.pid] = times.user + times.system
+            totals[group] = sum(seen.values())
+        self.samples.append((time.monotonic(), totals))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def seconds_between(self, group: str, t_start: float, t_end: float) -> float:
+        """CPU seconds ``group`` used from ``t_start`` to ``t_end`` (nearest samples outside)."""
+        before = [totals[group] for t, totals in self.samples if t <= t_start]
+        after = [totals[group] for t, totals in self.samples if t >= t_end]
+        start = before[-1] if before else self.samples[0][1][group]
+        end = after[0] if after else self.samples[-1][1][group]
+        return max(0.0, end - start)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sample()
 
 
 @dataclass
@@ -123,17 +186,33 @@ def new_password() -> str:
 
 
 def host_config(
-    directory: Path, *, bcrypt_rounds: int, store: str = "sqlite", database_name: str = "homeserver.db"
+    directory: Path,
+    *,
+    bcrypt_rounds: int,
+    store: str = "sqlite",
+    database_name: str = "homeserver.db",
+    postgres: Any = None,
 ) -> Path:
-    """Write a host config with the module, generous rate limits and port 0."""
+    """Write a host config with the module, generous rate limits and port 0.
+
+    ``store``: memory, sqlite (UIA sessions and rate limits in memory unless
+    there are several workers), sqlite-shared (them too in the SQLite file), or
+    postgres (host and module on ``postgres``, a tests.pgcluster.Database).
+    """
     generous = {"per_second": 1000, "burst_count": 1000}
-    store_config: dict[str, Any] = {"type": "memory"} if store == "memory" else {"type": "sqlite"}
-    if store == "sqlite":
-        store_config["path"] = "login_tokens.db"
+    store_config: dict[str, Any] = {"type": "memory"}
+    database: dict[str, Any] = {"name": "sqlite3", "args": {"database": database_name}}
+    if store in ("sqlite", "sqlite-shared"):
+        store_config = {"type": "sqlite", "path": "login_tokens.db"}
+        if store == "sqlite-shared":
+            store_config["shared_state"] = True
+    elif store == "postgres":
+        store_config = {"type": "postgres", "dsn": postgres.dsn}
+        database = {"name": "psycopg2", "args": postgres.args}
     config = {
         "server_name": SERVER_NAME,
         "listeners": [{"port": 0, "bind_addresses": ["127.0.0.1"]}],
-        "database": {"name": "sqlite3", "args": {"database": database_name}},
+        "database": database,
         "bcrypt_rounds": bcrypt_rounds,
         "modules": [
             {
@@ -157,33 +236,41 @@ def host_config(
 
 
 def create_host_users(
-    database_path: Path, localparts: Sequence[str], password: str, bcrypt_rounds: int
+    config_path: Path, localparts: Sequence[str], password: str, bcrypt_rounds: int
 ) -> None:
-    """Create users the way ``register-user`` does (a real bcrypt hash each)."""
+    """Create users the way ``register-user`` does (a real bcrypt hash each), in the
+    database the config names (SQLite or PostgreSQL)."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # bcrypt releases the GIL
         hashes = list(pool.map(lambda _: hash_password_sync(password, bcrypt_rounds), localparts))
-    conn = SqliteDatabase(None, str(database_path), schema=database.SCHEMA).connect()
+    conn = database.connect_now(load_config_file(str(config_path)).database)
     try:
-        conn.execute("BEGIN")
-        for localpart, password_hash in zip(localparts, hashes, strict=True):
-            database.create_user(conn, f"@{localpart}:{SERVER_NAME}", password_hash)
-        conn.execute("COMMIT")
+
+        def create_all(txn: Conn) -> None:
+            for localpart, password_hash in zip(localparts, hashes, strict=True):
+                database.create_user(txn, f"@{localpart}:{SERVER_NAME}", password_hash)
+
+        conn.transaction(create_all)
     finally:
         conn.close()
 
 
-def start_host(config_path: Path, name: str = "ours", timeout: float = 30) -> ServerProcess:
+def start_host(config_path: Path, name: str = "ours", timeout: float = 30, workers: int = 1) -> ServerProcess:
     log_path = config_path.parent / "server.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 (the child writes to it for its whole life)
+    command = [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path)],
+        command,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    # With several workers, serving starts when the parent says they are all up.
+    ready = WORKERS_RE if workers > 1 else LISTENING_RE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = LISTENING_RE.search(log_path.read_text(errors="replace"))
+        match = ready.search(log_path.read_text(errors="replace"))
         if match:
             return ServerProcess(name, process, int(match.group(1)), log_path, log_file)
         if process.poll() is not None:

@@ -7,8 +7,9 @@ superuser. PostgreSQL refuses to run as root, so under root the cluster runs
 as the ``postgres`` system user (Debian's package creates it), or ``nobody``.
 Nothing depends on a PostgreSQL service already running on the machine.
 
-Durability is turned off (``fsync``, ``synchronous_commit``): these clusters
-hold test data only, and the tests measure behaviour, not disks.
+By default durability is turned off (``fsync``, ``synchronous_commit``): these
+clusters hold test data only, and the tests measure behaviour, not disks. The
+benchmarks pass settings of their own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 SUPERUSER = "ltm"
 _NAMES = itertools.count(1)
+# Test data only: no need to survive a crash of the machine.
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
 class ClusterUnavailableError(Exception):
@@ -96,6 +99,7 @@ class PostgresCluster:
     port: int
     password: str
     owner: pwd.struct_passwd | None
+    settings: Mapping[str, str] = field(default_factory=lambda: dict(FAST_SETTINGS))
     running: bool = False
     _log: Path = field(init=False)
 
@@ -109,7 +113,7 @@ class PostgresCluster:
     # -- life -----------------------------------------------------------------------
 
     @classmethod
-    def create(cls) -> PostgresCluster:
+    def create(cls, settings: Mapping[str, str] | None = None) -> PostgresCluster:
         bindir = find_bindir()
         if bindir is None:
             raise ClusterUnavailableError(
@@ -118,7 +122,14 @@ class PostgresCluster:
             )
         owner = _run_as()
         folder = Path(tempfile.mkdtemp(prefix="ltm-pg-"))
-        cluster = cls(bindir, folder, _free_port(), secrets.token_urlsafe(16), owner)
+        cluster = cls(
+            bindir,
+            folder,
+            _free_port(),
+            secrets.token_urlsafe(16),
+            owner,
+            dict(FAST_SETTINGS if settings is None else settings),
+        )
         try:
             if owner is not None:
                 os.chown(folder, owner.pw_uid, owner.pw_gid)
@@ -173,10 +184,8 @@ class PostgresCluster:
                 f"-p {self.port}",
                 "-c listen_addresses=127.0.0.1",
                 f"-c unix_socket_directories={self.folder}",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
                 "-c max_connections=300",
+                *(f"-c {name}={value}" for name, value in self.settings.items()),
             ]
         )
         result = self._run(
@@ -262,14 +271,12 @@ class PostgresCluster:
         finally:
             conn.close()
 
-    def server_pids(self) -> list[int]:
-        """The postmaster and its children (for CPU accounting in the benchmarks)."""
-        pid_file = self.data / "postmaster.pid"
+    def postmaster_pid(self) -> int | None:
+        """The server's main process (its children do the work), for CPU accounting."""
         try:
-            postmaster = int(pid_file.read_text().splitlines()[0])
+            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
         except (OSError, ValueError, IndexError):
-            return []
-        return [postmaster]
+            return None
 
 
 def driver_missing_reason() -> str | None:
