@@ -21,10 +21,12 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from tests.helpers import (
     GET_TOKEN,
     PASSWORD,
+    ROOT,
     ChildServer,
     Launcher,
     access_token,
@@ -440,3 +442,34 @@ def test_a_postgres_outage_gives_503s_loses_nothing_and_heals(
         assert "Traceback" not in log
         assert own_pg_cluster.password not in log
         assert "unavailable" in log
+
+
+def test_the_postgres_sample_config_serves_two_workers(
+    pg_database: Database, tmp_path: Path, launch: Launcher
+) -> None:
+    """sample_config_postgres.yaml, as the README shows it, with only the connection details ours."""
+    sample = yaml.safe_load((ROOT / "sample_config_postgres.yaml").read_text())
+    assert sample["database"]["name"] == "psycopg2"
+    assert set(sample["database"]["args"]) == {
+        "host",
+        "port",
+        "user",
+        "password",
+        "database",
+        "cp_min",
+        "cp_max",
+    }
+    sample["database"]["args"].update(pg_database.args)
+    sample["modules"][0]["config"]["store"]["dsn"] = pg_database.dsn
+    sample["listeners"][0]["port"] = 0
+    sample["bcrypt_rounds"] = 4
+    path = write_config(tmp_path, sample)
+    register(path)
+    server = launch(path, "server.log", "--workers", "2")
+    session = access_token(server.base_url)
+    login_token = mint_login_token(server.base_url, session)
+    assert token_login(server.base_url, login_token)[0] == 200
+    # The sample's own rate limit: one token a minute.
+    code, body = sync_call(server.base_url, "POST", GET_TOKEN, ONE_SHOT, session)
+    assert (code, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+    assert server.terminate() == 0
