@@ -1,10 +1,13 @@
 """PostgreSQL through psycopg2, off the reactor thread, surviving outages.
 
-A :class:`PostgresDatabase` owns a pool of worker threads (``cp_min`` to
-``cp_max``, Synapse's names), each with its own connection, opened on first
-use. The reactor hands work to the pool and gets a Deferred back. Connections
-run in autocommit mode: a statement commits on its own, and
-``conn.transaction`` groups several.
+A :class:`PostgresDatabase` owns ``cp_max`` worker threads (Synapse's name),
+each with its own connection in autocommit mode (a statement commits on its
+own; ``conn.transaction`` groups several). The reactor hands each job to the
+least busy thread and gets a Deferred back; a thread runs whatever has queued
+up for it and hands the results back in one batch (``BatchingWorker``), so a
+busy server wakes the reactor once per batch, not once per statement.
+``cp_min`` connections are opened at start-up, the others when load first
+needs them.
 
 When PostgreSQL goes away (stopped, restarted, the network cut), the statement
 that notices fails with :class:`StorageUnavailableError` (a Matrix 503 for the
@@ -31,7 +34,7 @@ from twisted.internet.defer import Deferred
 from login_token_module.db import Conn
 from login_token_module.errors import StorageUnavailableError
 from login_token_module.schema import Schema, SchemaError, prepare
-from login_token_module.threads import WorkerPool
+from login_token_module.threads import BatchingWorker
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -111,6 +114,10 @@ class PostgresConn:
             self.raw.close()
 
 
+def _nothing(conn: Conn) -> None:
+    """A job that only makes sure its thread's connection is open."""
+
+
 def connect(dsn: str | None, args: Mapping[str, Any]) -> PostgresConn:
     """A new autocommit connection (blocking). Driver errors propagate."""
     psycopg2 = driver()
@@ -163,7 +170,8 @@ class PostgresDatabase:
         self._dsn = dsn
         self._args = dict(args or {})
         self._name = name
-        self._pool = WorkerPool(reactor, name, minthreads=cp_min, maxthreads=cp_max)
+        self._workers = [BatchingWorker(reactor, f"{name}-{i}") for i in range(cp_max)]
+        self._pending = [0] * cp_max
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[PostgresConn] = set()
@@ -172,6 +180,10 @@ class PostgresDatabase:
         self._generation = 0
         self._last_warning = 0.0
         self._failures_since_warning = 0
+        for worker in self._workers[:cp_min]:
+            # Open the first connections now; a failure here only means the
+            # first request will try again (start-up already checked the server).
+            worker.run(self._call, _nothing).addErrback(lambda failure: None)
 
     def connect(self) -> PostgresConn:
         """A new connection outside the pool, for command-line tools (blocking)."""
@@ -184,7 +196,18 @@ class PostgresDatabase:
         **kwargs: P.kwargs,
     ) -> Deferred[T]:
         """Run ``func(conn, *args)`` in a pool thread; the result comes back as a Deferred."""
-        return self._pool.run(self._call, func, *args, **kwargs)
+        # The least busy connection takes the job (ties: the first), so under
+        # light load one connection does everything and under heavy load all do.
+        pending = self._pending
+        index = pending.index(min(pending))
+        pending[index] += 1
+        d = self._workers[index].run(self._call, func, *args, **kwargs)
+
+        def done(result: Any) -> Any:
+            pending[index] -= 1
+            return result
+
+        return d.addBoth(done)
 
     def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         conn: PostgresConn | None = None
@@ -245,7 +268,8 @@ class PostgresDatabase:
         )
 
     def close(self) -> None:
-        self._pool.close()
+        for worker in self._workers:
+            worker.close()
         with self._lock:
             remaining, self._open = list(self._open), set()
         for conn in remaining:

@@ -337,12 +337,13 @@ def sync_call(
 
 
 def password_login(
-    base_url: str, user: str = "alice", password: str = PASSWORD
+    base_url: str, user: str = "alice", password: str = PASSWORD, **extra: Any
 ) -> tuple[int, dict[str, Any]]:
     body = {
         "type": "m.login.password",
         "identifier": {"type": "m.id.user", "user": user},
         "password": password,
+        **extra,
     }
     return sync_call(base_url, "POST", LOGIN, body)
 

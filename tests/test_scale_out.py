@@ -107,6 +107,11 @@ def test_the_flow_on_postgres_with_the_schema_recorded(
     assert sync_call(server.base_url, "GET", WHOAMI, access_token=body["access_token"])[1]["user_id"] == (
         "@alice:test.local"
     )
+    # Logging in again to the same device replaces its access token.
+    first = password_login(server.base_url, device_id="PHONE")[1]["access_token"]
+    second = password_login(server.base_url, device_id="PHONE")[1]["access_token"]
+    assert sync_call(server.base_url, "GET", WHOAMI, access_token=first)[0] == 401
+    assert sync_call(server.base_url, "GET", WHOAMI, access_token=second)[1]["device_id"] == "PHONE"
     # A user registered while the server runs can log in at once (one database).
     register(path, "bob")
     assert password_login(server.base_url, "bob")[0] == 200

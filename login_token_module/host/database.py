@@ -93,10 +93,26 @@ def log_in_device(
     tokens. Returns False (and changes nothing) if the user does not exist.
     """
 
+    now = _now_ms()
+    if conn.engine == "postgres":
+        # One statement (one round trip, one transaction): the DELETE's snapshot
+        # does not see the token the same statement adds.
+        row = conn.execute(
+            "WITH known AS (SELECT user_id FROM users WHERE user_id = ?),"
+            " device AS (INSERT INTO devices (user_id, device_id, display_name, created_at_ms)"
+            "  SELECT user_id, ?, ?, ? FROM known ON CONFLICT (user_id, device_id) DO NOTHING),"
+            " dropped AS (DELETE FROM access_tokens"
+            "  WHERE user_id IN (SELECT user_id FROM known) AND device_id = ?),"
+            " added AS (INSERT INTO access_tokens (token_hash, user_id, device_id, created_at_ms)"
+            "  SELECT ?, user_id, ?, ? FROM known RETURNING 1)"
+            " SELECT count(*) FROM added",
+            (user_id, device_id, display_name, now, device_id, token_hash, device_id, now),
+        ).fetchone()
+        return bool(row[0])
+
     def run(txn: Conn) -> bool:
         if not user_exists(txn, user_id):
             return False
-        now = _now_ms()
         txn.execute(
             "INSERT INTO devices (user_id, device_id, display_name, created_at_ms) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (user_id, device_id) DO NOTHING",

@@ -125,9 +125,9 @@ class HostModuleApi:
 def _call_maybe_async(f: Callable[..., Awaitable[object] | object], *args: object) -> Any:
     result = f(*args)
     if inspect.isawaitable(result):
-        return defer.ensureDeferred(_await(result))
+        return defer.ensureDeferred(awaited(result))
     return result
 
 
-async def _await(awaitable: Awaitable[object]) -> object:
+async def awaited(awaitable: Awaitable[object]) -> object:
     return await awaitable

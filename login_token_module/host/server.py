@@ -9,6 +9,7 @@ import socket
 import time
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -17,7 +18,7 @@ from login_token_module.config import ConfigError
 from login_token_module.errors import Codes
 from login_token_module.host.config import HomeserverConfig
 from login_token_module.host.database import open_database
-from login_token_module.host.module_api import HostModuleApi, ModuleRegistry
+from login_token_module.host.module_api import HostModuleApi, ModuleRegistry, awaited
 from login_token_module.host.passwords import PasswordHasher
 from login_token_module.host.resources import host_resources
 from login_token_module.http import render_unrecognized, respond_json
@@ -184,7 +185,24 @@ class Homeserver:
         self.hasher = PasswordHasher(reactor, config.bcrypt_rounds)
         self.modules: list[Any] = []
         self.ports: list[IListeningPort] = []
-        self._load_modules()
+        try:
+            self._load_modules()
+        except BaseException:
+            self._close_after_failed_start()
+            raise
+
+    def _close_after_failed_start(self) -> None:
+        """Release what was opened before a module refused to start (threads would keep
+        the process alive). The reactor is not running: closes run to completion now."""
+        for callback in self.registry.shutdown_callbacks:
+            try:
+                result = callback()
+                if result is not None:
+                    defer.ensureDeferred(awaited(result)).addErrback(lambda failure: None)
+            except Exception:
+                logger.debug("A module's shutdown callback failed after a failed start")
+        self.db.close()
+        self.hasher.close()
 
     def _load_modules(self) -> None:
         for index, entry in enumerate(self.config.modules):
