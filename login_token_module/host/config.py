@@ -39,13 +39,6 @@ class DatabaseConfig:
     cp_min: int = 1
     cp_max: int = 5
 
-    def describe(self) -> str:
-        """Where the data is, for logs (never the password)."""
-        if self.name == "sqlite3":
-            return self.path
-        where = f"{self.args.get('host', 'localhost')}:{self.args.get('port', 5432)}"
-        return f"postgresql://{self.args.get('user', '')}@{where}/{self.args.get('dbname', '')}"
-
 
 @dataclass(frozen=True)
 class HomeserverConfig:
