@@ -18,7 +18,7 @@ LOCAL_NODE=.venv/node
 
 node_is_recent() {
     command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
-        && node -e "process.exit(Number(process.versions.node.split('.')[0]) < $NODE_MAJOR)" 2>/dev/null
+        && node -e "process.exit(Number(process.versions.node.split('.')[0]) < $NODE_MAJOR ? 1 : 0)" 2>/dev/null
 }
 
 use_node() {
