@@ -238,3 +238,32 @@ async def test_postgres_stores_hashes_only(pg_database: Database, tmp_path: Path
         await backend.close()
     rows = pg_database.cluster.query(pg_database.name, "SELECT token_hash, user_id FROM login_tokens")
     assert [(bytes(row[0]), row[1]) for row in rows] == [(tokens.hash_token(token), "@alice:test")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path: Path) -> None:
+    """A login_tokens.db as the first SQLite store left it (no schema_versions) keeps its
+    tokens, gains the shared-state tables, and records version 2."""
+    path = tmp_path / "login_tokens.db"
+    token_hash = _hash()
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE login_tokens (token_hash BLOB PRIMARY KEY, user_id TEXT NOT NULL,"
+            " expires_at_ms INTEGER NOT NULL) WITHOUT ROWID;"
+            "CREATE INDEX login_tokens_expiry ON login_tokens (expires_at_ms);"
+        )
+        old.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 1000))
+    old.close()
+
+    config = StoreConfig(type="sqlite", path=str(path), shared_state=True)
+    backend = make_state(config, REACTOR, str(tmp_path))
+    try:
+        assert await backend.tokens.consume_token(token_hash, NOW) == "@alice:test"
+        session = await backend.uia_sessions(60).create("@alice:test", "/get_token", NOW / 1000)
+        assert await backend.uia_sessions(60).get(session.session_id, NOW / 1000) is not None
+    finally:
+        await backend.close()
+    with sqlite3.connect(path) as conn:
+        versions = conn.execute("SELECT component, version FROM schema_versions").fetchall()
+    conn.close()
+    assert versions == [("login_token_module", 2)]
