@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -10,10 +11,16 @@ import pytest_twisted
 from tests.helpers import GET_TOKEN, running, sleep
 
 
-@pytest.mark.parametrize("store_type", ["memory", "sqlite"])
+@pytest.mark.parametrize("store_type", ["memory", "sqlite", "sqlite-shared", "postgres"])
 @pytest_twisted.ensureDeferred
-async def test_expired_tokens_and_sessions_are_swept(tmp_path: Path, store_type: str) -> None:
-    store = {"type": store_type} if store_type == "memory" else {"type": "sqlite", "path": "t.db"}
+async def test_expired_tokens_and_sessions_are_swept(
+    tmp_path: Path, store_type: str, request: pytest.FixtureRequest
+) -> None:
+    store: dict[str, Any] = {"type": "memory"}
+    if store_type.startswith("sqlite"):
+        store = {"type": "sqlite", "path": "t.db", "shared_state": store_type == "sqlite-shared"}
+    elif store_type == "postgres":
+        store = {"type": "postgres", "dsn": request.getfixturevalue("pg_database").dsn}
     config = {
         "store": store,
         "token_lifetime_ms": 150,
