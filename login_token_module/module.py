@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from login_token_module import tokens
 from login_token_module.api import JsonDict, ModuleApi, Requester
-from login_token_module.config import LoginTokenConfig, parse_config
+from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, parse_json_object
 from login_token_module.ratelimit import Ratelimiter
@@ -34,11 +34,24 @@ PASSWORD_STAGE = "m.login.password"
 
 
 class LoginTokenModule:
+    # The module's own token store; absent when the host mints and spends the
+    # tokens itself (``api.abilities.mints_login_tokens``).
+    store: TokenStore
+
     def __init__(self, config: LoginTokenConfig, api: ModuleApi) -> None:
         self._config = config
         self.api = api
         self._reactor = api.reactor
-        self.store: TokenStore = make_store(config.store, self._reactor, api.config_directory)
+        self._host_tokens = api.abilities.mints_login_tokens
+        if self._host_tokens:
+            if config.store_configured:
+                raise ConfigError(
+                    ["store"],
+                    "this host keeps login tokens in its own database, so the module has no "
+                    "token store; remove 'store' from the module's config",
+                )
+        else:
+            self.store = make_store(config.store, self._reactor, api.config_directory)
         self._ratelimiter = Ratelimiter(config.ratelimit.per_second, config.ratelimit.burst_count)
         self._failed_auth = Ratelimiter(
             config.failed_auth_ratelimit.per_second, config.failed_auth_ratelimit.burst_count
@@ -47,16 +60,19 @@ class LoginTokenModule:
 
         for path, revision in ((STABLE_PATH, 1), (UNSTABLE_R1_PATH, 1), (UNSTABLE_R0_PATH, 0)):
             api.register_web_resource(path, GetTokenResource(self, path, revision))
-        api.register_password_auth_provider_callbacks(
-            auth_checkers={(LOGIN_TYPE, ("token",)): self.check_login_token}
-        )
-        api.add_login_flow_fields(LOGIN_TYPE, {"get_login_token": True})
-        api.register_capability("m.get_login_token", {"enabled": True})
-        api.register_capability("org.matrix.msc3882.get_login_token", {"enabled": True})
-        api.register_unstable_feature("org.matrix.msc3882")
-        api.register_unstable_feature("org.matrix.msc3882.r1")
+        if not self._host_tokens:
+            api.register_password_auth_provider_callbacks(
+                auth_checkers={(LOGIN_TYPE, ("token",)): self.check_login_token}
+            )
+        if not api.abilities.advertises_get_login_token:
+            api.add_login_flow_fields(LOGIN_TYPE, {"get_login_token": True})
+            api.register_capability("m.get_login_token", {"enabled": True})
+            api.register_capability("org.matrix.msc3882.get_login_token", {"enabled": True})
+            api.register_unstable_feature("org.matrix.msc3882")
+            api.register_unstable_feature("org.matrix.msc3882.r1")
         api.looping_background_call(self.sweep, config.sweep_interval_ms)
-        api.register_shutdown_callback(self.store.close)
+        if not self._host_tokens:
+            api.register_shutdown_callback(self.store.close)
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> LoginTokenConfig:
@@ -87,12 +103,9 @@ class LoginTokenModule:
                     requester, endpoint, now, error="This session has already been used; start again"
                 )
         self._ratelimiter.record(requester.user_id, now)
-        token = tokens.generate_token()
         lifetime = self._config.token_lifetime_ms
         try:
-            await self.store.add_token(
-                tokens.hash_token(token), requester.user_id, int(now * 1000) + lifetime
-            )
+            token = await self._mint(requester.user_id, now, lifetime)
         except Exception:
             # Nothing was issued: give back what this request spent, so the
             # user can retry the same session once the store recovers.
@@ -102,6 +115,14 @@ class LoginTokenModule:
             raise
         logger.info("Issued a login token for %s (device %s)", requester.user_id, requester.device_id)
         return token, lifetime
+
+    async def _mint(self, user_id: str, now: float, lifetime_ms: int) -> str:
+        """A new token for ``user_id``: the host's, or one of ours kept (as a hash) in the store."""
+        if self._host_tokens:
+            return await self.api.create_login_token(user_id, lifetime_ms)
+        token = tokens.generate_token()
+        await self.store.add_token(tokens.hash_token(token), user_id, int(now * 1000) + lifetime_ms)
+        return token
 
     def _challenge(
         self,
@@ -225,7 +246,7 @@ class LoginTokenModule:
     async def sweep(self) -> None:
         """Drop expired tokens, UIA sessions and drained rate-limit buckets."""
         now = self._now()
-        removed = await self.store.delete_expired(int(now * 1000))
+        removed = 0 if self._host_tokens else await self.store.delete_expired(int(now * 1000))
         for part in (self._uia.sweep(now), self._ratelimiter.sweep(now), self._failed_auth.sweep(now)):
             await self._cooperate(part)
         if removed:
