@@ -20,6 +20,7 @@ from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, parse_json_object
 from login_token_module.ratelimit import Ratelimiter
 from login_token_module.stores import TokenStore, make_store
+from login_token_module.synapse import as_module_api
 from login_token_module.uia import UiaSessions
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class LoginTokenModule:
     store: TokenStore
 
     def __init__(self, config: LoginTokenConfig, api: ModuleApi) -> None:
+        # Synapse hands over its own ModuleApi: it is adapted to ours here, and
+        # any other host's passes through unchanged.
+        api = as_module_api(api)
         self._config = config
         self.api = api
         self._reactor = api.reactor
