@@ -327,17 +327,17 @@ def bench_synapse(settings: Settings, work: Path, report: Report) -> None:
     server = servers.start_synapse(python, config, port)
     try:
         password = servers.new_password()
-        half = settings.users // 2
-        # Both versions run in the same process, in the order built-in, module,
-        # module, built-in (half the users each time), so neither always goes first
-        # on a database that grows as the run goes on. Every run has warm-up users
-        # of its own: the built-in limit is one token a minute per user.
-        runs = [
-            ("synapse", GET_TOKEN_PATH, "bench", range(half)),
-            ("module_in_synapse", MODULE_IN_SYNAPSE_PATH, "mod", range(half)),
-            ("module_in_synapse", MODULE_IN_SYNAPSE_PATH, "mod", range(half, settings.users)),
-            ("synapse", GET_TOKEN_PATH, "bench", range(half, settings.users)),
-        ]
+        # Both versions run in the same process, alternating built-in, module,
+        # module, built-in (twice), each time with a quarter of their users, so
+        # neither always runs first or last while the database grows and the
+        # machine's load comes and goes. Every run has warm-up users of its own:
+        # the built-in limit is one token a minute per user.
+        builtin = ("synapse", GET_TOKEN_PATH, "bench")
+        module = ("module_in_synapse", MODULE_IN_SYNAPSE_PATH, "mod")
+        order = [builtin, module, module, builtin] * 2
+        quarters = [range(settings.users * q // 4, settings.users * (q + 1) // 4) for q in range(4)]
+        next_quarter = {"bench": iter(quarters), "mod": iter(quarters)}
+        runs = [(name, path, prefix, next(next_quarter[prefix])) for name, path, prefix in order]
         plans = [
             (
                 name,
@@ -366,10 +366,12 @@ def bench_synapse(settings: Settings, work: Path, report: Report) -> None:
             log(f"#1 Synapse: {name} flow for {len(users)} users at concurrency {settings.concurrency}")
             phases[name].append(run_flow_phases(settings, server, users, warmup, password, path))
         for name, results in phases.items():
-            flow[name] = {
-                key: parts_summary([next(p for p in run if p["name"] == key) for run in results], server)
-                for key, _ in PHASES
-            }
+            flow[name] = {}
+            for key, _ in PHASES:
+                parts = [next(p for p in run if p["name"] == key) for run in results]
+                flow[name][key] = parts_summary(parts, server)
+                # Each run on its own, in the order they ran, to show drift between runs.
+                flow[name][key]["runs_ops_per_s"] = [p["ops"] / max(p["seconds"], 1e-9) for p in parts]
         log("#2 Synapse: GET /versions ceiling (for context)")
         report.sections.setdefault("ceiling", {})["synapse"] = run_ceiling(settings, server)
     finally:
