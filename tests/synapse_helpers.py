@@ -209,7 +209,7 @@ class Synapse:
 
 
 def synapse_config(
-    directory: Path, module_config: dict[str, Any], extra: dict[str, Any] | None = None
+    directory: Path, module_config: dict[str, Any] | None, extra: dict[str, Any] | None = None
 ) -> tuple[Path, str]:
     python = synapse_python()
     return servers.synapse_config(
@@ -224,9 +224,9 @@ def synapse_config(
 
 
 def start_synapse(
-    directory: Path, module_config: dict[str, Any], extra: dict[str, Any] | None = None
+    directory: Path, module_config: dict[str, Any] | None, extra: dict[str, Any] | None = None
 ) -> Synapse:
-    """A running Synapse with the module loaded with ``module_config``."""
+    """A running Synapse with the module loaded with ``module_config`` (None: as ``extra`` says)."""
     config_path, secret = synapse_config(directory, module_config, extra)
     port = int(yaml.safe_load(config_path.read_text())["listeners"][0]["port"])
     server = servers.start_synapse(synapse_python(), config_path, port)

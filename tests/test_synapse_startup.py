@@ -8,8 +8,42 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.synapse_helpers import SERVER_NAME, start_nginx, start_synapse, synapse_refuses_to_start
+from tests.synapse_helpers import (
+    CAPABILITIES,
+    LOGIN,
+    SERVER_NAME,
+    readme_block,
+    start_nginx,
+    start_synapse,
+    synapse_refuses_to_start,
+)
+
+
+def test_the_readme_homeserver_block_works_as_pasted(tmp_path: Path) -> None:
+    pasted = yaml.safe_load(readme_block("yaml"))
+    assert pasted["modules"][0]["module"] == "login_token_module.LoginTokenModule"
+    synapse = start_synapse(tmp_path / "synapse", None, pasted)
+    proxy = None
+    try:
+        proxy = start_nginx(tmp_path / "nginx", synapse.port)
+        client = proxy.client
+        synapse.register("pasted", "pasted password")
+        access = client.access_token("pasted", "pasted password")
+        assert {"type": "m.login.token", "get_login_token": True} in client.get(LOGIN).json["flows"]
+        assert client.get(CAPABILITIES, access).json["capabilities"]["m.get_login_token"]["enabled"]
+
+        token = client.get_login_token(access, "pasted password")
+        assert client.token_login(token).json["user_id"] == f"@pasted:{SERVER_NAME}"
+        # ratelimit {per_second: 0.0167, burst_count: 1}: the next token is a minute away.
+        limited = client.answer(access, client.challenge(access), "pasted password")
+        assert limited.code == 429, limited
+        assert 55 <= int(limited.headers["retry-after"]) <= 60
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        synapse.stop()
 
 
 def test_a_short_token_lifetime_really_expires(tmp_path: Path) -> None:
