@@ -31,12 +31,13 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import yaml
 
 from benchmarks import servers
+from tests.external import missing
 from tests.helpers import Response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +52,6 @@ SPEC_PATHS = (STABLE, UNSTABLE_R1, UNSTABLE_R0)
 # Where Synapse serves them (the reverse proxy rewrites to these).
 MODULE_PREFIX = "/_synapse/client/login_token/"
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
-
-
-def missing(what: str) -> NoReturn:
-    """Fail in CI, skip elsewhere, saying what is missing."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI is set, so this test must run)")
-    pytest.skip(what)
 
 
 def find_program(name: str) -> str:
