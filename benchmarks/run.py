@@ -361,6 +361,8 @@ def bench_synapse(settings: Settings, work: Path, report: Report) -> None:
         )["phases"][0]
         if registered["errors"]:
             raise RuntimeError(f"Synapse registration failed: {registered['error_samples']}")
+        waited = server.wait_until_idle()
+        log(f"#1 Synapse: idle again {waited:.0f}s after registering")
         phases: dict[str, list[list[dict[str, Any]]]] = {"synapse": [], "module_in_synapse": []}
         for name, path, users, warmup in plans:
             log(f"#1 Synapse: {name} flow for {len(users)} users at concurrency {settings.concurrency}")
