@@ -2,6 +2,8 @@
 
 Serves ``POST /_matrix/client/v1/login/get_token`` (and the two MSC3882
 unstable paths), and the ``m.login.token`` login type that spends the token.
+A host that mints and spends login tokens itself (Synapse) does that part, and
+the module asks it for the token instead (``api.abilities``).
 """
 
 from __future__ import annotations
