@@ -1,10 +1,16 @@
-"""Real servers on 127.0.0.1 for the benchmarks: the reference host, and Synapse.
+"""Real servers on 127.0.0.1 for the benchmarks and the tests: the reference host, and Synapse.
 
 Both run as child processes exactly as an operator would run them. Users are
 created through each server's own supported tools: for the reference host, the
 same helper ``register-user`` uses (``create_user`` with a real bcrypt hash);
 for Synapse, its shared-secret admin registration API (driven by the load
-generator, see ``loadgen.job_register_synapse``).
+generator, see ``loadgen.job_register_synapse``, or by the tests).
+
+This is the one place that pins Synapse and installs it, into a virtualenv of
+its own (``benchmarks/.venv-synapse``) together with this project, as an
+operator installs the module into Synapse's environment. The benchmarks and
+the Synapse tests both use it; ``python -m benchmarks.servers ensure-synapse``
+does the install ahead of time (``scripts/test`` runs it).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,8 +43,10 @@ from login_token_module.host.config import load_config_file
 from login_token_module.host.passwords import hash_password_sync
 
 BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
 SYNAPSE_VENV = BENCH_DIR / ".venv-synapse"
-SYNAPSE_REQUIREMENT = "matrix-synapse==1.163.0"
+SYNAPSE_VERSION = "1.163.2"
+SYNAPSE_REQUIREMENT = f"matrix-synapse=={SYNAPSE_VERSION}"
 LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
 WORKERS_RE = re.compile(r"workers serving http://[^:]+:(\d+)")
 SERVER_NAME = "bench.local"
@@ -159,6 +168,21 @@ class ServerProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def wait_until_idle(self, cpu_percent: float = 10, timeout: float = 120) -> float:
+        """Wait until the server's own CPU use over one second drops below ``cpu_percent``.
+
+        After bulk set-up (registering thousands of users) Synapse keeps working
+        in the background for a while; measuring then would charge that work to
+        whichever run comes first. Returns the seconds waited.
+        """
+        process = psutil.Process(self.pid)
+        started = time.monotonic()
+        process.cpu_percent(None)
+        while time.monotonic() - started < timeout:
+            if process.cpu_percent(interval=1.0) < cpu_percent:
+                break
+        return time.monotonic() - started
 
     def stop(self, timeout: float = 30) -> None:
         self.sampler.stop()
@@ -289,12 +313,14 @@ def synapse_python() -> Path:
 
 
 def synapse_version(python: Path) -> str | None:
+    """The Synapse version installed beside this project in ``python``'s environment, if both are."""
     try:
         out = subprocess.run(
             [
                 str(python),
                 "-c",
-                "import importlib.metadata as m, synapse; print(m.version('matrix-synapse'))",
+                "import importlib.metadata as m, synapse, login_token_module as l; "
+                "print(m.version('matrix-synapse')); print(l.__file__)",
             ],
             capture_output=True,
             text=True,
@@ -303,45 +329,50 @@ def synapse_version(python: Path) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split("\n")
+    if len(lines) < 2 or not Path(lines[1].strip()).resolve().is_relative_to(ROOT):
+        return None  # the module there is not this checkout's
+    return lines[0].strip() or None
+
+
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args],
+        check=True,
+        timeout=1800,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def ensure_synapse(log: Any) -> tuple[Path | None, str]:
-    """The Synapse venv's python (creating and installing it if missing), or why not."""
+    """The Synapse venv's python (creating and installing it if needed), or why not.
+
+    The venv holds the pinned Synapse and this project (editable, so it always
+    runs the checkout's code), as an operator's Synapse environment would.
+    """
     python = synapse_python()
     version = synapse_version(python) if python.exists() else None
-    if version is not None:
+    if version == SYNAPSE_VERSION:
         return python, version
-    log(f"installing {SYNAPSE_REQUIREMENT} into {SYNAPSE_VENV} (first run only; a few minutes)")
+    log(f"installing {SYNAPSE_REQUIREMENT} and this project into {SYNAPSE_VENV} (about a minute)")
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(SYNAPSE_VENV)], check=True, timeout=300)
-        subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                SYNAPSE_REQUIREMENT,
-            ],
-            check=True,
-            timeout=1800,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(SYNAPSE_VENV)], check=True, timeout=300)
+        _pip(python, SYNAPSE_REQUIREMENT)
+        _pip(python, "-e", str(ROOT))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
         tail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else []
         return None, f"cannot install {SYNAPSE_REQUIREMENT}: {error} {' '.join(tail)}".strip()
     version = synapse_version(python)
-    if version is None:
-        return None, f"{SYNAPSE_REQUIREMENT} installed but 'import synapse' fails"
+    if version != SYNAPSE_VERSION:
+        return None, f"{SYNAPSE_REQUIREMENT} installed but 'import synapse, login_token_module' fails"
     return python, version
 
 
-def synapse_config(python: Path, directory: Path, *, bcrypt_rounds: int, port: int) -> tuple[Path, str]:
-    """Generate a throwaway Synapse config on SQLite; returns (path, shared secret)."""
+def generate_synapse_files(python: Path, directory: Path) -> Path:
+    """Synapse's own ``--generate-config`` into ``directory`` (keys, secrets, log config)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "homeserver.yaml"
     subprocess.run(
@@ -363,6 +394,43 @@ def synapse_config(python: Path, directory: Path, *, bcrypt_rounds: int, port: i
         capture_output=True,
         timeout=120,
     )
+    return path
+
+
+def copy_synapse_files(template: Path, directory: Path) -> Path:
+    """A copy of generated files in ``directory``, with the paths inside pointing there.
+
+    Generating takes seconds (Synapse's start-up cost); tests that start many
+    Synapses generate once and copy.
+    """
+    shutil.copytree(template, directory, dirs_exist_ok=True)
+    for name in ("homeserver.yaml", f"{SERVER_NAME}.log.config"):
+        copied = directory / name
+        copied.write_text(copied.read_text().replace(str(template), str(directory)))
+    return directory / "homeserver.yaml"
+
+
+def synapse_config(
+    python: Path,
+    directory: Path,
+    *,
+    bcrypt_rounds: int,
+    port: int,
+    module_config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    template: Path | None = None,
+) -> tuple[Path, str]:
+    """A throwaway Synapse config on SQLite; returns (path, shared secret).
+
+    ``module_config``: load login_token_module.LoginTokenModule with this
+    config (None: Synapse alone). ``extra``: further homeserver.yaml keys.
+    ``template``: a folder from :func:`generate_synapse_files` to copy instead
+    of generating anew.
+    """
+    if template is None:
+        path = generate_synapse_files(python, directory)
+    else:
+        path = copy_synapse_files(template, directory)
     config = yaml.safe_load(path.read_text())
     log_config_path = Path(config["log_config"])
     log_config = yaml.safe_load(log_config_path.read_text())
@@ -395,6 +463,9 @@ def synapse_config(python: Path, directory: Path, *, bcrypt_rounds: int, port: i
             "url_preview_enabled": False,
         }
     )
+    if module_config is not None:
+        config["modules"] = [{"module": "login_token_module.LoginTokenModule", "config": module_config}]
+    config.update(extra or {})
     path.write_text(yaml.safe_dump(config))
     return path, shared_secret
 
@@ -430,3 +501,21 @@ def start_synapse(python: Path, config_path: Path, port: int, timeout: float = 1
         process.wait(10)
     log_file.close()
     raise ServerError(f"Synapse did not start; see {log_path} and {config_path.parent / 'synapse.log'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.servers ensure-synapse``: install the pinned Synapse now."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["ensure-synapse"]:
+        print("usage: python -m benchmarks.servers ensure-synapse", file=sys.stderr)
+        return 2
+    python, detail = ensure_synapse(lambda message: print(message, file=sys.stderr, flush=True))
+    if python is None:
+        print(f"Synapse is not available: {detail}", file=sys.stderr)
+        return 1
+    print(f"Synapse {detail} in {SYNAPSE_VENV}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,6 +75,9 @@ class LoginTokenConfig:
     ui_auth_session_lifetime_ms: int = 300_000
     sweep_interval_ms: int = 60_000
     store: StoreConfig = field(default_factory=StoreConfig)
+    # Whether the block named a store (a host that keeps the tokens itself
+    # refuses one rather than ignore it).
+    store_configured: bool = False
 
 
 MAX_LIFETIME_MS = 24 * 60 * 60 * 1000
@@ -207,4 +210,5 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             MAX_LIFETIME_MS,
         ),
         store=_store(section.get("store"), ["store"]),
+        store_configured="store" in section,
     )

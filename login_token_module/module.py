@@ -2,6 +2,8 @@
 
 Serves ``POST /_matrix/client/v1/login/get_token`` (and the two MSC3882
 unstable paths), and the ``m.login.token`` login type that spends the token.
+A host that mints and spends login tokens itself (Synapse) does that part, and
+the module asks it for the token instead (``api.abilities``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from twisted.web.server import Request
 
 from login_token_module import tokens
 from login_token_module.api import JsonDict, ModuleApi, Requester
-from login_token_module.config import LoginTokenConfig, parse_config
+from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, parse_json_object
 from login_token_module.stores import StateBackend, TokenStore, make_state
+from login_token_module.stores.memory import MemoryBackend
+from login_token_module.synapse import as_module_api
 from login_token_module.uia import UiaSession
 
 logger = logging.getLogger(__name__)
@@ -31,16 +35,35 @@ PASSWORD_STAGE = "m.login.password"
 
 
 class LoginTokenModule:
+    # The module's own token store; absent when the host mints and spends the
+    # tokens itself (``api.abilities.mints_login_tokens``).
+    store: TokenStore
+
     def __init__(self, config: LoginTokenConfig, api: ModuleApi) -> None:
+        # Synapse hands over its own ModuleApi: it is adapted to ours here, and
+        # any other host's passes through unchanged.
+        api = as_module_api(api)
         self._config = config
         self.api = api
         self._reactor = api.reactor
-        # Tokens, UIA sessions and rate limits all live where the store config
-        # says, so that several worker processes share them when they must.
-        self.state: StateBackend = make_state(
-            config.store, self._reactor, api.config_directory, multiple_workers=api.multiple_workers
-        )
-        self.store: TokenStore = self.state.tokens
+        self._host_tokens = api.abilities.mints_login_tokens
+        self.state: StateBackend
+        if self._host_tokens:
+            if config.store_configured:
+                raise ConfigError(
+                    ["store"],
+                    "this host keeps login tokens in its own database, so the module has no "
+                    "token store; remove 'store' from the module's config",
+                )
+            # Only UIA sessions and rate limits are the module's here, in this process.
+            self.state = MemoryBackend(self._reactor)
+        else:
+            # Tokens, UIA sessions and rate limits all live where the store config
+            # says, so that several worker processes share them when they must.
+            self.state = make_state(
+                config.store, self._reactor, api.config_directory, multiple_workers=api.multiple_workers
+            )
+            self.store = self.state.tokens
         self._ratelimiter = self.state.rate_limiter(
             "get_token", config.ratelimit.per_second, config.ratelimit.burst_count
         )
@@ -53,14 +76,16 @@ class LoginTokenModule:
 
         for path, revision in ((STABLE_PATH, 1), (UNSTABLE_R1_PATH, 1), (UNSTABLE_R0_PATH, 0)):
             api.register_web_resource(path, GetTokenResource(self, path, revision))
-        api.register_password_auth_provider_callbacks(
-            auth_checkers={(LOGIN_TYPE, ("token",)): self.check_login_token}
-        )
-        api.add_login_flow_fields(LOGIN_TYPE, {"get_login_token": True})
-        api.register_capability("m.get_login_token", {"enabled": True})
-        api.register_capability("org.matrix.msc3882.get_login_token", {"enabled": True})
-        api.register_unstable_feature("org.matrix.msc3882")
-        api.register_unstable_feature("org.matrix.msc3882.r1")
+        if not self._host_tokens:
+            api.register_password_auth_provider_callbacks(
+                auth_checkers={(LOGIN_TYPE, ("token",)): self.check_login_token}
+            )
+        if not api.abilities.advertises_get_login_token:
+            api.add_login_flow_fields(LOGIN_TYPE, {"get_login_token": True})
+            api.register_capability("m.get_login_token", {"enabled": True})
+            api.register_capability("org.matrix.msc3882.get_login_token", {"enabled": True})
+            api.register_unstable_feature("org.matrix.msc3882")
+            api.register_unstable_feature("org.matrix.msc3882.r1")
         api.looping_background_call(self.sweep, config.sweep_interval_ms)
         api.register_shutdown_callback(self.state.close)
 
@@ -99,10 +124,9 @@ class LoginTokenModule:
                 raise await self._challenge(
                     requester, endpoint, now, error="This session has already been used; start again"
                 )
-        token = tokens.generate_token()
         lifetime = self._config.token_lifetime_ms
         try:
-            await self.store.add_token(tokens.hash_token(token), user_id, int(now * 1000) + lifetime)
+            token = await self._mint(user_id, now, lifetime)
         except Exception:
             # Nothing was issued: give back what this request spent, so the
             # user can retry the same session once the store recovers.
@@ -110,6 +134,14 @@ class LoginTokenModule:
             raise
         logger.info("Issued a login token for %s (device %s)", user_id, requester.device_id)
         return token, lifetime
+
+    async def _mint(self, user_id: str, now: float, lifetime_ms: int) -> str:
+        """A new token for ``user_id``: the host's, or one of ours kept (as a hash) in the store."""
+        if self._host_tokens:
+            return await self.api.create_login_token(user_id, lifetime_ms)
+        token = tokens.generate_token()
+        await self.store.add_token(tokens.hash_token(token), user_id, int(now * 1000) + lifetime_ms)
+        return token
 
     async def _give_back(self, user_id: str, session: UiaSession | None) -> None:
         """Undo a request's rate-limit action (and session spend); best effort.
@@ -248,7 +280,7 @@ class LoginTokenModule:
     async def sweep(self) -> None:
         """Drop expired tokens, UIA sessions and drained rate-limit buckets."""
         now = self._now()
-        removed = await self.store.delete_expired(int(now * 1000))
+        removed = 0 if self._host_tokens else await self.store.delete_expired(int(now * 1000))
         await self._uia.sweep(now)
         await self._ratelimiter.sweep(now)
         await self._failed_auth.sweep(now)

@@ -188,3 +188,12 @@ def test_sample_config_is_valid_and_resolves_paths_beside_itself() -> None:
     module_config = LoginTokenModule.parse_config(dict(config.modules[0].config))
     assert module_config.token_lifetime_ms == 120_000
     assert module_config.store.path == "login_tokens.db"
+
+
+def test_whether_a_store_was_named_is_remembered() -> None:
+    parse_config = LoginTokenModule.parse_config
+    # A host that keeps the tokens itself (Synapse) refuses a named store rather than ignore it.
+    assert parse_config({}).store_configured is False
+    assert parse_config({"token_lifetime_ms": 1000}).store_configured is False
+    assert parse_config({"store": {"type": "memory"}}).store_configured is True
+    assert parse_config({"store": None}).store_configured is True

@@ -13,7 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
-from login_token_module.api import AuthChecker, JsonDict, Requester
+from login_token_module.api import AuthChecker, HostAbilities, JsonDict, Requester
 from login_token_module.host import auth, database
 
 if TYPE_CHECKING:
@@ -61,6 +61,15 @@ class HostModuleApi:
     @property
     def multiple_workers(self) -> bool:
         return self._hs.workers > 1
+
+    @property
+    def abilities(self) -> HostAbilities:
+        # This host has no login tokens of its own and advertises only what
+        # modules register: the module mints, spends and advertises.
+        return HostAbilities(mints_login_tokens=False, advertises_get_login_token=False)
+
+    async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
+        raise NotImplementedError("the reference host keeps no login tokens; the module's store does")
 
     def register_web_resource(self, path: str, resource: IResource) -> None:
         registry = self._hs.registry
