@@ -12,6 +12,7 @@ Jobs:
   optionally paced (one request per ``interval`` seconds per worker).
 - ``flow``: for each user, password login, then get_token with one UIA round
   (``{}`` then the password), then m.login.token login; one phase at a time.
+  ``get_token_path`` picks where get_token is asked (default: the spec path).
 - ``storm``: workers log in once, print ``READY``, then repeat get_token with
   UIA until the duration is over.
 - ``register_synapse``: create users through Synapse's shared-secret admin API.
@@ -123,8 +124,10 @@ async def password_login(client: Client, localpart: str, password: str) -> str:
     return str(reply["access_token"])
 
 
-async def get_token_with_uia(client: Client, localpart: str, password: str, access_token: str) -> str:
-    status, challenge = await client.request("POST", GET_TOKEN, {}, access_token)
+async def get_token_with_uia(
+    client: Client, localpart: str, password: str, access_token: str, path: str = GET_TOKEN
+) -> str:
+    status, challenge = await client.request("POST", path, {}, access_token)
     if status != 401 or not isinstance(challenge, dict) or "session" not in challenge:
         raise UnexpectedResponseError("get_token challenge", status, challenge)
     auth = {
@@ -133,7 +136,7 @@ async def get_token_with_uia(client: Client, localpart: str, password: str, acce
         "password": password,
         "session": challenge["session"],
     }
-    status, reply = await client.request("POST", GET_TOKEN, {"auth": auth}, access_token)
+    status, reply = await client.request("POST", path, {"auth": auth}, access_token)
     if status != 200 or not isinstance(reply, dict) or "login_token" not in reply:
         raise UnexpectedResponseError("get_token with auth", status, reply)
     return str(reply["login_token"])
@@ -221,6 +224,7 @@ async def job_flow(job: dict[str, Any]) -> dict[str, Any]:
     password = str(job["password"])
     users: list[str] = list(job["users"])
     warmup: list[str] = list(job.get("warmup_users", []))
+    get_token_path = str(job.get("get_token_path", GET_TOKEN))
     results: list[PhaseResult] = []
     async with _session(concurrency) as session:
         client = Client(session, job["base_url"])
@@ -231,7 +235,8 @@ async def job_flow(job: dict[str, Any]) -> dict[str, Any]:
             access[user] = await password_login(client, user, password)
 
         async def do_get_token(user: str) -> None:
-            login_tokens[user] = await get_token_with_uia(client, user, password, access[user])
+            token = await get_token_with_uia(client, user, password, access[user], get_token_path)
+            login_tokens[user] = token
 
         async def do_token_login(user: str) -> None:
             await token_login(client, login_tokens.pop(user))

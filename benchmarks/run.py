@@ -23,15 +23,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks import servers
+from benchmarks import scaleout, servers
 from benchmarks.stats import ratio, summarize_ms
 
 ROOT = servers.BENCH_DIR.parent
+GET_TOKEN_PATH = "/_matrix/client/v1/login/get_token"
+# Where Synapse serves the module's get_token (the reverse proxy's rewrite target).
+MODULE_IN_SYNAPSE_PATH = "/_synapse/client/login_token/v1/login/get_token"
 RESULTS_DIR = servers.BENCH_DIR / "results"
 PHASES = [
     ("password_login", "password login"),
     ("get_token_uia", "get_token + UIA"),
     ("token_login", "token login"),
+]
+# (phase, label, wanted, lowest ratio that meets it): the module inside Synapse
+# against Synapse's built-in version in the same process.
+MODULE_IN_SYNAPSE_TARGETS = [
+    ("get_token_uia", "get_token+UIA", ">= 1x", 1.0),
+    ("token_login", "token login", ">= 0.9x", 0.9),
 ]
 
 
@@ -51,6 +60,8 @@ class Settings:
     store_sample: int
     sweep_size: int
     bookkeeping_users: list[int]
+    scaleout_users: int
+    scaleout_rounds: int
     synapse: bool
     results_dir: Path
 
@@ -72,6 +83,8 @@ class Settings:
                 store_sample=100,
                 sweep_size=1_000,
                 bookkeeping_users=[100, 1_000],
+                scaleout_users=args.scaleout_users or 24,
+                scaleout_rounds=1,
                 synapse=False,
                 results_dir=args.results_dir,
             )
@@ -90,6 +103,8 @@ class Settings:
             store_sample=5_000,
             sweep_size=100_000,
             bookkeeping_users=[1_000, 100_000],
+            scaleout_users=args.scaleout_users or 2_000,
+            scaleout_rounds=args.scaleout_rounds,
             synapse=not args.no_synapse,
             results_dir=args.results_dir,
         )
@@ -185,18 +200,24 @@ def loadgen(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
 
 
 def phase_summary(phase: dict[str, Any], server: servers.ServerProcess | None) -> dict[str, Any]:
-    seconds = max(float(phase["seconds"]), 1e-9)
+    return parts_summary([phase], server)
+
+
+def parts_summary(parts: list[dict[str, Any]], server: servers.ServerProcess | None) -> dict[str, Any]:
+    """One phase's numbers over one or more runs of it (throughput over their summed time)."""
+    ops = sum(int(part["ops"]) for part in parts)
+    seconds = max(sum(float(part["seconds"]) for part in parts), 1e-9)
     summary = {
-        "ops": phase["ops"],
-        "errors": phase["errors"],
-        "error_samples": phase["error_samples"],
-        "http_requests": phase["http_requests"],
+        "ops": ops,
+        "errors": sum(int(part["errors"]) for part in parts),
+        "error_samples": [sample for part in parts for sample in part["error_samples"]][:5],
+        "http_requests": sum(int(part["http_requests"]) for part in parts),
         "seconds": seconds,
-        "ops_per_s": phase["ops"] / seconds,
-        **summarize_ms(phase["latencies_ms"]),
+        "ops_per_s": ops / seconds,
+        **summarize_ms([value for part in parts for value in part["latencies_ms"]]),
     }
     if server is not None:
-        summary["peak_rss_mb"] = server.sampler.peak_mb(phase["t_start"], phase["t_end"])
+        summary["peak_rss_mb"] = max(server.sampler.peak_mb(part["t_start"], part["t_end"]) for part in parts)
     return summary
 
 
@@ -204,7 +225,12 @@ def phase_summary(phase: dict[str, Any], server: servers.ServerProcess | None) -
 
 
 def flow_job(
-    server: servers.ServerProcess, users: list[str], warmup: list[str], password: str, c: int
+    server: servers.ServerProcess,
+    users: list[str],
+    warmup: list[str],
+    password: str,
+    c: int,
+    get_token_path: str = GET_TOKEN_PATH,
 ) -> Any:
     return {
         "kind": "flow",
@@ -213,16 +239,30 @@ def flow_job(
         "warmup_users": warmup,
         "password": password,
         "concurrency": c,
+        "get_token_path": get_token_path,
     }
+
+
+def run_flow_phases(
+    settings: Settings,
+    server: servers.ServerProcess,
+    users: list[str],
+    warmup: list[str],
+    password: str,
+    get_token_path: str = GET_TOKEN_PATH,
+) -> list[dict[str, Any]]:
+    raw = loadgen(flow_job(server, users, warmup, password, settings.concurrency, get_token_path))
+    if "fatal" in raw:
+        raise RuntimeError(f"{server.name}: {raw['fatal']}: {raw['phases'][0]['error_samples']}")
+    phases: list[dict[str, Any]] = raw["phases"]
+    return phases
 
 
 def run_flow(
     settings: Settings, server: servers.ServerProcess, users: list[str], warmup: list[str], password: str
 ) -> dict[str, Any]:
-    raw = loadgen(flow_job(server, users, warmup, password, settings.concurrency))
-    if "fatal" in raw:
-        raise RuntimeError(f"{server.name}: {raw['fatal']}: {raw['phases'][0]['error_samples']}")
-    return {phase["name"]: phase_summary(phase, server) for phase in raw["phases"]}
+    phases = run_flow_phases(settings, server, users, warmup, password)
+    return {phase["name"]: phase_summary(phase, server) for phase in phases}
 
 
 def run_ceiling(settings: Settings, server: servers.ServerProcess) -> dict[str, Any]:
@@ -244,9 +284,7 @@ def bench_ours(settings: Settings, work: Path, report: Report) -> None:
     users = [f"bench{i}" for i in range(settings.users)]
     warmup = [f"warm{i}" for i in range(settings.warmup_users)]
     config = servers.host_config(work / "ours", bcrypt_rounds=settings.bcrypt_rounds)
-    servers.create_host_users(
-        work / "ours" / "homeserver.db", users + warmup, password, settings.bcrypt_rounds
-    )
+    servers.create_host_users(config, users + warmup, password, settings.bcrypt_rounds)
     server = servers.start_host(config)
     try:
         log(f"#1 reference host: flow for {len(users)} users at concurrency {settings.concurrency}")
@@ -258,11 +296,13 @@ def bench_ours(settings: Settings, work: Path, report: Report) -> None:
 
 
 def bench_synapse(settings: Settings, work: Path, report: Report) -> None:
+    """Synapse's built-in get_token and the module inside the same Synapse process, side by side."""
     flow = report.sections.setdefault("flow", {})
     if not settings.synapse:
         why = "smoke mode" if settings.smoke else "--no-synapse"
         report.notes.append(f"Synapse comparison skipped ({why}).")
         flow["synapse"] = None
+        flow["module_in_synapse"] = None
         return
     log("#1 Synapse: checking its virtualenv")
     python, detail = servers.ensure_synapse(log)
@@ -270,24 +310,54 @@ def bench_synapse(settings: Settings, work: Path, report: Report) -> None:
         report.notes.append(f"Synapse comparison skipped: {detail}")
         log(f"Synapse comparison skipped: {detail}")
         flow["synapse"] = None
+        flow["module_in_synapse"] = None
         return
     report.sections["synapse_version"] = detail
     port = servers.free_port()
+    generous = {"per_second": 1000, "burst_count": 1000}
     config, secret = servers.synapse_config(
-        python, work / "synapse", bcrypt_rounds=settings.bcrypt_rounds, port=port
+        python,
+        work / "synapse",
+        bcrypt_rounds=settings.bcrypt_rounds,
+        port=port,
+        # The module beside the built-in version (Synapse's login_via_existing_session).
+        module_config={
+            "token_lifetime_ms": 120_000,
+            "ratelimit": generous,
+            "failed_auth_ratelimit": generous,
+        },
     )
-    log(f"#1 Synapse {detail}: starting on 127.0.0.1:{port}")
+    log(f"#1 Synapse {detail}: starting on 127.0.0.1:{port}, with the module loaded")
     server = servers.start_synapse(python, config, port)
     try:
         password = servers.new_password()
-        users = [f"bench{i}" for i in range(settings.users)]
-        warmup = [f"warm{i}" for i in range(settings.warmup_users)]
-        log(f"#1 Synapse: registering {len(users) + len(warmup)} users (admin API, shared secret)")
+        # Both versions run in the same process, alternating built-in, module,
+        # module, built-in (twice), each time with a quarter of their users, so
+        # neither always runs first or last while the database grows and the
+        # machine's load comes and goes. Every run has warm-up users of its own:
+        # the built-in limit is one token a minute per user.
+        builtin = ("synapse", GET_TOKEN_PATH, "bench")
+        module = ("module_in_synapse", MODULE_IN_SYNAPSE_PATH, "mod")
+        order = [builtin, module, module, builtin] * 2
+        quarters = [range(settings.users * q // 4, settings.users * (q + 1) // 4) for q in range(4)]
+        next_quarter = {"bench": iter(quarters), "mod": iter(quarters)}
+        runs = [(name, path, prefix, next(next_quarter[prefix])) for name, path, prefix in order]
+        plans = [
+            (
+                name,
+                path,
+                [f"{prefix}{i}" for i in numbers],
+                [f"warm{run}_{i}" for i in range(settings.warmup_users)],
+            )
+            for run, (name, path, prefix, numbers) in enumerate(runs)
+        ]
+        everyone = [user for _, _, users, warmup in plans for user in users + warmup]
+        log(f"#1 Synapse: registering {len(everyone)} users (admin API, shared secret)")
         registered = loadgen(
             {
                 "kind": "register_synapse",
                 "base_url": server.base_url,
-                "users": users + warmup,
+                "users": everyone,
                 "password": password,
                 "shared_secret": secret,
                 "concurrency": 8,
@@ -295,8 +365,19 @@ def bench_synapse(settings: Settings, work: Path, report: Report) -> None:
         )["phases"][0]
         if registered["errors"]:
             raise RuntimeError(f"Synapse registration failed: {registered['error_samples']}")
-        log(f"#1 Synapse: flow for {len(users)} users at concurrency {settings.concurrency}")
-        flow["synapse"] = run_flow(settings, server, users, warmup, password)
+        waited = server.wait_until_idle()
+        log(f"#1 Synapse: idle again {waited:.0f}s after registering")
+        phases: dict[str, list[list[dict[str, Any]]]] = {"synapse": [], "module_in_synapse": []}
+        for name, path, users, warmup in plans:
+            log(f"#1 Synapse: {name} flow for {len(users)} users at concurrency {settings.concurrency}")
+            phases[name].append(run_flow_phases(settings, server, users, warmup, password, path))
+        for name, results in phases.items():
+            flow[name] = {}
+            for key, _ in PHASES:
+                parts = [next(p for p in run if p["name"] == key) for run in results]
+                flow[name][key] = parts_summary(parts, server)
+                # Each run on its own, in the order they ran, to show drift between runs.
+                flow[name][key]["runs_ops_per_s"] = [p["ops"] / max(p["seconds"], 1e-9) for p in parts]
         log("#2 Synapse: GET /versions ceiling (for context)")
         report.sections.setdefault("ceiling", {})["synapse"] = run_ceiling(settings, server)
     finally:
@@ -323,7 +404,7 @@ def bench_storm(settings: Settings, work: Path, report: Report) -> None:
     password = servers.new_password()
     users = [f"storm{i}" for i in range(settings.storm_clients)]
     config = servers.host_config(work / "storm", bcrypt_rounds=rounds)
-    servers.create_host_users(work / "storm" / "homeserver.db", users, password, rounds)
+    servers.create_host_users(config, users, password, rounds)
     server = servers.start_host(config, name="ours-storm")
     try:
         log(f"#3 reactor: idle GET /versions probe, {settings.storm_seconds:.0f}s")
@@ -383,6 +464,23 @@ def bench_bookkeeping(settings: Settings, report: Report) -> None:
     report.sections["bookkeeping"] = results
 
 
+def bench_scaleout(settings: Settings, work: Path, report: Report) -> None:
+    section = scaleout.bench_scaleout(
+        users=settings.scaleout_users,
+        warmup=settings.warmup_users,
+        concurrency=settings.concurrency,
+        bcrypt_rounds=settings.bcrypt_rounds,
+        rounds=settings.scaleout_rounds,
+        work=work,
+        loadgen=loadgen,
+        summarize=phase_summary,
+        log=log,
+    )
+    if section["postgres_skipped"]:
+        report.notes.append(f"#6 PostgreSQL configurations skipped: {section['postgres_skipped']}")
+    report.sections["scaleout"] = section
+
+
 # -- judging and printing ------------------------------------------------------------
 
 
@@ -404,6 +502,15 @@ def judge(settings: Settings, report: Report) -> None:
         t.append(Target("#1 token login throughput, ours / Synapse", r, ">= 5x", r >= 5, "x"))
     else:
         t.append(Target("#1 token login throughput, ours / Synapse", math.nan, ">= 5x", None))
+    for key, label, wanted, floor in MODULE_IN_SYNAPSE_TARGETS:
+        name = f"#1 {label} throughput, module in Synapse / Synapse built-in"
+        module_phase = _get(s, "flow", "module_in_synapse", key)
+        builtin_phase = _get(s, "flow", "synapse", key)
+        if module_phase is None or builtin_phase is None:
+            t.append(Target(name, math.nan, wanted, None))
+            continue
+        r = ratio(module_phase["ops_per_s"], builtin_phase["ops_per_s"])
+        t.append(Target(name, r, wanted, r >= floor, "x"))
     if ours_token is not None:
         p99 = ours_token["p99_ms"]
         t.append(
@@ -502,14 +609,16 @@ def render(settings: Settings, report: Report) -> str:
     flow = s.get("flow", {})
     if flow:
         out.append(
-            f"#1 The flow, ours vs Synapse ({settings.users} users, concurrency {settings.concurrency}, "
-            f"bcrypt_rounds {settings.bcrypt_rounds} on both; get_token ops are UIA rounds of 2 requests)"
+            f"#1 The flow: ours (the reference host), Synapse's built-in get_token, and the module inside"
+            f" that same Synapse ({settings.users} users, concurrency {settings.concurrency},"
+            f" bcrypt_rounds {settings.bcrypt_rounds} everywhere; get_token ops are UIA rounds of 2 requests)"
         )
         rows = []
         for key, label in PHASES:
             ours = _get(flow, "ours", key)
             syn = _get(flow, "synapse", key)
-            for name, data in (("ours", ours), ("synapse", syn)):
+            module = _get(flow, "module_in_synapse", key)
+            for name, data in (("ours", ours), ("synapse", syn), ("module in synapse", module)):
                 if data is None:
                     rows.append([label, name, "skipped", "-", "-", "-", "-"])
                     continue
@@ -524,15 +633,17 @@ def render(settings: Settings, report: Report) -> str:
                         _fmt(data["errors"]),
                     ]
                 )
-            if ours is not None and syn is not None:
+            for name, top, bottom in (("ours/synapse", ours, syn), ("module/synapse", module, syn)):
+                if top is None or bottom is None:
+                    continue
                 rows.append(
                     [
                         label,
-                        "ours/synapse",
-                        _fmt(ratio(ours["ops_per_s"], syn["ops_per_s"]), 2) + "x",
-                        _fmt(ratio(ours["p50_ms"], syn["p50_ms"]), 2) + "x",
-                        _fmt(ratio(ours["p99_ms"], syn["p99_ms"]), 2) + "x",
-                        _fmt(ratio(ours["peak_rss_mb"], syn["peak_rss_mb"]), 2) + "x",
+                        name,
+                        _fmt(ratio(top["ops_per_s"], bottom["ops_per_s"]), 2) + "x",
+                        _fmt(ratio(top["p50_ms"], bottom["p50_ms"]), 2) + "x",
+                        _fmt(ratio(top["p99_ms"], bottom["p99_ms"]), 2) + "x",
+                        _fmt(ratio(top["peak_rss_mb"], bottom["peak_rss_mb"]), 2) + "x",
                         "",
                     ]
                 )
@@ -689,12 +800,63 @@ def render(settings: Settings, report: Report) -> str:
             )
         )
         out.append("")
+    scale = s.get("scaleout")
+    if scale is not None:
+        out.extend(render_scaleout(scale))
     out.append("Targets")
     rows = [[t.name, f"{_fmt(t.measured, 2)} {t.unit}".strip(), t.wanted, t.status()] for t in report.targets]
     out.append(_table(["target", "measured", "wanted", "result"], rows))
     for note in report.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+def render_scaleout(scale: dict[str, Any]) -> list[str]:
+    out = [
+        f"#6 Scale-out: 1 worker vs 2, SQLite vs PostgreSQL ({scale['users']} users, concurrency"
+        f" {scale['concurrency']}, median of {scale['rounds']} round(s); CPU ms per operation from the"
+        " processes' own counters)"
+    ]
+    rows = []
+    for key, label in scaleout.PHASES:
+        for config in scale["configs"]:
+            d = config["phases"][key]
+            rows.append(
+                [
+                    label,
+                    config["label"],
+                    _fmt(d["ops_per_s"]),
+                    _fmt(d["p50_ms"], 2),
+                    _fmt(d["p99_ms"], 2),
+                    _fmt(d["server_cpu_ms_per_op"], 3),
+                    _fmt(d["postgres_cpu_ms_per_op"], 3) if config["store"] == "postgres" else "-",
+                    _fmt(d["errors"]),
+                ]
+            )
+    out.append(
+        _table(
+            [
+                "phase",
+                "configuration",
+                "ops/s",
+                "p50 ms",
+                "p99 ms",
+                "server CPU ms/op",
+                "PostgreSQL CPU ms/op",
+                "errors",
+            ],
+            rows,
+        )
+    )
+    out.append("")
+    rows = [
+        [name, label, f"{_fmt(ops, 2)}x", f"{_fmt(cpu, 2)}x"]
+        for name, label, ops, cpu in scaleout.ratios(scale)
+    ]
+    if rows:
+        out.append(_table(["comparison", "phase", "ops/s", "CPU per op (server + PostgreSQL)"], rows))
+        out.append("")
+    return out
 
 
 # -- main ----------------------------------------------------------------------------
@@ -740,7 +902,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--storm-bcrypt-rounds", type=int, default=12, help="bcrypt rounds for #3 (default 12)"
     )
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated benchmarks to run (2 needs 1)")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated benchmarks to run (2 needs 1)")
+    parser.add_argument(
+        "--scaleout-users",
+        type=int,
+        default=0,
+        help="users per configuration for #6 (default 2000; smoke 24)",
+    )
+    parser.add_argument(
+        "--scaleout-rounds", type=int, default=3, help="rounds of #6's configurations (default 3)"
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     parser.add_argument("--keep-work", action="store_true", help="keep the servers' temporary directories")
     return parser.parse_args(argv)
@@ -758,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         ("3", lambda: bench_storm(settings, work, report)),
         ("4", lambda: bench_stores(settings, report)),
         ("5", lambda: bench_bookkeeping(settings, report)),
+        ("6", lambda: bench_scaleout(settings, work, report)),
     ]
     failed = False
     try:
@@ -778,6 +950,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render(settings, report))
     path = write_json(settings, report)
     print(f"\nJSON written to {path}")
+    if "scaleout" in report.sections:
+        picture = scaleout.plot(report.sections["scaleout"], path.with_suffix(".png"))
+        print(f"Plot written to {picture}")
     return 1 if failed else 0
 
 

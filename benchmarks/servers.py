@@ -1,10 +1,16 @@
-"""Real servers on 127.0.0.1 for the benchmarks: the reference host, and Synapse.
+"""Real servers on 127.0.0.1 for the benchmarks and the tests: the reference host, and Synapse.
 
 Both run as child processes exactly as an operator would run them. Users are
 created through each server's own supported tools: for the reference host, the
 same helper ``register-user`` uses (``create_user`` with a real bcrypt hash);
 for Synapse, its shared-secret admin registration API (driven by the load
-generator, see ``loadgen.job_register_synapse``).
+generator, see ``loadgen.job_register_synapse``, or by the tests).
+
+This is the one place that pins Synapse and installs it, into a virtualenv of
+its own (``benchmarks/.venv-synapse``) together with this project, as an
+operator installs the module into Synapse's environment. The benchmarks and
+the Synapse tests both use it; ``python -m benchmarks.servers ensure-synapse``
+does the install ahead of time (``scripts/test`` runs it).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,14 +37,18 @@ from typing import IO, Any
 import psutil
 import yaml
 
+from login_token_module.db import Conn
 from login_token_module.host import database
+from login_token_module.host.config import load_config_file
 from login_token_module.host.passwords import hash_password_sync
-from login_token_module.sqlite import SqliteDatabase
 
 BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
 SYNAPSE_VENV = BENCH_DIR / ".venv-synapse"
-SYNAPSE_REQUIREMENT = "matrix-synapse==1.163.0"
+SYNAPSE_VERSION = "1.163.2"
+SYNAPSE_REQUIREMENT = f"matrix-synapse=={SYNAPSE_VERSION}"
 LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
+WORKERS_RE = re.compile(r"workers serving http://[^:]+:(\d+)")
 SERVER_NAME = "bench.local"
 GENEROUS = {"per_second": 100_000, "burst_count": 100_000}
 
@@ -77,6 +88,67 @@ class RssSampler:
         self._thread.join(timeout=2)
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (a server and its workers; PostgreSQL and its backends)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+class CpuSampler:
+    """The CPU time (user + system) used by groups of process trees, sampled in a thread.
+
+    Each process's own counters (what the kernel charged it) are read every
+    ``interval``; a group's total adds every process ever seen in it, so a
+    process that exits keeps what it used. Unlike throughput, this does not
+    depend on who else wanted the machine's two cores at the time.
+    """
+
+    def __init__(self, roots: dict[str, int], interval: float = 0.02) -> None:
+        self._roots = roots
+        self._interval = interval
+        self._last: dict[str, dict[int, float]] = {group: {} for group in roots}
+        self._processes: dict[int, psutil.Process] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._sample()
+        self._thread.start()
+
+    def _sample(self) -> None:
+        totals: dict[str, float] = {}
+        for group, root in self._roots.items():
+            seen = self._last[group]
+            for process in process_tree(root):
+                known = self._processes.setdefault(process.pid, process)
+                try:
+                    times = known.cpu_times()
+                except psutil.Error:
+                    continue
+                seen[process.pid] = times.user + times.system
+            totals[group] = sum(seen.values())
+        self.samples.append((time.monotonic(), totals))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def seconds_between(self, group: str, t_start: float, t_end: float) -> float:
+        """CPU seconds ``group`` used from ``t_start`` to ``t_end`` (nearest samples outside)."""
+        before = [totals[group] for t, totals in self.samples if t <= t_start]
+        after = [totals[group] for t, totals in self.samples if t >= t_end]
+        start = before[-1] if before else self.samples[0][1][group]
+        end = after[0] if after else self.samples[-1][1][group]
+        return max(0.0, end - start)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sample()
+
+
 @dataclass
 class ServerProcess:
     name: str
@@ -96,6 +168,21 @@ class ServerProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def wait_until_idle(self, cpu_percent: float = 10, timeout: float = 120) -> float:
+        """Wait until the server's own CPU use over one second drops below ``cpu_percent``.
+
+        After bulk set-up (registering thousands of users) Synapse keeps working
+        in the background for a while; measuring then would charge that work to
+        whichever run comes first. Returns the seconds waited.
+        """
+        process = psutil.Process(self.pid)
+        started = time.monotonic()
+        process.cpu_percent(None)
+        while time.monotonic() - started < timeout:
+            if process.cpu_percent(interval=1.0) < cpu_percent:
+                break
+        return time.monotonic() - started
 
     def stop(self, timeout: float = 30) -> None:
         self.sampler.stop()
@@ -123,17 +210,33 @@ def new_password() -> str:
 
 
 def host_config(
-    directory: Path, *, bcrypt_rounds: int, store: str = "sqlite", database_name: str = "homeserver.db"
+    directory: Path,
+    *,
+    bcrypt_rounds: int,
+    store: str = "sqlite",
+    database_name: str = "homeserver.db",
+    postgres: Any = None,
 ) -> Path:
-    """Write a host config with the module, generous rate limits and port 0."""
+    """Write a host config with the module, generous rate limits and port 0.
+
+    ``store``: memory, sqlite (UIA sessions and rate limits in memory unless
+    there are several workers), sqlite-shared (them too in the SQLite file), or
+    postgres (host and module on ``postgres``, a tests.pgcluster.Database).
+    """
     generous = {"per_second": 1000, "burst_count": 1000}
-    store_config: dict[str, Any] = {"type": "memory"} if store == "memory" else {"type": "sqlite"}
-    if store == "sqlite":
-        store_config["path"] = "login_tokens.db"
+    store_config: dict[str, Any] = {"type": "memory"}
+    database: dict[str, Any] = {"name": "sqlite3", "args": {"database": database_name}}
+    if store in ("sqlite", "sqlite-shared"):
+        store_config = {"type": "sqlite", "path": "login_tokens.db"}
+        if store == "sqlite-shared":
+            store_config["shared_state"] = True
+    elif store == "postgres":
+        store_config = {"type": "postgres", "dsn": postgres.dsn}
+        database = {"name": "psycopg2", "args": postgres.args}
     config = {
         "server_name": SERVER_NAME,
         "listeners": [{"port": 0, "bind_addresses": ["127.0.0.1"]}],
-        "database": {"name": "sqlite3", "args": {"database": database_name}},
+        "database": database,
         "bcrypt_rounds": bcrypt_rounds,
         "modules": [
             {
@@ -157,33 +260,41 @@ def host_config(
 
 
 def create_host_users(
-    database_path: Path, localparts: Sequence[str], password: str, bcrypt_rounds: int
+    config_path: Path, localparts: Sequence[str], password: str, bcrypt_rounds: int
 ) -> None:
-    """Create users the way ``register-user`` does (a real bcrypt hash each)."""
+    """Create users the way ``register-user`` does (a real bcrypt hash each), in the
+    database the config names (SQLite or PostgreSQL)."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # bcrypt releases the GIL
         hashes = list(pool.map(lambda _: hash_password_sync(password, bcrypt_rounds), localparts))
-    conn = SqliteDatabase(None, str(database_path), schema=database.SCHEMA).connect()
+    conn = database.connect_now(load_config_file(str(config_path)).database)
     try:
-        conn.execute("BEGIN")
-        for localpart, password_hash in zip(localparts, hashes, strict=True):
-            database.create_user(conn, f"@{localpart}:{SERVER_NAME}", password_hash)
-        conn.execute("COMMIT")
+
+        def create_all(txn: Conn) -> None:
+            for localpart, password_hash in zip(localparts, hashes, strict=True):
+                database.create_user(txn, f"@{localpart}:{SERVER_NAME}", password_hash)
+
+        conn.transaction(create_all)
     finally:
         conn.close()
 
 
-def start_host(config_path: Path, name: str = "ours", timeout: float = 30) -> ServerProcess:
+def start_host(config_path: Path, name: str = "ours", timeout: float = 30, workers: int = 1) -> ServerProcess:
     log_path = config_path.parent / "server.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 (the child writes to it for its whole life)
+    command = [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path)],
+        command,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    # With several workers, serving starts when the parent says they are all up.
+    ready = WORKERS_RE if workers > 1 else LISTENING_RE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = LISTENING_RE.search(log_path.read_text(errors="replace"))
+        match = ready.search(log_path.read_text(errors="replace"))
         if match:
             return ServerProcess(name, process, int(match.group(1)), log_path, log_file)
         if process.poll() is not None:
@@ -202,12 +313,14 @@ def synapse_python() -> Path:
 
 
 def synapse_version(python: Path) -> str | None:
+    """The Synapse version installed beside this project in ``python``'s environment, if both are."""
     try:
         out = subprocess.run(
             [
                 str(python),
                 "-c",
-                "import importlib.metadata as m, synapse; print(m.version('matrix-synapse'))",
+                "import importlib.metadata as m, synapse, login_token_module as l; "
+                "print(m.version('matrix-synapse')); print(l.__file__)",
             ],
             capture_output=True,
             text=True,
@@ -216,45 +329,50 @@ def synapse_version(python: Path) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split("\n")
+    if len(lines) < 2 or not Path(lines[1].strip()).resolve().is_relative_to(ROOT):
+        return None  # the module there is not this checkout's
+    return lines[0].strip() or None
+
+
+def _pip(python: Path, *args: str) -> None:
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args],
+        check=True,
+        timeout=1800,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def ensure_synapse(log: Any) -> tuple[Path | None, str]:
-    """The Synapse venv's python (creating and installing it if missing), or why not."""
+    """The Synapse venv's python (creating and installing it if needed), or why not.
+
+    The venv holds the pinned Synapse and this project (editable, so it always
+    runs the checkout's code), as an operator's Synapse environment would.
+    """
     python = synapse_python()
     version = synapse_version(python) if python.exists() else None
-    if version is not None:
+    if version == SYNAPSE_VERSION:
         return python, version
-    log(f"installing {SYNAPSE_REQUIREMENT} into {SYNAPSE_VENV} (first run only; a few minutes)")
+    log(f"installing {SYNAPSE_REQUIREMENT} and this project into {SYNAPSE_VENV} (about a minute)")
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(SYNAPSE_VENV)], check=True, timeout=300)
-        subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                SYNAPSE_REQUIREMENT,
-            ],
-            check=True,
-            timeout=1800,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(SYNAPSE_VENV)], check=True, timeout=300)
+        _pip(python, SYNAPSE_REQUIREMENT)
+        _pip(python, "-e", str(ROOT))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
         tail = detail.decode(errors="replace").strip().splitlines()[-1:] if detail else []
         return None, f"cannot install {SYNAPSE_REQUIREMENT}: {error} {' '.join(tail)}".strip()
     version = synapse_version(python)
-    if version is None:
-        return None, f"{SYNAPSE_REQUIREMENT} installed but 'import synapse' fails"
+    if version != SYNAPSE_VERSION:
+        return None, f"{SYNAPSE_REQUIREMENT} installed but 'import synapse, login_token_module' fails"
     return python, version
 
 
-def synapse_config(python: Path, directory: Path, *, bcrypt_rounds: int, port: int) -> tuple[Path, str]:
-    """Generate a throwaway Synapse config on SQLite; returns (path, shared secret)."""
+def generate_synapse_files(python: Path, directory: Path) -> Path:
+    """Synapse's own ``--generate-config`` into ``directory`` (keys, secrets, log config)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "homeserver.yaml"
     subprocess.run(
@@ -276,6 +394,43 @@ def synapse_config(python: Path, directory: Path, *, bcrypt_rounds: int, port: i
         capture_output=True,
         timeout=120,
     )
+    return path
+
+
+def copy_synapse_files(template: Path, directory: Path) -> Path:
+    """A copy of generated files in ``directory``, with the paths inside pointing there.
+
+    Generating takes seconds (Synapse's start-up cost); tests that start many
+    Synapses generate once and copy.
+    """
+    shutil.copytree(template, directory, dirs_exist_ok=True)
+    for name in ("homeserver.yaml", f"{SERVER_NAME}.log.config"):
+        copied = directory / name
+        copied.write_text(copied.read_text().replace(str(template), str(directory)))
+    return directory / "homeserver.yaml"
+
+
+def synapse_config(
+    python: Path,
+    directory: Path,
+    *,
+    bcrypt_rounds: int,
+    port: int,
+    module_config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    template: Path | None = None,
+) -> tuple[Path, str]:
+    """A throwaway Synapse config on SQLite; returns (path, shared secret).
+
+    ``module_config``: load login_token_module.LoginTokenModule with this
+    config (None: Synapse alone). ``extra``: further homeserver.yaml keys.
+    ``template``: a folder from :func:`generate_synapse_files` to copy instead
+    of generating anew.
+    """
+    if template is None:
+        path = generate_synapse_files(python, directory)
+    else:
+        path = copy_synapse_files(template, directory)
     config = yaml.safe_load(path.read_text())
     log_config_path = Path(config["log_config"])
     log_config = yaml.safe_load(log_config_path.read_text())
@@ -308,6 +463,9 @@ def synapse_config(python: Path, directory: Path, *, bcrypt_rounds: int, port: i
             "url_preview_enabled": False,
         }
     )
+    if module_config is not None:
+        config["modules"] = [{"module": "login_token_module.LoginTokenModule", "config": module_config}]
+    config.update(extra or {})
     path.write_text(yaml.safe_dump(config))
     return path, shared_secret
 
@@ -343,3 +501,21 @@ def start_synapse(python: Path, config_path: Path, port: int, timeout: float = 1
         process.wait(10)
     log_file.close()
     raise ServerError(f"Synapse did not start; see {log_path} and {config_path.parent / 'synapse.log'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.servers ensure-synapse``: install the pinned Synapse now."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["ensure-synapse"]:
+        print("usage: python -m benchmarks.servers ensure-synapse", file=sys.stderr)
+        return 2
+    python, detail = ensure_synapse(lambda message: print(message, file=sys.stderr, flush=True))
+    if python is None:
+        print(f"Synapse is not available: {detail}", file=sys.stderr)
+        return 1
+    print(f"Synapse {detail} in {SYNAPSE_VENV}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,23 @@ AuthChecker = Callable[
 
 
 @dataclass(frozen=True)
+class HostAbilities:
+    """What the host does itself, so that the module leaves it to the host.
+
+    Hosts differ here, and say so through this object rather than the module
+    asking which host it is in.
+    """
+
+    # The host mints login tokens (``create_login_token``) and its own
+    # m.login.token login spends them: the module keeps no token store and
+    # registers no login type. Otherwise the module does both itself.
+    mints_login_tokens: bool = False
+    # The host advertises get_token itself (the ``get_login_token`` flow
+    # field, capabilities, unstable features): the module adds none of them.
+    advertises_get_login_token: bool = False
+
+
+@dataclass(frozen=True)
 class Requester:
     """Who made an authenticated request."""
 
@@ -47,6 +64,24 @@ class ModuleApi(Protocol):
     def config_directory(self) -> str:
         """The folder of the host's config file; relative paths resolve here."""
 
+    @property
+    def multiple_workers(self) -> bool:
+        """Whether several processes serve this homeserver at once (workers).
+
+        State a module keeps must then be shared between them (a database), or
+        each process would hold its own part; the module refuses to start otherwise.
+        """
+
+    @property
+    def abilities(self) -> HostAbilities:
+        """What this host does itself (see :class:`HostAbilities`)."""
+
+    async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
+        """A host login token for ``user_id``, valid for ``duration_in_ms`` (Synapse's name).
+
+        Called only when ``abilities.mints_login_tokens`` is true.
+        """
+
     def register_web_resource(self, path: str, resource: IResource) -> None:
         """Serve ``resource`` at ``path`` (an exact path from the server root)."""
 
@@ -56,13 +91,24 @@ class ModuleApi(Protocol):
     def register_password_auth_provider_callbacks(
         self, *, auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None
     ) -> None:
-        """Add login types to POST /login: (type, required fields) -> checker."""
+        """Add login types to POST /login: (type, required fields) -> checker.
+
+        Called only when ``abilities.mints_login_tokens`` is false.
+        """
 
     async def check_user_password(self, user_id: str, password: str) -> bool:
-        """Whether ``password`` is the user's; the host keeps slow hashing off the reactor."""
+        """Whether ``password`` is the user's; the host keeps slow hashing off the reactor.
+
+        Raises MatrixError when the user cannot confirm with a password at all
+        (an account with no password, signed in through single sign-on).
+        """
 
     def add_login_flow_fields(self, login_type: str, fields: JsonDict) -> None:
-        """Extra fields on ``login_type``'s entry in GET /login flows."""
+        """Extra fields on ``login_type``'s entry in GET /login flows.
+
+        This and the next two are called only when
+        ``abilities.advertises_get_login_token`` is false.
+        """
 
     def register_capability(self, name: str, value: JsonDict) -> None:
         """An entry in GET /capabilities."""

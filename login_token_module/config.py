@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-StoreType = Literal["memory", "sqlite"]
+StoreType = Literal["memory", "sqlite", "postgres"]
 
 
 class ConfigError(Exception):
@@ -47,6 +47,15 @@ class StoreConfig:
     # Relative paths are resolved by the module against the host's config
     # directory, so the same file works from any working directory.
     path: str = "login_tokens.db"
+    # postgres: a libpq connection URI, postgresql://user:password@host:port/dbname
+    dsn: str = ""
+    # Whether UIA sessions and rate limits live in the store's database (seen
+    # by every process using it) or in this process's memory. None: decided at
+    # start-up (postgres: shared; sqlite: shared only under several workers).
+    shared_state: bool | None = None
+    # postgres: the connection pool's size (Synapse's names).
+    cp_min: int = 1
+    cp_max: int = 5
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,9 @@ class LoginTokenConfig:
     ui_auth_session_lifetime_ms: int = 300_000
     sweep_interval_ms: int = 60_000
     store: StoreConfig = field(default_factory=StoreConfig)
+    # Whether the block named a store (a host that keeps the tokens itself
+    # refuses one rather than ignore it).
+    store_configured: bool = False
 
 
 MAX_LIFETIME_MS = 24 * 60 * 60 * 1000
@@ -111,18 +123,44 @@ def _ratelimit(value: Any, path: list[str | int], default: RatelimitConfig) -> R
 
 def _store(value: Any, path: list[str | int]) -> StoreConfig:
     section = _mapping(value, path)
-    reject_unknown(section, {"type", "path"}, path)
     store_type = section.get("type", StoreConfig.type)
+    if store_type not in ("memory", "sqlite", "postgres"):
+        raise ConfigError([*path, "type"], f"must be 'memory', 'sqlite' or 'postgres', got {store_type!r}")
+    known = {"memory": {"type", "shared_state"}, "sqlite": {"type", "path", "shared_state"}}.get(
+        store_type, {"type", "dsn", "shared_state", "cp_min", "cp_max"}
+    )
+    for key in section:
+        if key in {"path", "dsn", "cp_min", "cp_max"} and key not in known:
+            owner = "the sqlite store" if key == "path" else "the postgres store"
+            raise ConfigError([*path, str(key)], f"only applies to {owner}")
+    reject_unknown(section, known, path)
+    shared_state = section.get("shared_state")
+    if shared_state is not None and not isinstance(shared_state, bool):
+        raise ConfigError([*path, "shared_state"], f"must be true or false, got {shared_state!r}")
     if store_type == "memory":
-        if "path" in section:
-            raise ConfigError([*path, "path"], "only applies to the sqlite store")
-        return StoreConfig(type="memory", path="")
-    if store_type != "sqlite":
-        raise ConfigError([*path, "type"], f"must be 'memory' or 'sqlite', got {store_type!r}")
+        if shared_state:
+            raise ConfigError(
+                [*path, "shared_state"], "the memory store cannot share state between processes"
+            )
+        return StoreConfig(type="memory", path="", shared_state=False)
+    if store_type == "postgres":
+        dsn = section.get("dsn")
+        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+            # The value is not echoed: it may hold a password.
+            raise ConfigError(
+                [*path, "dsn"], "must be a URI such as postgresql://user:password@host:5432/dbname"
+            )
+        cp_min = whole_number(section.get("cp_min", StoreConfig.cp_min), [*path, "cp_min"], 0, 100)
+        cp_max = whole_number(section.get("cp_max", StoreConfig.cp_max), [*path, "cp_max"], 1, 100)
+        if cp_min > cp_max:
+            raise ConfigError([*path, "cp_min"], f"must not be more than cp_max ({cp_max})")
+        return StoreConfig(
+            type="postgres", path="", dsn=dsn, shared_state=shared_state, cp_min=cp_min, cp_max=cp_max
+        )
     store_path = section.get("path", StoreConfig.path)
     if not isinstance(store_path, str) or not store_path.strip():
         raise ConfigError([*path, "path"], "must be a non-empty file path")
-    return StoreConfig(type="sqlite", path=store_path)
+    return StoreConfig(type="sqlite", path=store_path, shared_state=shared_state)
 
 
 def parse_config(raw: Any) -> LoginTokenConfig:
@@ -172,4 +210,5 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             MAX_LIFETIME_MS,
         ),
         store=_store(section.get("store"), ["store"]),
+        store_configured="store" in section,
     )

@@ -35,6 +35,23 @@ class MatrixError(Exception):
         return body
 
 
+class StorageUnavailableError(Exception):
+    """A database the request needs cannot be reached; the request changed nothing.
+
+    Answered as 503 ``M_UNKNOWN``: the client may try again once the database is back.
+    The message says what failed, for the log; it never reaches the client.
+    """
+
+
+def storage_unavailable() -> MatrixError:
+    return MatrixError(
+        503,
+        Codes.UNKNOWN,
+        "The server's database is unavailable; try again shortly",
+        headers={"Retry-After": "5"},
+    )
+
+
 class Codes:
     """The Matrix error codes this project answers with."""
 

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from login_token_module.errors import Codes, MatrixError
+from login_token_module.errors import Codes, MatrixError, StorageUnavailableError, storage_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ CORS_HEADERS = {
 
 
 # Phrases Twisted does not know (it would say "Unknown Status").
-_REASONS = {429: b"Too Many Requests", 413: b"Payload Too Large"}
+_REASONS = {429: b"Too Many Requests", 413: b"Payload Too Large", 503: b"Service Unavailable"}
 
 
 def set_cors_headers(request: Request) -> None:
@@ -114,14 +114,27 @@ class JsonResource(Resource):
         return [*methods, "OPTIONS"]
 
     def render(self, request: Request) -> Any:
+        handler = self.route(request)
+        if handler is not None:
+            defer.ensureDeferred(self.respond(handler, request))
+        return NOT_DONE_YET
+
+    def route(self, request: Request) -> Handler | None:
+        """The handler for this request, or None once the request has been answered here.
+
+        Split from :meth:`render` so that a host which must start coroutines its
+        own way (Synapse, with its log contexts) can route, then run
+        :meth:`respond` as it needs.
+        """
         method = request.method.decode("ascii", "replace").upper()
         if request.postpath:
             # Reached as a leaf with path segments left over: not our path.
-            return render_unrecognized(request)
+            render_unrecognized(request)
+            return None
         if method == "OPTIONS":
             # CORS preflight: the headers are the answer.
             respond_json(request, 200, {})
-            return NOT_DONE_YET
+            return None
         handler: Handler | None = getattr(self, f"on_{'GET' if method == 'HEAD' else method}", None)
         if handler is None:
             respond_json(
@@ -130,15 +143,18 @@ class JsonResource(Resource):
                 {"errcode": Codes.UNRECOGNIZED, "error": "Unrecognized request"},
                 {"Allow": ", ".join(self._allowed_methods())},
             )
-            return NOT_DONE_YET
-        defer.ensureDeferred(self._run(handler, request))
-        return NOT_DONE_YET
+        return handler
 
-    async def _run(self, handler: Handler, request: Request) -> None:
+    async def respond(self, handler: Handler, request: Request) -> None:
+        """Run ``handler`` and write its answer, or its error, as the response."""
         try:
             code, body = await handler(request)
         except MatrixError as error:
             respond_error(request, error)
+            return
+        except StorageUnavailableError:
+            # Logged (with the reason, throttled) where the database noticed it.
+            respond_error(request, storage_unavailable())
             return
         except Exception:
             # Log the failure without the request body: it may hold a password.

@@ -2,25 +2,26 @@
 
 Serves ``POST /_matrix/client/v1/login/get_token`` (and the two MSC3882
 unstable paths), and the ``m.login.token`` login type that spends the token.
+A host that mints and spends login tokens itself (Synapse) does that part, and
+the module asks it for the token instead (``api.abilities``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
-from twisted.internet.task import deferLater
 from twisted.web.server import Request
 
 from login_token_module import tokens
 from login_token_module.api import JsonDict, ModuleApi, Requester
-from login_token_module.config import LoginTokenConfig, parse_config
+from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, parse_json_object
-from login_token_module.ratelimit import Ratelimiter
-from login_token_module.stores import TokenStore, make_store
-from login_token_module.uia import UiaSessions
+from login_token_module.stores import StateBackend, TokenStore, make_state
+from login_token_module.stores.memory import MemoryBackend
+from login_token_module.synapse import as_module_api
+from login_token_module.uia import UiaSession
 
 logger = logging.getLogger(__name__)
 
@@ -34,29 +35,59 @@ PASSWORD_STAGE = "m.login.password"
 
 
 class LoginTokenModule:
+    # The module's own token store; absent when the host mints and spends the
+    # tokens itself (``api.abilities.mints_login_tokens``).
+    store: TokenStore
+
     def __init__(self, config: LoginTokenConfig, api: ModuleApi) -> None:
+        # Synapse hands over its own ModuleApi: it is adapted to ours here, and
+        # any other host's passes through unchanged.
+        api = as_module_api(api)
         self._config = config
         self.api = api
         self._reactor = api.reactor
-        self.store: TokenStore = make_store(config.store, self._reactor, api.config_directory)
-        self._ratelimiter = Ratelimiter(config.ratelimit.per_second, config.ratelimit.burst_count)
-        self._failed_auth = Ratelimiter(
-            config.failed_auth_ratelimit.per_second, config.failed_auth_ratelimit.burst_count
+        self._host_tokens = api.abilities.mints_login_tokens
+        self.state: StateBackend
+        if self._host_tokens:
+            if config.store_configured:
+                raise ConfigError(
+                    ["store"],
+                    "this host keeps login tokens in its own database, so the module has no "
+                    "token store; remove 'store' from the module's config",
+                )
+            # Only UIA sessions and rate limits are the module's here, in this process.
+            self.state = MemoryBackend(self._reactor)
+        else:
+            # Tokens, UIA sessions and rate limits all live where the store config
+            # says, so that several worker processes share them when they must.
+            self.state = make_state(
+                config.store, self._reactor, api.config_directory, multiple_workers=api.multiple_workers
+            )
+            self.store = self.state.tokens
+        self._ratelimiter = self.state.rate_limiter(
+            "get_token", config.ratelimit.per_second, config.ratelimit.burst_count
         )
-        self._uia = UiaSessions(config.ui_auth_session_lifetime_ms / 1000)
+        self._failed_auth = self.state.rate_limiter(
+            "get_token_failed_auth",
+            config.failed_auth_ratelimit.per_second,
+            config.failed_auth_ratelimit.burst_count,
+        )
+        self._uia = self.state.uia_sessions(config.ui_auth_session_lifetime_ms / 1000)
 
         for path, revision in ((STABLE_PATH, 1), (UNSTABLE_R1_PATH, 1), (UNSTABLE_R0_PATH, 0)):
             api.register_web_resource(path, GetTokenResource(self, path, revision))
-        api.register_password_auth_provider_callbacks(
-            auth_checkers={(LOGIN_TYPE, ("token",)): self.check_login_token}
-        )
-        api.add_login_flow_fields(LOGIN_TYPE, {"get_login_token": True})
-        api.register_capability("m.get_login_token", {"enabled": True})
-        api.register_capability("org.matrix.msc3882.get_login_token", {"enabled": True})
-        api.register_unstable_feature("org.matrix.msc3882")
-        api.register_unstable_feature("org.matrix.msc3882.r1")
+        if not self._host_tokens:
+            api.register_password_auth_provider_callbacks(
+                auth_checkers={(LOGIN_TYPE, ("token",)): self.check_login_token}
+            )
+        if not api.abilities.advertises_get_login_token:
+            api.add_login_flow_fields(LOGIN_TYPE, {"get_login_token": True})
+            api.register_capability("m.get_login_token", {"enabled": True})
+            api.register_capability("org.matrix.msc3882.get_login_token", {"enabled": True})
+            api.register_unstable_feature("org.matrix.msc3882")
+            api.register_unstable_feature("org.matrix.msc3882.r1")
         api.looping_background_call(self.sweep, config.sweep_interval_ms)
-        api.register_shutdown_callback(self.store.close)
+        api.register_shutdown_callback(self.state.close)
 
     @staticmethod
     def parse_config(config: dict[str, Any]) -> LoginTokenConfig:
@@ -72,38 +103,60 @@ class LoginTokenModule:
         session_id = None
         if self._config.require_ui_auth:
             session_id = await self._authenticate(requester, body, endpoint)
-        # Everything from here to the spend is synchronous, so two requests
-        # racing with one completed session cannot both get past it.
+        user_id = requester.user_id
+        # Each step below is atomic in the state backend (one statement in a
+        # database, or no await in memory), so requests racing on one
+        # completed session, on one worker or several, mint one token at most.
         now = self._now()
-        retry_after = self._ratelimiter.retry_after_ms(requester.user_id, now)
+        retry_after = await self._ratelimiter.acquire(user_id, now)
         if retry_after is not None:
-            # Nothing is spent: the session and the user's allowance stay as they were.
+            # Nothing is counted or spent: the session and the allowance stay as they were.
             raise rate_limited(retry_after)
         session = None
         if session_id is not None:
-            session = self._uia.spend(session_id)
+            try:
+                session = await self._uia.spend(session_id)
+            except Exception:
+                await self._give_back(user_id, None)
+                raise
             if session is None:
-                raise self._challenge(
+                await self._give_back(user_id, None)
+                raise await self._challenge(
                     requester, endpoint, now, error="This session has already been used; start again"
                 )
-        self._ratelimiter.record(requester.user_id, now)
-        token = tokens.generate_token()
         lifetime = self._config.token_lifetime_ms
         try:
-            await self.store.add_token(
-                tokens.hash_token(token), requester.user_id, int(now * 1000) + lifetime
-            )
+            token = await self._mint(user_id, now, lifetime)
         except Exception:
             # Nothing was issued: give back what this request spent, so the
             # user can retry the same session once the store recovers.
-            self._ratelimiter.refund(requester.user_id, self._now())
-            if session is not None:
-                self._uia.restore(session)
+            await self._give_back(user_id, session)
             raise
-        logger.info("Issued a login token for %s (device %s)", requester.user_id, requester.device_id)
+        logger.info("Issued a login token for %s (device %s)", user_id, requester.device_id)
         return token, lifetime
 
-    def _challenge(
+    async def _mint(self, user_id: str, now: float, lifetime_ms: int) -> str:
+        """A new token for ``user_id``: the host's, or one of ours kept (as a hash) in the store."""
+        if self._host_tokens:
+            return await self.api.create_login_token(user_id, lifetime_ms)
+        token = tokens.generate_token()
+        await self.store.add_token(tokens.hash_token(token), user_id, int(now * 1000) + lifetime_ms)
+        return token
+
+    async def _give_back(self, user_id: str, session: UiaSession | None) -> None:
+        """Undo a request's rate-limit action (and session spend); best effort.
+
+        If the backend is down too, the action stays counted until it drains and
+        the session is gone: the client is told to try again, nothing is issued.
+        """
+        try:
+            await self._ratelimiter.refund(user_id, self._now())
+            if session is not None:
+                await self._uia.restore(session)
+        except Exception as error:
+            logger.warning("Could not give back a failed get_token's allowance or session: %s", error)
+
+    async def _challenge(
         self,
         requester: Requester,
         endpoint: str,
@@ -115,7 +168,7 @@ class LoginTokenModule:
     ) -> MatrixError:
         """The 401 that asks for (more) UIA, with a fresh session unless one is given."""
         if session_id is None:
-            session_id = self._uia.create(requester.user_id, endpoint, now).session_id
+            session_id = (await self._uia.create(requester.user_id, endpoint, now)).session_id
         extra: JsonDict = {
             "flows": [{"stages": [PASSWORD_STAGE]}],
             "params": {},
@@ -127,25 +180,26 @@ class LoginTokenModule:
             return _ChallengeError(extra)
         return _ChallengeError(extra, errcode=errcode, error=error)
 
-    async def _authenticate(self, requester: Requester, body: JsonDict, endpoint: str) -> str:
-        """Check the ``auth`` dict; returns the completed session's id or raises 401/4xx."""
+    async def _authenticate(self, requester: Requester, body: JsonDict, endpoint: str) -> str | None:
+        """Check the ``auth`` dict; raises 401/4xx unless the password is right.
+
+        Returns the session to spend, or None for credentials sent without a
+        session (a one-shot prompt, proven in this request: nothing to spend).
+        """
         now = self._now()
         auth = body.get("auth")
         if auth is None:
-            raise self._challenge(requester, endpoint, now)
+            raise await self._challenge(requester, endpoint, now)
         if not isinstance(auth, dict):
             raise MatrixError(400, Codes.BAD_JSON, "'auth' must be an object")
 
         session_id = auth.get("session")
-        if session_id is None:
-            # Credentials without a session: a one-shot prompt, proven right here.
-            session_id = self._uia.create(requester.user_id, endpoint, now).session_id
-        elif not isinstance(session_id, str):
-            raise MatrixError(400, Codes.BAD_JSON, "'auth.session' must be a string")
-        else:
-            session = self._uia.get(session_id, now)
+        if session_id is not None:
+            if not isinstance(session_id, str):
+                raise MatrixError(400, Codes.BAD_JSON, "'auth.session' must be a string")
+            session = await self._uia.get(session_id, now)
             if session is None or session.user_id != requester.user_id or session.endpoint != endpoint:
-                raise self._challenge(
+                raise await self._challenge(
                     requester,
                     endpoint,
                     now,
@@ -154,7 +208,7 @@ class LoginTokenModule:
 
         stage = auth.get("type")
         if stage is None:
-            raise self._challenge(requester, endpoint, now, session_id=session_id)
+            raise await self._challenge(requester, endpoint, now, session_id=session_id)
         if stage != PASSWORD_STAGE:
             raise MatrixError(
                 400, Codes.UNRECOGNIZED, f"Unsupported authentication type; use {PASSWORD_STAGE}"
@@ -166,7 +220,7 @@ class LoginTokenModule:
             raise MatrixError(400, Codes.BAD_JSON, "'auth.password' must be a string")
         named_user = self._named_user(auth)
         if named_user is not None and named_user != requester.user_id:
-            raise self._challenge(
+            raise await self._challenge(
                 requester,
                 endpoint,
                 now,
@@ -174,12 +228,13 @@ class LoginTokenModule:
                 error="You can only confirm your own account",
             )
 
-        retry_after = self._failed_auth.retry_after_ms(requester.user_id, now)
+        user_id = requester.user_id
+        retry_after = await self._failed_auth.check(user_id, now)
         if retry_after is not None:
             raise rate_limited(retry_after)
-        if not await self.api.check_user_password(requester.user_id, password):
-            self._failed_auth.record(requester.user_id, self._now())
-            raise self._challenge(
+        if not await self.api.check_user_password(user_id, password):
+            await self._failed_auth.record(user_id, self._now())
+            raise await self._challenge(
                 requester, endpoint, self._now(), session_id=session_id, error="Invalid password"
             )
         return session_id
@@ -225,15 +280,12 @@ class LoginTokenModule:
     async def sweep(self) -> None:
         """Drop expired tokens, UIA sessions and drained rate-limit buckets."""
         now = self._now()
-        removed = await self.store.delete_expired(int(now * 1000))
-        for part in (self._uia.sweep(now), self._ratelimiter.sweep(now), self._failed_auth.sweep(now)):
-            await self._cooperate(part)
+        removed = 0 if self._host_tokens else await self.store.delete_expired(int(now * 1000))
+        await self._uia.sweep(now)
+        await self._ratelimiter.sweep(now)
+        await self._failed_auth.sweep(now)
         if removed:
             logger.debug("Swept %d expired login tokens", removed)
-
-    async def _cooperate(self, slices: Iterator[None]) -> None:
-        for _ in slices:
-            await deferLater(self._reactor, 0, lambda: None)
 
 
 class _ChallengeError(MatrixError):

@@ -14,53 +14,93 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
 
+from login_token_module.db import Conn
+from login_token_module.schema import Schema, SchemaError, prepare
 from login_token_module.threads import BatchingWorker
 
 T = TypeVar("T")
 P = ParamSpec("P")
 
 
+class SqliteConn:
+    """A :class:`login_token_module.db.Conn` over one sqlite3 connection (autocommit)."""
+
+    engine: Literal["sqlite"] = "sqlite"
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.raw.execute(sql, params)
+
+    def transaction(self, func: Callable[[Conn], T]) -> T:
+        # IMMEDIATE takes the write lock up front, so a read-then-write
+        # transaction cannot fail halfway on a lock another process took.
+        self.raw.execute("BEGIN IMMEDIATE")
+        try:
+            result = func(self)
+        except BaseException:
+            self.raw.execute("ROLLBACK")
+            raise
+        self.raw.execute("COMMIT")
+        return result
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class SqliteDatabase:
+    engine: Literal["sqlite"] = "sqlite"
+
     def __init__(
         self,
         reactor: Any,
         path: str,
         *,
-        schema: str = "",
+        schema: Schema | None = None,
         name: str = "sqlite",
     ) -> None:
         self.path = path
         self._reactor = reactor
         self._schema = schema
         self._worker = BatchingWorker(reactor, name)
-        self._conn: sqlite3.Connection | None = None
+        self._conn: SqliteConn | None = None
 
-    def connect(self) -> sqlite3.Connection:
+    @property
+    def shared_across_processes(self) -> bool:
+        return self.path != ":memory:"
+
+    def connect(self) -> SqliteConn:
         """A new connection with our settings and the schema in place.
 
         Also used directly (without the worker thread) by command-line tools that run
         outside the reactor.
         """
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA busy_timeout = 30000")
+        raw = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        raw.execute("PRAGMA busy_timeout = 30000")
         if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
+            raw.execute("PRAGMA journal_mode = WAL")
         # In WAL mode NORMAL is still safe against a process crash (SIGKILL);
         # only an OS crash or power loss can lose the newest commits.
-        conn.execute("PRAGMA synchronous = NORMAL")
+        raw.execute("PRAGMA synchronous = NORMAL")
         # Read pages through a memory map rather than a read() call each: with a
         # million tokens the index no longer fits SQLite's own small page cache.
-        conn.execute("PRAGMA mmap_size = 268435456")
-        if self._schema:
-            conn.executescript(self._schema)
+        raw.execute("PRAGMA mmap_size = 268435456")
+        conn = SqliteConn(raw)
+        if self._schema is not None:
+            try:
+                prepare(conn, self._schema)
+            except BaseException:
+                raw.close()
+                raise
         return conn
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> SqliteConn:
         # Only ever called on the worker thread.
         if self._conn is None:
             self._conn = self.connect()
@@ -68,7 +108,7 @@ class SqliteDatabase:
 
     def run(
         self,
-        func: Callable[Concatenate[sqlite3.Connection, P], T],
+        func: Callable[Concatenate[Conn, P], T],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> Deferred[T]:
@@ -83,7 +123,7 @@ class SqliteDatabase:
             self._conn = None
 
 
-def unusable_database_reason(path: str, schema: str) -> str | None:
+def unusable_database_reason(path: str, schema: Schema) -> str | None:
     """Why ``path`` cannot hold our database, or None if it can (it is then created).
 
     Called once at start-up, before anything is served, so that a bad path is a
@@ -98,16 +138,6 @@ def unusable_database_reason(path: str, schema: str) -> str | None:
         SqliteDatabase(None, path, schema=schema).connect().close()
     except sqlite3.Error as error:
         return f"cannot use {path} as an SQLite database: {error}"
+    except SchemaError as error:
+        return str(error)
     return None
-
-
-def transaction(conn: sqlite3.Connection, func: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``func`` inside ``BEGIN IMMEDIATE`` so its reads and writes are one unit."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = func(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 import pytest_twisted
 
-from tests.helpers import InProcessServer, start_in_process
+from tests.helpers import ChildServer, InProcessServer, Launcher, start_child, start_in_process
+from tests.pgcluster import ClusterUnavailableError, Database, PostgresCluster, driver_missing_reason
 
 
 @pytest_twisted.async_yield_fixture
@@ -15,3 +19,59 @@ async def server(tmp_path: Path) -> AsyncIterator[InProcessServer]:
     await srv.register("alice")
     yield srv
     await srv.stop()
+
+
+@pytest.fixture
+def launch() -> Iterator[Launcher]:
+    """start_child, with every child (and its workers) killed at the end whatever happens."""
+    children: list[ChildServer] = []
+
+    def start(config: Path, log_name: str = "server.log", *extra_args: str) -> ChildServer:
+        child = start_child(config, log_name, extra_args=extra_args)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill_all()
+
+
+def postgres_unavailable(reason: str) -> NoReturn:
+    """Under CI a missing PostgreSQL is a failure; elsewhere the test is skipped, saying why."""
+    if os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL is required under CI: {reason}", pytrace=False)
+    pytest.skip(f"PostgreSQL tests need a PostgreSQL server: {reason}")
+
+
+def new_cluster() -> PostgresCluster:
+    reason = driver_missing_reason()
+    if reason is not None:
+        postgres_unavailable(reason)
+    try:
+        return PostgresCluster.create()
+    except (ClusterUnavailableError, OSError) as error:
+        postgres_unavailable(str(error))
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the whole session (tests get fresh databases)."""
+    cluster = new_cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_database(pg_cluster: PostgresCluster) -> Database:
+    """A fresh, empty database in the session's cluster."""
+    if not pg_cluster.running:  # a test that stopped it failed before starting it again
+        pg_cluster.start()
+    return pg_cluster.create_database()
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[PostgresCluster]:
+    """A cluster of this test's own, for tests that stop and start the server."""
+    cluster = new_cluster()
+    yield cluster
+    cluster.destroy()

@@ -6,16 +6,18 @@ loaded from its YAML-shaped config, exactly as an operator would run it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +216,13 @@ class ChildServer:
             self.process.send_signal(sig)
         return self.process.wait(timeout)
 
+    def kill_all(self) -> None:
+        """SIGKILL the server and any worker processes it started."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+
 
 def cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -233,19 +242,25 @@ def write_config(directory: Path, config: Mapping[str, Any], name: str = "homese
     return path
 
 
-def start_child(config_path: Path, log_name: str = "server.log", timeout: float = 30) -> ChildServer:
+def start_child(
+    config_path: Path, log_name: str = "server.log", timeout: float = 30, extra_args: tuple[str, ...] = ()
+) -> ChildServer:
     log_path = config_path.parent / log_name
     log_file = open(log_path, "w")  # noqa: SIM115 (the child writes to it for its whole life)
     process = subprocess.Popen(
-        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path)],
+        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config_path), *extra_args],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A group of its own, so a test can signal (or clean up) a server and its workers together.
+        start_new_session=True,
     )
+    # With --workers N, serving starts when the parent says all N are up.
+    ready = re.compile(r"workers serving http://[^:]+:(\d+)") if "--workers" in extra_args else LISTENING_RE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = LISTENING_RE.search(log_path.read_text())
+        match = ready.search(log_path.read_text())
         if match:
             return ChildServer(process, int(match.group(1)), log_path)
         if process.poll() is not None:
@@ -317,3 +332,75 @@ def sync_call(
     except urllib.error.HTTPError as error:
         with error:
             return error.code, json.loads(error.read())
+
+
+# -- synchronous helpers for child-process tests (urllib, no reactor) ------------------
+
+
+def password_login(
+    base_url: str, user: str = "alice", password: str = PASSWORD, **extra: Any
+) -> tuple[int, dict[str, Any]]:
+    body = {
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": password,
+        **extra,
+    }
+    return sync_call(base_url, "POST", LOGIN, body)
+
+
+def access_token(base_url: str, user: str = "alice", password: str = PASSWORD) -> str:
+    code, body = password_login(base_url, user, password)
+    assert code == 200, body
+    return str(body["access_token"])
+
+
+def mint_login_token(base_url: str, token: str, password: str = PASSWORD) -> str:
+    code, challenge = sync_call(base_url, "POST", GET_TOKEN, {}, token)
+    assert code == 401, challenge
+    auth = {"type": "m.login.password", "password": password, "session": challenge["session"]}
+    code, issued = sync_call(base_url, "POST", GET_TOKEN, {"auth": auth}, token)
+    assert code == 200, issued
+    return str(issued["login_token"])
+
+
+def token_login(base_url: str, login_token: str) -> tuple[int, dict[str, Any]]:
+    return sync_call(base_url, "POST", LOGIN, {"type": "m.login.token", "token": login_token})
+
+
+def register(config: Path, localpart: str = "alice", password: str = PASSWORD) -> None:
+    result = cli("register-user", "-c", str(config), localpart, stdin=password + "\n")
+    assert result.returncode == 0, result.stderr
+
+
+def run_serve(config: Path, *extra_args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`serve` expected to give up at once (a bad config): it must not start serving."""
+    return subprocess.run(
+        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config), *extra_args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+Launcher = Callable[..., ChildServer]
+
+
+def recreate_token_table(db_path: Path) -> None:
+    """Put back the SQLite token table a test dropped, as the current schema has it."""
+    from login_token_module.stores.sqlite import SCHEMA
+
+    with sqlite3.connect(db_path) as conn:
+        # Every migration's statements about that table (its indexes went with it).
+        for migration in SCHEMA.migrations:
+            for statement in migration.sqlite:
+                if re.search(r"\blogin_tokens\b", statement):
+                    conn.execute(statement)

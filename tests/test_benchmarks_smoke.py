@@ -8,6 +8,7 @@ the end and prints its table with numbers, so the benchmarks cannot rot.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,3 +51,18 @@ def test_smoke_mode_prints_a_table_of_measurements_and_targets(tmp_path: Path) -
     assert len(written) == 1
     payload = json.loads(written[0].read_text())
     assert payload["targets"] and all("result" in target for target in payload["targets"])
+
+    # #6, scale-out: every configuration measured (PostgreSQL's too, where it can run), and the plot.
+    scale = payload["sections"]["scaleout"]
+    configured = {config["key"] for config in scale["configs"]}
+    assert {"sqlite-1", "sqlite-shared-1", "sqlite-2"} <= configured
+    if os.environ.get("CI"):
+        assert {"postgres-1", "postgres-2"} <= configured, scale["postgres_skipped"]
+    for config in scale["configs"]:
+        for phase in config["phases"].values():
+            assert phase["errors"] == 0 and phase["ops_per_s"] > 0, config
+            # Too few operations in smoke mode for a steady figure, but it is read.
+            assert isinstance(phase["server_cpu_ms_per_op"], float), config
+    assert "#6 Scale-out" in out
+    picture = written[0].with_suffix(".png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

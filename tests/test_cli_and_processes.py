@@ -13,7 +13,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,18 @@ import yaml
 
 from tests.helpers import (
     GET_TOKEN,
-    LOGIN,
     PASSWORD,
-    ChildServer,
+    Launcher,
+    access_token,
     cli,
     homeserver_yaml,
-    start_child,
+    mint_login_token,
+    one_line,
+    password_login,
+    register,
+    run_serve,
     sync_call,
+    token_login,
     write_config,
 )
 
@@ -38,79 +43,6 @@ WHOAMI = "/_matrix/client/v3/account/whoami"
 GENEROUS = {"ratelimit": {"per_second": 1000, "burst_count": 1000}}
 SQLITE_STORE = {"store": {"type": "sqlite", "path": "tokens.db"}, **GENEROUS}
 MEMORY_STORE = {"store": {"type": "memory"}, **GENEROUS}
-
-
-def password_login(
-    base_url: str, user: str = "alice", password: str = PASSWORD
-) -> tuple[int, dict[str, Any]]:
-    body = {
-        "type": "m.login.password",
-        "identifier": {"type": "m.id.user", "user": user},
-        "password": password,
-    }
-    return sync_call(base_url, "POST", LOGIN, body)
-
-
-def access_token(base_url: str, user: str = "alice", password: str = PASSWORD) -> str:
-    code, body = password_login(base_url, user, password)
-    assert code == 200, body
-    return str(body["access_token"])
-
-
-def mint_login_token(base_url: str, token: str, password: str = PASSWORD) -> str:
-    code, challenge = sync_call(base_url, "POST", GET_TOKEN, {}, token)
-    assert code == 401, challenge
-    auth = {"type": "m.login.password", "password": password, "session": challenge["session"]}
-    code, issued = sync_call(base_url, "POST", GET_TOKEN, {"auth": auth}, token)
-    assert code == 200, issued
-    return str(issued["login_token"])
-
-
-def token_login(base_url: str, login_token: str) -> tuple[int, dict[str, Any]]:
-    return sync_call(base_url, "POST", LOGIN, {"type": "m.login.token", "token": login_token})
-
-
-def register(config: Path, localpart: str = "alice", password: str = PASSWORD) -> None:
-    result = cli("register-user", "-c", str(config), localpart, stdin=password + "\n")
-    assert result.returncode == 0, result.stderr
-
-
-def run_serve(config: Path, timeout: float = 15) -> subprocess.CompletedProcess[str]:
-    """`serve` expected to give up at once (a bad config): it must not start serving."""
-    return subprocess.run(
-        [sys.executable, "-m", "login_token_module.host.cli", "serve", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.splitlines()
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    return lines[0]
-
-
-Launcher = Callable[..., ChildServer]
-
-
-@pytest.fixture
-def launch() -> Iterator[Launcher]:
-    """start_child, with every child killed at the end whatever happens."""
-    children: list[ChildServer] = []
-
-    def start(config: Path, log_name: str = "server.log") -> ChildServer:
-        child = start_child(config, log_name)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.process.poll() is None:
-            child.process.kill()
-            child.process.wait(10)
 
 
 @pytest.fixture

@@ -66,12 +66,37 @@ BAD_CONFIGS: list[tuple[Any, str]] = [
     ({"failed_auth_ratelimit": {"burst_count": "x"}}, "failed_auth_ratelimit.burst_count: must be"),
     ({"ui_auth_session_lifetime_ms": 10}, "ui_auth_session_lifetime_ms: must be a whole number from"),
     ({"sweep_interval_ms": 0}, "sweep_interval_ms: must be a whole number from"),
-    ({"store": {"type": "redis"}}, "store.type: must be 'memory' or 'sqlite'"),
+    ({"store": {"type": "redis"}}, "store.type: must be 'memory', 'sqlite' or 'postgres'"),
     ({"store": {"type": "sqlite", "path": ""}}, "store.path: must be a non-empty file path"),
     ({"store": {"type": "sqlite", "path": 5}}, "store.path: must be a non-empty file path"),
     ({"store": {"type": "memory", "path": "x.db"}}, "store.path: only applies to the sqlite store"),
     ({"store": {"typ": "memory"}}, "store.typ: unknown option"),
+    ({"store": {"type": "memory", "shared_state": True}}, "store.shared_state: the memory store cannot"),
+    ({"store": {"type": "sqlite", "shared_state": "yes"}}, "store.shared_state: must be true or false"),
+    ({"store": {"type": "sqlite", "dsn": "postgresql://x"}}, "store.dsn: only applies to the postgres"),
+    ({"store": {"type": "postgres"}}, "store.dsn: must be a URI such as postgresql://"),
+    ({"store": {"type": "postgres", "dsn": "host=db password=hunter2"}}, "store.dsn: must be a URI"),
+    ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "path": "t.db"}}, "store.path: only applies"),
+    ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_max": 0}}, "store.cp_max: must be"),
+    ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_min": 9}}, "store.cp_min: must not be"),
 ]
+
+
+def test_a_wrong_dsn_is_never_echoed() -> None:
+    """The DSN may carry a password: the error names the key, not the value."""
+    with pytest.raises(ConfigError) as caught:
+        LoginTokenModule.parse_config({"store": {"type": "postgres", "dsn": "host=db password=hunter2"}})
+    assert "hunter2" not in str(caught.value)
+
+
+def test_postgres_store_config_is_read() -> None:
+    config = LoginTokenModule.parse_config(
+        {"store": {"type": "postgres", "dsn": "postgresql://ltm@127.0.0.1:5432/ltm", "cp_max": 3}}
+    )
+    assert config.store.type == "postgres"
+    assert config.store.dsn == "postgresql://ltm@127.0.0.1:5432/ltm"
+    assert (config.store.cp_min, config.store.cp_max) == (1, 3)
+    assert config.store.shared_state is None  # decided at start-up: shared, for postgres
 
 
 @pytest.mark.parametrize(("raw", "message"), BAD_CONFIGS)
@@ -103,7 +128,14 @@ HOST_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"listeners": [{"port": 70000}]}, "listeners[0].port: must be a whole number"),
     ({"listeners": [{"port": 8008, "tls": True}]}, "listeners[0].tls: TLS is not supported"),
     ({"listeners": [{"port": 8008, "bind_addresses": []}]}, "listeners[0].bind_addresses"),
-    ({"database": {"name": "psycopg2"}}, "database.name: only 'sqlite3' is supported"),
+    ({"database": {"name": "postgres"}}, "database.name: must be 'sqlite3' or 'psycopg2'"),
+    ({"database": {"name": "psycopg2"}}, "database.args.database: is required"),
+    ({"database": {"name": "psycopg2", "args": {"database": ""}}}, "database.args.database: must be a"),
+    ({"database": {"name": "psycopg2", "args": {"database": "x", "port": "5432"}}}, "database.args.port"),
+    ({"database": {"name": "psycopg2", "args": {"dbname": "x", "database": "x"}}}, "database.args.dbname"),
+    ({"database": {"name": "psycopg2", "args": {"database": "x", "colour": 1}}}, "database.args.colour"),
+    ({"database": {"name": "psycopg2", "args": {"database": "x", "cp_min": 6}}}, "database.args.cp_min"),
+    ({"database": {"name": "sqlite3", "args": {"host": "x"}}}, "database.args.host: unknown option"),
     ({"database": {"name": "sqlite3", "args": {"database": 3}}}, "database.args.database"),
     ({"bcrypt_rounds": 2}, "bcrypt_rounds: must be a whole number from 4 to 31"),
     ({"modules": {"module": "x"}}, "modules: must be a list"),
@@ -121,6 +153,32 @@ def test_homeserver_config_errors_name_the_key(tmp_path: Path, change: dict[str,
     with pytest.raises(ConfigError) as caught:
         parse_homeserver_config(raw, str(tmp_path))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_postgres_database_config_is_read_in_synapse_shape(tmp_path: Path) -> None:
+    raw = homeserver_yaml(tmp_path)
+    raw["database"] = {
+        "name": "psycopg2",
+        "args": {
+            "host": "127.0.0.1",
+            "port": 5433,
+            "user": "synapse",
+            "password": "secret",
+            "database": "homeserver",
+            "cp_min": 2,
+            "cp_max": 4,
+        },
+    }
+    database = parse_homeserver_config(raw, str(tmp_path)).database
+    assert database.name == "psycopg2"
+    assert dict(database.args) == {
+        "host": "127.0.0.1",
+        "port": 5433,
+        "user": "synapse",
+        "password": "secret",
+        "dbname": "homeserver",
+    }
+    assert (database.cp_min, database.cp_max) == (2, 4)
 
 
 def test_sample_config_is_valid_and_resolves_paths_beside_itself() -> None:
@@ -179,3 +237,12 @@ async def test_store_paths_relative_absolute_and_in_memory(tmp_path: Path) -> No
         assert set(config_dir.iterdir()) == before
     finally:
         await hs.stop()
+
+
+def test_whether_a_store_was_named_is_remembered() -> None:
+    parse_config = LoginTokenModule.parse_config
+    # A host that keeps the tokens itself (Synapse) refuses a named store rather than ignore it.
+    assert parse_config({}).store_configured is False
+    assert parse_config({"token_lifetime_ms": 1000}).store_configured is False
+    assert parse_config({"store": {"type": "memory"}}).store_configured is True
+    assert parse_config({"store": None}).store_configured is True

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest_twisted
 
 from login_token_module.stores.sqlite import SCHEMA as STORE_SCHEMA
-from tests.helpers import GET_TOKEN, InProcessServer, Response, challenge, password_auth, running, sleep
+from tests.helpers import (
+    GET_TOKEN,
+    InProcessServer,
+    Response,
+    challenge,
+    password_auth,
+    recreate_token_table,
+    running,
+    sleep,
+)
 
 
 def assert_limited(response: Response) -> int:
@@ -118,7 +127,8 @@ async def test_a_token_that_could_not_be_stored_spends_neither_session_nor_allow
         assert failed.code == 500, failed
 
         with sqlite3.connect(tmp_path / "tokens.db") as conn:
-            conn.executescript(STORE_SCHEMA)
+            for statement in STORE_SCHEMA.migrations[0].sqlite:
+                conn.execute(statement)
         retried = await srv.client.post(GET_TOKEN, password_auth(session), access)
         assert retried.code == 200, retried
         assert await srv.module.store.count_tokens() == 1
@@ -136,8 +146,7 @@ async def test_a_failed_store_gives_back_one_action_not_more(tmp_path: Path) -> 
             conn.execute("DROP TABLE login_tokens")
         failed = await srv.client.get_login_token(access)
         assert failed.code == 500, failed
-        with sqlite3.connect(tmp_path / "tokens.db") as conn:
-            conn.executescript(STORE_SCHEMA)
+        recreate_token_table(tmp_path / "tokens.db")
 
         for _ in range(2):
             issued = await srv.client.get_login_token(access)

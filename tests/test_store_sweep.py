@@ -15,10 +15,12 @@ import pytest_twisted
 from twisted.internet import defer
 
 from login_token_module import tokens
-from login_token_module.stores import TokenStore
+from login_token_module.config import StoreConfig
+from login_token_module.stores import TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
 from login_token_module.stores.sqlite import SWEEP_BATCH, SqliteTokenStore
 from tests.helpers import REACTOR
+from tests.pgcluster import Database
 
 NOW = 1_700_000_000_000
 # More than two SQLite batches (and many memory slices).
@@ -29,8 +31,14 @@ def _hash(i: int) -> bytes:
     return tokens.hash_token(f"token {i}")
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
+    if request.param == "postgres":
+        database: Database = request.getfixturevalue("pg_database")
+        backend = make_state(StoreConfig(type="postgres", dsn=database.dsn), REACTOR, str(tmp_path))
+        yield backend.tokens
+        await backend.close()
+        return
     made: TokenStore = (
         MemoryTokenStore(REACTOR)
         if request.param == "memory"

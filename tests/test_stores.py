@@ -1,4 +1,5 @@
-"""The TokenStore contract, run against every store (SQLite on a real file)."""
+"""The TokenStore contract, run against every store: memory, SQLite on a real
+file, and PostgreSQL on a real server (a throwaway cluster, a fresh database)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest_twisted
 from twisted.internet import defer
 
 from login_token_module import tokens
-from login_token_module.stores import TokenStore
+from login_token_module.config import StoreConfig
+from login_token_module.stores import TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
+from login_token_module.stores.sql import SWEEP_BATCH
 from login_token_module.stores.sqlite import SqliteTokenStore, _consume
 from tests.helpers import REACTOR, start_in_process
+from tests.pgcluster import Database
 
 NOW = 1_700_000_000_000
 
@@ -25,15 +29,21 @@ def _hash() -> bytes:
     return tokens.hash_token(tokens.generate_token())
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite"])
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TokenStore]:
-    made: TokenStore = (
-        MemoryTokenStore(REACTOR)
-        if request.param == "memory"
-        else SqliteTokenStore(REACTOR, str(tmp_path / "tokens.db"))
-    )
-    yield made
-    await made.close()
+    if request.param == "memory":
+        memory = MemoryTokenStore(REACTOR)
+        yield memory
+        await memory.close()
+    elif request.param == "sqlite":
+        sqlite = SqliteTokenStore(REACTOR, str(tmp_path / "tokens.db"))
+        yield sqlite
+        await sqlite.close()
+    else:
+        database: Database = request.getfixturevalue("pg_database")
+        backend = make_state(StoreConfig(type="postgres", dsn=database.dsn), REACTOR, str(tmp_path))
+        yield backend.tokens
+        await backend.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -125,7 +135,7 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
     """Many connections (as many processes would) race to spend each token: one wins."""
     path = str(tmp_path / "tokens.db")
     store = SqliteTokenStore(REACTOR, path)  # creates the schema on first use
-    setup = store._db.connect()
+    setup = store.sqlite.connect()
     hashes = [_hash() for _ in range(20)]
     for token_hash in hashes:
         setup.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 60_000))
@@ -136,7 +146,7 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
     barrier = threading.Barrier(8)
 
     def racer() -> None:
-        conn = store._db.connect()
+        conn = store.sqlite.connect()
         barrier.wait()
         for token_hash in hashes:
             if _consume(conn, token_hash, NOW) is not None:
@@ -167,3 +177,111 @@ async def test_stopping_the_server_closes_the_token_database(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
     with sqlite3.connect(tmp_path / "tokens.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM login_tokens").fetchone() == (1,)
+
+
+def test_postgres_consume_is_atomic_across_connections(pg_database: Database, tmp_path: Path) -> None:
+    """Many connections (as many workers on many machines would) race to spend each token: one wins."""
+    from login_token_module import postgres
+    from login_token_module.schema import prepare
+    from login_token_module.stores.sql import STATE_SCHEMA
+
+    setup = postgres.connect(pg_database.dsn, {})
+    prepare(setup, STATE_SCHEMA)
+    hashes = [_hash() for _ in range(20)]
+    for token_hash in hashes:
+        setup.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 60_000))
+    setup.close()
+
+    winners: list[bytes] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def racer() -> None:
+        conn = postgres.connect(pg_database.dsn, {})
+        barrier.wait()
+        for token_hash in hashes:
+            if _consume(conn, token_hash, NOW) is not None:
+                with lock:
+                    winners.append(token_hash)
+        conn.close()
+
+    threads = [threading.Thread(target=racer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(winners) == sorted(hashes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_sweeps_from_two_workers_share_the_work(pg_database: Database, tmp_path: Path) -> None:
+    """Two workers sweep at once: every expired token goes exactly once, live ones stay."""
+    config = StoreConfig(type="postgres", dsn=pg_database.dsn)
+    first = make_state(config, REACTOR, str(tmp_path))
+    second = make_state(config, REACTOR, str(tmp_path))
+    try:
+        dead = 3 * SWEEP_BATCH + 11
+        conn = pg_database.cluster.connect(pg_database.name)
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO login_tokens SELECT sha256(i::text::bytea), '@old:test', %s"
+                " FROM generate_series(1, %s) AS i",
+                (NOW - 1, dead),
+            )
+        conn.close()
+        live = _hash()
+        await first.tokens.add_token(live, "@new:test", NOW + 60_000)
+
+        removed = await defer.gatherResults(
+            [
+                defer.ensureDeferred(first.tokens.delete_expired(NOW)),
+                defer.ensureDeferred(second.tokens.delete_expired(NOW)),
+            ]
+        )
+        assert sum(removed) == dead, removed
+        assert await second.tokens.count_tokens() == 1
+        assert await second.tokens.consume_token(live, NOW) == "@new:test"
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_stores_hashes_only(pg_database: Database, tmp_path: Path) -> None:
+    backend = make_state(StoreConfig(type="postgres", dsn=pg_database.dsn), REACTOR, str(tmp_path))
+    token = tokens.generate_token()
+    try:
+        await backend.tokens.add_token(tokens.hash_token(token), "@alice:test", NOW + 1000)
+    finally:
+        await backend.close()
+    rows = pg_database.cluster.query(pg_database.name, "SELECT token_hash, user_id FROM login_tokens")
+    assert [(bytes(row[0]), row[1]) for row in rows] == [(tokens.hash_token(token), "@alice:test")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path: Path) -> None:
+    """A login_tokens.db as the first SQLite store left it (no schema_versions) keeps its
+    tokens, gains the shared-state tables, and records version 2."""
+    path = tmp_path / "login_tokens.db"
+    token_hash = _hash()
+    with sqlite3.connect(path) as old:
+        old.executescript(
+            "CREATE TABLE login_tokens (token_hash BLOB PRIMARY KEY, user_id TEXT NOT NULL,"
+            " expires_at_ms INTEGER NOT NULL) WITHOUT ROWID;"
+            "CREATE INDEX login_tokens_expiry ON login_tokens (expires_at_ms);"
+        )
+        old.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 1000))
+    old.close()
+
+    config = StoreConfig(type="sqlite", path=str(path), shared_state=True)
+    backend = make_state(config, REACTOR, str(tmp_path))
+    try:
+        assert await backend.tokens.consume_token(token_hash, NOW) == "@alice:test"
+        session = await backend.uia_sessions(60).create("@alice:test", "/get_token", NOW / 1000)
+        assert await backend.uia_sessions(60).get(session.session_id, NOW / 1000) is not None
+    finally:
+        await backend.close()
+    with sqlite3.connect(path) as conn:
+        versions = conn.execute("SELECT component, version FROM schema_versions").fetchall()
+    conn.close()
+    assert versions == [("login_token_module", 2)]

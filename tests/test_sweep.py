@@ -21,12 +21,19 @@ from tests.helpers import GET_TOKEN, REACTOR, InProcessServer, password_auth, ru
 HOUR_MS = 3_600_000
 
 
-def store_config(store_type: str) -> dict[str, Any]:
-    return {"type": store_type} if store_type == "memory" else {"type": "sqlite", "path": "t.db"}
+BACKENDS = ["memory", "sqlite", "sqlite-shared", "postgres"]
 
 
-def sizes(module: LoginTokenModule) -> tuple[int, int, int]:
-    return len(module._uia), len(module._ratelimiter), len(module._failed_auth)
+def store_config(store_type: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if store_type.startswith("sqlite"):
+        return {"type": "sqlite", "path": "t.db", "shared_state": store_type == "sqlite-shared"}
+    if store_type == "postgres":
+        return {"type": "postgres", "dsn": request.getfixturevalue("pg_database").dsn}
+    return {"type": "memory"}
+
+
+async def sizes(module: LoginTokenModule) -> tuple[int, int, int]:
+    return await module._uia.count(), await module._ratelimiter.count(), await module._failed_auth.count()
 
 
 async def leave_one_of_everything(server: InProcessServer, tokens: int) -> str:
@@ -43,17 +50,17 @@ async def leave_one_of_everything(server: InProcessServer, tokens: int) -> str:
     wrong = await client.post(GET_TOKEN, password_auth(None, "wrong"), access)
     assert wrong.code == 401, wrong  # and the session this one opened
     assert await server.module.store.count_tokens() == tokens
-    assert sizes(server.module) == (2, 1, 1)
+    assert await sizes(server.module) == (2, 1, 1)
     return token
 
 
-@pytest.mark.parametrize("store_type", ["memory", "sqlite"])
+@pytest.mark.parametrize("store_type", BACKENDS)
 @pytest_twisted.ensureDeferred
 async def test_a_sweep_removes_what_has_expired(
-    tmp_path: Path, store_type: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, store_type: str, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
     config = {
-        "store": store_config(store_type),
+        "store": store_config(store_type, request),
         "token_lifetime_ms": 100,
         "ui_auth_session_lifetime_ms": 1000,
         "ratelimit": {"per_second": 20, "burst_count": 5},  # 3 actions drain in 0.15 s
@@ -69,24 +76,24 @@ async def test_a_sweep_removes_what_has_expired(
             "Swept 3 expired login tokens"
         ]
         assert await server.module.store.count_tokens() == 0
-        assert sizes(server.module) == (0, 0, 0)
+        assert await sizes(server.module) == (0, 0, 0)
         assert (await server.client.token_login(token)).code == 403
 
 
-@pytest.mark.parametrize("store_type", ["memory", "sqlite"])
+@pytest.mark.parametrize("store_type", BACKENDS)
 @pytest_twisted.ensureDeferred
 async def test_a_sweep_keeps_what_is_still_live(
-    tmp_path: Path, store_type: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, store_type: str, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
     """Default lifetimes (minutes): a sweep right away must leave everything in force."""
-    config = {"store": store_config(store_type), "sweep_interval_ms": HOUR_MS}
+    config = {"store": store_config(store_type, request), "sweep_interval_ms": HOUR_MS}
     async with running(tmp_path, config) as server:
         token = await leave_one_of_everything(server, tokens=1)
         caplog.set_level(logging.DEBUG, logger="login_token_module.module")
         await server.module.sweep()
         assert not [r for r in caplog.records if r.msg.startswith("Swept")]
         assert await server.module.store.count_tokens() == 1
-        assert sizes(server.module) == (2, 1, 1)
+        assert await sizes(server.module) == (2, 1, 1)
         # Still in force: the limit refuses a second token, and the first one logs in.
         access = await server.client.access_token("alice")
         assert (await server.client.get_login_token(access)).code == 429

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from login_token_module.stores.sqlite import SCHEMA as STORE_SCHEMA
 from login_token_module.tokens import generate_token, is_well_formed
-from tests.helpers import LOGIN, PASSWORD, InProcessServer, Response, running, sleep
+from tests.helpers import LOGIN, PASSWORD, InProcessServer, Response, recreate_token_table, running, sleep
 
 WHOAMI = "/_matrix/client/v3/account/whoami"
 # Enough allowance to mint several tokens for one user within a test.
@@ -194,8 +193,7 @@ async def test_malformed_tokens_are_refused_without_a_store_lookup(tmp_path: Pat
         assert looked_up.code == 500, looked_up
         assert looked_up.json["errcode"] == "M_UNKNOWN"
 
-        with sqlite3.connect(tmp_path / "tokens.db") as conn:
-            conn.executescript(STORE_SCHEMA)
+        recreate_token_table(tmp_path / "tokens.db")
         assert_forbidden(await server.client.token_login(token))
 
 

@@ -8,9 +8,9 @@ import secrets
 from twisted.web.server import Request
 
 from login_token_module.api import Requester
+from login_token_module.db import Database
 from login_token_module.errors import Codes, MatrixError
 from login_token_module.host import database
-from login_token_module.sqlite import SqliteDatabase
 
 ACCESS_TOKEN_PREFIX = "mat_"
 
@@ -38,7 +38,7 @@ def access_token_from_request(request: Request) -> str | None:
     return None
 
 
-async def get_user_by_req(db: SqliteDatabase, request: Request) -> Requester:
+async def get_user_by_req(db: Database, request: Request) -> Requester:
     token = access_token_from_request(request)
     if token is None:
         raise MatrixError(401, Codes.MISSING_TOKEN, "Missing access token")

@@ -7,6 +7,7 @@ import getpass
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from login_token_module.config import ConfigError
@@ -14,9 +15,9 @@ from login_token_module.host import database
 from login_token_module.host.config import HomeserverConfig, load_config_file
 from login_token_module.host.passwords import hash_password_sync
 from login_token_module.host.resources import LOCALPART_RE
-from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
 
 PROG = "login-token-module"
+MAX_WORKERS = 64
 
 
 class CliError(Exception):
@@ -32,10 +33,13 @@ def _load(path: str) -> HomeserverConfig:
         raise CliError(f"config error in {path}: {error}") from None
 
 
+LOG_FORMAT = "%(asctime)s {who}%(levelname)s %(name)s: %(message)s"
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT.format(who=""),
         stream=sys.stderr,
     )
     from twisted.logger import STDLibLogObserver, globalLogBeginner
@@ -43,21 +47,48 @@ def _setup_logging(level: str) -> None:
     globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
 
 
+def name_log_lines(who: str) -> None:
+    """Start every log line with ``who`` (which worker process wrote it)."""
+    formatter = logging.Formatter(LOG_FORMAT.format(who=f"[{who}] "))
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+
+
 def serve(args: argparse.Namespace) -> int:
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise CliError(f"--workers must be a whole number from 1 to {MAX_WORKERS}")
     config = _load(args.config)
     _setup_logging(args.log_level)
+    if args.workers > 1:
+        from login_token_module.host.workers import serve_workers
+
+        return serve_workers(config, args.config, args.workers)
+    return run_homeserver(config, args.config)
+
+
+def run_homeserver(
+    config: HomeserverConfig,
+    config_path: str,
+    *,
+    workers: int = 1,
+    worker_addresses: list[tuple[str, int]] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Build, start and run the homeserver in this process until SIGTERM or SIGINT."""
     from twisted.internet import reactor
 
     from login_token_module.host.server import Homeserver
 
     r: Any = reactor
     try:
-        hs = Homeserver(config, r)
+        hs = Homeserver(config, r, workers=workers, worker_addresses=worker_addresses)
         hs.start()
     except ConfigError as error:
-        raise CliError(f"config error in {args.config}: {error}") from None
+        raise CliError(f"config error in {config_path}: {error}") from None
     except Exception as error:  # e.g. the port is taken
         raise CliError(f"cannot start: {error}") from None
+    if on_ready is not None:
+        on_ready()
 
     stopping = False
 
@@ -108,12 +139,14 @@ def register_user(args: argparse.Namespace) -> int:
     if not LOCALPART_RE.match(localpart):
         raise CliError("a user name may only contain a-z, 0-9 and . _ = - / +")
     user_id = f"@{localpart}:{config.server_name}"
-    problem = unusable_database_reason(config.database_path, database.SCHEMA)
-    if problem is not None:
-        raise CliError(f"config error in {args.config}: database.args.database: {problem}")
+    try:
+        # Checked before the password is asked for, so a bad database fails at once.
+        database.connect_now(config.database).close()
+    except ConfigError as error:
+        raise CliError(f"config error in {args.config}: {error}") from None
     password = _read_password(args)
     password_hash = hash_password_sync(password, config.bcrypt_rounds)
-    conn = SqliteDatabase(None, config.database_path, schema=database.SCHEMA).connect()
+    conn = database.connect_now(config.database)
     try:
         try:
             database.create_user(conn, user_id, password_hash)
@@ -128,6 +161,10 @@ def register_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_error(error: CliError) -> None:
+    print(f"{PROG}: {error}", file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="The reference Matrix homeserver for login_token_module."
@@ -137,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("-c", "--config", required=True, help="homeserver YAML config file")
     serve_parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO"
+    )
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes answering on the same port (default 1); more than one needs state shared"
+        " through the database (sqlite or postgres store)",
     )
     serve_parser.set_defaults(func=serve)
     register = commands.add_parser(
@@ -158,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except CliError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print_error(error)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import yaml
 
@@ -28,14 +28,32 @@ class ModuleConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    """Synapse's ``database:`` block: sqlite3 (a file) or psycopg2 (PostgreSQL)."""
+
+    name: Literal["sqlite3", "psycopg2"] = "sqlite3"
+    # sqlite3: the file, resolved against the config file's folder.
+    path: str = ""
+    # psycopg2: libpq connection keywords (host, port, user, password, dbname, ...).
+    args: Mapping[str, Any] = field(default_factory=dict)
+    cp_min: int = 1
+    cp_max: int = 5
+
+
+@dataclass(frozen=True)
 class HomeserverConfig:
     server_name: str
     listeners: tuple[ListenerConfig, ...]
-    database_path: str
+    database: DatabaseConfig
     bcrypt_rounds: int
     modules: tuple[ModuleConfig, ...]
     config_directory: str
     max_request_body_size: int = 64 * 1024
+
+    @property
+    def database_path(self) -> str:
+        """The SQLite file ('' on PostgreSQL)."""
+        return self.database.path
 
 
 def _listener(value: Any, path: list[str | int]) -> ListenerConfig:
@@ -57,22 +75,56 @@ def _listener(value: Any, path: list[str | int]) -> ListenerConfig:
     return ListenerConfig(port=port, bind_addresses=tuple(addresses))
 
 
-def _database(value: Any, base: str) -> str:
+# libpq keywords the reference host passes on (Synapse passes ``args`` to psycopg2 the same way).
+_PG_TEXT_ARGS = {"host", "user", "password", "database", "dbname", "sslmode", "application_name"}
+_PG_ARGS = _PG_TEXT_ARGS | {"port", "connect_timeout", "cp_min", "cp_max"}
+
+
+def _database(value: Any, base: str) -> DatabaseConfig:
     if not isinstance(value, Mapping):
         raise ConfigError(["database"], "must be a mapping with 'name' and 'args'")
     reject_unknown(value, {"name", "args"}, ["database"])
-    if value.get("name", "sqlite3") != "sqlite3":
-        raise ConfigError(["database", "name"], "only 'sqlite3' is supported")
+    name = value.get("name", "sqlite3")
+    if name not in ("sqlite3", "psycopg2"):
+        raise ConfigError(["database", "name"], f"must be 'sqlite3' or 'psycopg2', got {name!r}")
     args = value.get("args")
     if args is None:
         args = {}
     if not isinstance(args, Mapping):
         raise ConfigError(["database", "args"], "must be a mapping")
+    if name == "psycopg2":
+        return _postgres(args)
     reject_unknown(args, {"database"}, ["database", "args"])
     path = args.get("database", "homeserver.db")
     if not isinstance(path, str) or not path:
         raise ConfigError(["database", "args", "database"], "must be a file path")
-    return resolve_path(base, path)
+    return DatabaseConfig(name="sqlite3", path=resolve_path(base, path))
+
+
+def _postgres(args: Mapping[str, Any]) -> DatabaseConfig:
+    where: list[str | int] = ["database", "args"]
+    reject_unknown(args, _PG_ARGS, where)
+    connect: dict[str, Any] = {}
+    for key in sorted(_PG_TEXT_ARGS & set(args)):
+        text = args[key]
+        if not isinstance(text, str) or (key != "password" and not text):
+            raise ConfigError([*where, key], "must be a non-empty string")
+        connect["dbname" if key == "database" else key] = text
+    if "database" in args and "dbname" in args:
+        raise ConfigError([*where, "dbname"], "give 'database' or 'dbname', not both")
+    if "dbname" not in connect:
+        raise ConfigError([*where, "database"], "is required: the PostgreSQL database to use")
+    if "port" in args:
+        connect["port"] = whole_number(args["port"], [*where, "port"], 1, 65535)
+    if "connect_timeout" in args:
+        connect["connect_timeout"] = whole_number(
+            args["connect_timeout"], [*where, "connect_timeout"], 1, 600
+        )
+    cp_min = whole_number(args.get("cp_min", 1), [*where, "cp_min"], 0, 100)
+    cp_max = whole_number(args.get("cp_max", 5), [*where, "cp_max"], 1, 100)
+    if cp_min > cp_max:
+        raise ConfigError([*where, "cp_min"], f"must not be more than cp_max ({cp_max})")
+    return DatabaseConfig(name="psycopg2", args=connect, cp_min=cp_min, cp_max=cp_max)
 
 
 def resolve_path(base: str, path: str) -> str:
@@ -122,7 +174,7 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
     return HomeserverConfig(
         server_name=server_name,
         listeners=listeners,
-        database_path=_database(raw.get("database", {"name": "sqlite3"}), config_directory),
+        database=_database(raw.get("database", {"name": "sqlite3"}), config_directory),
         bcrypt_rounds=whole_number(raw.get("bcrypt_rounds", 12), ["bcrypt_rounds"], 4, 31),
         modules=_modules(raw.get("modules")),
         config_directory=config_directory,

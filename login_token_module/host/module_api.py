@@ -13,7 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
-from login_token_module.api import AuthChecker, JsonDict, Requester
+from login_token_module.api import AuthChecker, HostAbilities, JsonDict, Requester
 from login_token_module.host import auth, database
 
 if TYPE_CHECKING:
@@ -57,6 +57,19 @@ class HostModuleApi:
     @property
     def config_directory(self) -> str:
         return self._hs.config.config_directory
+
+    @property
+    def multiple_workers(self) -> bool:
+        return self._hs.workers > 1
+
+    @property
+    def abilities(self) -> HostAbilities:
+        # This host has no login tokens of its own and advertises only what
+        # modules register: the module mints, spends and advertises.
+        return HostAbilities(mints_login_tokens=False, advertises_get_login_token=False)
+
+    async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
+        raise NotImplementedError("the reference host keeps no login tokens; the module's store does")
 
     def register_web_resource(self, path: str, resource: IResource) -> None:
         registry = self._hs.registry
@@ -121,9 +134,9 @@ class HostModuleApi:
 def _call_maybe_async(f: Callable[..., Awaitable[object] | object], *args: object) -> Any:
     result = f(*args)
     if inspect.isawaitable(result):
-        return defer.ensureDeferred(_await(result))
+        return defer.ensureDeferred(awaited(result))
     return result
 
 
-async def _await(awaitable: Awaitable[object]) -> object:
+async def awaited(awaitable: Awaitable[object]) -> object:
     return await awaitable

@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib
 import io
 import logging
+import socket
 import time
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -15,12 +17,11 @@ from twisted.web.server import Request, Site
 from login_token_module.config import ConfigError
 from login_token_module.errors import Codes
 from login_token_module.host.config import HomeserverConfig
-from login_token_module.host.database import SCHEMA
-from login_token_module.host.module_api import HostModuleApi, ModuleRegistry
+from login_token_module.host.database import open_database
+from login_token_module.host.module_api import HostModuleApi, ModuleRegistry, awaited
 from login_token_module.host.passwords import PasswordHasher
 from login_token_module.host.resources import host_resources
 from login_token_module.http import render_unrecognized, respond_json
-from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("login_token_module.access")
@@ -135,23 +136,73 @@ def load_module_class(dotted: str) -> Any:
     return cls
 
 
+def reuse_port_socket(address: str, port: int) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT: every worker binds its own on the same
+    port and the kernel spreads new connections between them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Homeserver:
-    def __init__(self, config: HomeserverConfig, reactor: Any = None) -> None:
+    """The reference homeserver.
+
+    ``workers``: how many processes serve this config at once (``serve
+    --workers N``); with more than one, ``worker_addresses`` are the (address,
+    port) pairs each process binds with SO_REUSEPORT, and nothing that lives in
+    one process's memory may hold shared state.
+    """
+
+    def __init__(
+        self,
+        config: HomeserverConfig,
+        reactor: Any = None,
+        *,
+        workers: int = 1,
+        worker_addresses: list[tuple[str, int]] | None = None,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.config = config
         self.reactor = reactor
+        self.workers = workers
+        self.worker_addresses = worker_addresses
         self.registry = ModuleRegistry()
-        problem = unusable_database_reason(config.database_path, SCHEMA)
-        if problem is not None:
-            raise ConfigError(["database", "args", "database"], problem)
-        self.db = SqliteDatabase(reactor, config.database_path, schema=SCHEMA, name="homeserver-db")
+        if workers > 1 and config.database.name == "sqlite3" and config.database.path == ":memory:":
+            raise ConfigError(
+                ["database", "args", "database"],
+                "':memory:' cannot be shared by several worker processes; use a file or PostgreSQL",
+            )
+        self.db = open_database(config.database, reactor)
         self.hasher = PasswordHasher(reactor, config.bcrypt_rounds)
         self.modules: list[Any] = []
         self.ports: list[IListeningPort] = []
-        self._load_modules()
+        try:
+            self._load_modules()
+        except BaseException:
+            self._close_after_failed_start()
+            raise
+
+    def _close_after_failed_start(self) -> None:
+        """Release what was opened before a module refused to start (threads would keep
+        the process alive). The reactor is not running: closes run to completion now."""
+        for callback in self.registry.shutdown_callbacks:
+            try:
+                result = callback()
+                if result is not None:
+                    defer.ensureDeferred(awaited(result)).addErrback(lambda failure: None)
+            except Exception:
+                logger.debug("A module's shutdown callback failed after a failed start")
+        self.db.close()
+        self.hasher.close()
 
     def _load_modules(self) -> None:
         for index, entry in enumerate(self.config.modules):
@@ -187,12 +238,24 @@ class Homeserver:
     def start(self) -> list[IListeningPort]:
         """Listen on every configured address and start background tasks."""
         site = self.build_site()
-        for listener in self.config.listeners:
-            for address in listener.bind_addresses:
-                port = self.reactor.listenTCP(listener.port, site, interface=address)
+        if self.worker_addresses is not None:
+            for address, port_number in self.worker_addresses:
+                sock = reuse_port_socket(address, port_number)
+                try:
+                    sock.listen(128)
+                    sock.setblocking(False)
+                    port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, site)
+                finally:
+                    sock.close()  # the reactor holds its own copy of the descriptor
                 self.ports.append(port)
-                host = port.getHost()
-                logger.info("Listening on http://%s:%d", host.host, host.port)
+                logger.info("Listening on http://%s:%d", address, port_number)
+        else:
+            for listener in self.config.listeners:
+                for address in listener.bind_addresses:
+                    port = self.reactor.listenTCP(listener.port, site, interface=address)
+                    self.ports.append(port)
+                    host = port.getHost()
+                    logger.info("Listening on http://%s:%d", host.host, host.port)
         for loop, msec in self.registry.loops:
             loop.start(msec / 1000, now=False)
         return self.ports

@@ -1,8 +1,17 @@
-"""Where issued login tokens live until they are spent or expire.
+"""Where the module's state lives: login tokens, UIA sessions and rate-limit counters.
 
-Stores see only token hashes, never tokens. ``consume_token`` is the one
-operation that must be atomic: however many requests (or processes) present the
-same token at once, at most one of them gets the user back.
+Each kind of state has one Protocol here and a backend per place it can live:
+process memory (fastest, one process), SQLite (processes on one machine
+sharing a file) and PostgreSQL (processes on many machines). The ``store``
+config picks the backend for all three (see :func:`make_state`), so state that
+must be global across worker processes is never split between them.
+
+Stores see only token hashes, never tokens. The operations that must be atomic
+are: ``consume_token`` (however many requests or processes present the same
+token at once, at most one gets the user back), ``UiaSessionStore.spend`` (a
+completed session mints at most once) and ``RateLimitStore.acquire`` (checking
+the limit and counting the action are one step, so racing requests cannot all
+slip under it).
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import os
 from typing import Any, Protocol
 
 from login_token_module.config import ConfigError, StoreConfig
+from login_token_module.uia import UiaSession
 
 
 class TokenStore(Protocol):
@@ -30,20 +40,139 @@ class TokenStore(Protocol):
         """Release files and threads; the store is not used afterwards."""
 
 
-def make_store(config: StoreConfig, reactor: Any, config_directory: str) -> TokenStore:
-    """The configured store, ready to use; a path it cannot use is a ConfigError."""
-    if config.type == "memory":
-        from login_token_module.stores.memory import MemoryTokenStore
+class UiaSessionStore(Protocol):
+    """User-Interactive Auth sessions: one user, one endpoint, a fixed lifetime, spent once."""
 
-        return MemoryTokenStore(reactor)
-    from login_token_module.sqlite import unusable_database_reason
-    from login_token_module.stores.sqlite import SCHEMA, SqliteTokenStore
+    async def create(self, user_id: str, endpoint: str, now: float) -> UiaSession:
+        """A new session; the user's oldest ones go beyond MAX_SESSIONS_PER_USER."""
 
-    path = config.path
+    async def get(self, session_id: str, now: float) -> UiaSession | None:
+        """The live session with this id, or None (unknown, expired or spent)."""
+
+    async def spend(self, session_id: str) -> UiaSession | None:
+        """Remove and return the session; None if it was already gone. At most one caller wins."""
+
+    async def restore(self, session: UiaSession) -> None:
+        """Hold ``session`` again (its spend came to nothing: the token could not be stored)."""
+
+    async def sweep(self, now: float) -> int:
+        """Drop expired sessions without holding the reactor for long; how many went."""
+
+    async def count(self) -> int:
+        """How many sessions are held, expired-but-unswept ones included."""
+
+
+class RateLimitStore(Protocol):
+    """A leaky bucket per key (any string: a user id, an address), Synapse's
+    ``per_second`` / ``burst_count`` meaning, shared by everyone using the same
+    backend and limiter name."""
+
+    async def acquire(self, key: str, now: float) -> int | None:
+        """Count one action for ``key`` if it fits: None. Else how many ms until it
+        would fit, and nothing is counted. Check and count are one atomic step."""
+
+    async def check(self, key: str, now: float) -> int | None:
+        """Whether one more action would fit now (None), or how many ms until it would.
+        Counts nothing: for limits counted after the fact (``record``)."""
+
+    async def record(self, key: str, now: float) -> None:
+        """Count one action whether or not it fits (a failure that already happened)."""
+
+    async def refund(self, key: str, now: float) -> None:
+        """Take back one counted action (its request failed before doing anything)."""
+
+    async def sweep(self, now: float) -> int:
+        """Forget keys whose count has drained to nothing; how many went."""
+
+    async def count(self) -> int:
+        """How many keys are held."""
+
+
+class StateBackend(Protocol):
+    """Everything the module keeps, in one place chosen by the ``store`` config."""
+
+    @property
+    def tokens(self) -> TokenStore: ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether UIA sessions and rate limits are visible to other processes."""
+
+    def uia_sessions(self, lifetime_seconds: float) -> UiaSessionStore: ...
+
+    def rate_limiter(self, name: str, per_second: float, burst_count: int) -> RateLimitStore:
+        """The limiter called ``name``: every process using the same name shares its counts."""
+
+    async def close(self) -> None:
+        """Release connections, files and threads."""
+
+
+def resolve_sqlite_path(path: str, config_directory: str) -> str:
     if path != ":memory:" and not os.path.isabs(path):
-        path = os.path.join(config_directory, path)
+        return os.path.join(config_directory, path)
+    return path
+
+
+def make_state(
+    config: StoreConfig, reactor: Any, config_directory: str, *, multiple_workers: bool = False
+) -> StateBackend:
+    """The configured backend, ready to use; anything it cannot use is a ConfigError.
+
+    ``multiple_workers``: several processes serve this homeserver at once, so
+    state kept in one process's memory would be split between them: refused.
+    """
+    if config.type == "memory":
+        if multiple_workers:
+            raise ConfigError(
+                ["store", "type"],
+                "'memory' keeps tokens inside one process, but several worker processes serve this"
+                " homeserver; use sqlite or postgres",
+            )
+        from login_token_module.stores.memory import MemoryBackend
+
+        return MemoryBackend(reactor)
+
+    shared = (
+        config.shared_state
+        if config.shared_state is not None
+        else (config.type == "postgres" or multiple_workers)
+    )
+    if multiple_workers and not shared:
+        raise ConfigError(
+            ["store", "shared_state"],
+            "must be true when several worker processes serve this homeserver"
+            " (UIA sessions and rate limits would be split between them)",
+        )
+
+    from login_token_module.stores.sql import STATE_SCHEMA, SqlBackend
+
+    if config.type == "postgres":
+        from login_token_module import postgres
+
+        problem = postgres.start_up_problem(
+            config.dsn, {"application_name": "login_token_module"}, STATE_SCHEMA
+        )
+        if problem is not None:
+            raise ConfigError(["store", "dsn"], problem)
+        db: Any = postgres.PostgresDatabase(
+            reactor,
+            dsn=config.dsn,
+            args={"application_name": "login_token_module"},
+            cp_min=config.cp_min,
+            cp_max=config.cp_max,
+            name="login-token-store",
+        )
+        return SqlBackend(reactor, db, shared=shared)
+
+    from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
+
+    path = resolve_sqlite_path(config.path, config_directory)
     # Checked now, at start-up, so a bad path never becomes a 500 per request.
-    problem = unusable_database_reason(path, SCHEMA)
+    problem = unusable_database_reason(path, STATE_SCHEMA)
     if problem is not None:
         raise ConfigError(["store", "path"], problem)
-    return SqliteTokenStore(reactor, path)
+    if multiple_workers and path == ":memory:":
+        raise ConfigError(["store", "path"], "':memory:' cannot be shared between processes; use a file")
+    return SqlBackend(
+        reactor, SqliteDatabase(reactor, path, schema=STATE_SCHEMA, name="login-token-store"), shared=shared
+    )

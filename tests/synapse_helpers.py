@@ -1,0 +1,380 @@
+"""Real Synapse for tests: a Synapse process with the module, behind a real reverse proxy.
+
+Synapse is the pinned release in its own virtualenv, installed by
+``benchmarks/servers.py`` (the same code the benchmarks use), started as
+``python -m synapse.app.homeserver -c FILE`` with the module in its
+``modules:`` list. In front of it runs nginx (or Caddy) with the very blocks
+the README's "In Synapse" section tells operators to paste, so the tests
+also prove those blocks work.
+
+When ``CI`` is set, a missing piece (Synapse, nginx, Caddy) fails the test;
+elsewhere the test is skipped with a message saying what is missing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from benchmarks import servers
+from tests.external import missing
+from tests.helpers import Response
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_NAME = servers.SERVER_NAME
+LOGIN = "/_matrix/client/v3/login"
+CAPABILITIES = "/_matrix/client/v3/capabilities"
+WHOAMI = "/_matrix/client/v3/account/whoami"
+STABLE = "/_matrix/client/v1/login/get_token"
+UNSTABLE_R1 = "/_matrix/client/unstable/org.matrix.msc3882/login/get_token"
+UNSTABLE_R0 = "/_matrix/client/unstable/org.matrix.msc3882/login/token"
+SPEC_PATHS = (STABLE, UNSTABLE_R1, UNSTABLE_R0)
+# Where Synapse serves them (the reverse proxy rewrites to these).
+MODULE_PREFIX = "/_synapse/client/login_token/"
+SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def find_program(name: str) -> str:
+    found = shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + SBIN)
+    if found is None:
+        missing(f"{name} is not installed (.ci/run installs it with apt-get)")
+    return found
+
+
+@functools.cache
+def _synapse() -> tuple[Path | None, str]:
+    return servers.ensure_synapse(lambda message: print(message, flush=True))
+
+
+def synapse_python() -> Path:
+    python, detail = _synapse()
+    if python is None:
+        missing(f"Synapse is not available: {detail}")
+    return python
+
+
+@functools.cache
+def _template() -> Path:
+    """Synapse's generated files, made once per test run and copied for each Synapse."""
+    directory = Path(tempfile.mkdtemp(prefix="synapse-template-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    servers.generate_synapse_files(synapse_python(), directory)
+    return directory
+
+
+# -- HTTP ------------------------------------------------------------------------
+
+# Loopback requests must never go through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def call(
+    base_url: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    access_token: str | None = None,
+    *,
+    raw_body: bytes | None = None,
+) -> Response:
+    """One blocking request; the body is JSON if it parses, else the raw bytes."""
+    data = raw_body if raw_body is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base_url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if access_token is not None:
+        request.add_header("Authorization", f"Bearer {access_token}")
+    try:
+        with _OPENER.open(request, timeout=60) as reply:
+            code, raw, headers = reply.status, reply.read(), reply.headers
+    except urllib.error.HTTPError as error:
+        with error:
+            code, raw, headers = error.code, error.read(), error.headers
+    parsed: Any = raw
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(raw)
+    return Response(code, parsed, {name.lower(): value for name, value in headers.items()})
+
+
+@dataclass
+class Client:
+    """A client talking to one base URL (the proxy, or Synapse directly)."""
+
+    base_url: str
+
+    def post(self, path: str, body: Any = None, access_token: str | None = None) -> Response:
+        return call(self.base_url, "POST", path, body, access_token)
+
+    def get(self, path: str, access_token: str | None = None) -> Response:
+        return call(self.base_url, "GET", path, None, access_token)
+
+    def login(self, localpart: str, password: str) -> Response:
+        identifier = {"type": "m.id.user", "user": localpart}
+        return self.post(LOGIN, {"type": "m.login.password", "identifier": identifier, "password": password})
+
+    def access_token(self, localpart: str, password: str) -> str:
+        response = self.login(localpart, password)
+        assert response.code == 200, response
+        return str(response.json["access_token"])
+
+    def challenge(self, access_token: str, path: str = STABLE) -> str:
+        """Ask for a token with no auth: the UIA 401; returns its session."""
+        response = self.post(path, {}, access_token)
+        assert response.code == 401, response
+        assert response.json["flows"] == [{"stages": ["m.login.password"]}], response
+        assert "errcode" not in response.json, response
+        return str(response.json["session"])
+
+    def answer(self, access_token: str, session: str | None, password: str, path: str = STABLE) -> Response:
+        auth: dict[str, Any] = {"type": "m.login.password", "password": password}
+        if session is not None:
+            auth["session"] = session
+        return self.post(path, {"auth": auth}, access_token)
+
+    def get_login_token(self, access_token: str, password: str, path: str = STABLE) -> str:
+        response = self.answer(access_token, self.challenge(access_token, path), password, path)
+        assert response.code == 200, response
+        return str(response.json["login_token"])
+
+    def token_login(self, token: str) -> Response:
+        return self.post(LOGIN, {"type": "m.login.token", "token": token})
+
+
+# -- Synapse -----------------------------------------------------------------------
+
+
+@dataclass
+class Synapse:
+    server: servers.ServerProcess
+    shared_secret: str
+    directory: Path
+
+    @property
+    def direct(self) -> Client:
+        """Synapse itself, without the reverse proxy."""
+        return Client(self.server.base_url)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def register(self, localpart: str, password: str, *, admin: bool = False) -> str:
+        """Create a user through Synapse's shared-secret admin API (Synapse hashes the password)."""
+        nonce = self.direct.get("/_synapse/admin/v1/register").json["nonce"]
+        mac = hmac.new(self.shared_secret.encode(), digestmod=hashlib.sha1)
+        role = b"admin" if admin else b"notadmin"
+        mac.update(b"\x00".join([nonce.encode(), localpart.encode(), password.encode(), role]))
+        body = {
+            "nonce": nonce,
+            "username": localpart,
+            "password": password,
+            "admin": admin,
+            "mac": mac.hexdigest(),
+        }
+        response = self.direct.post("/_synapse/admin/v1/register", body)
+        assert response.code == 200, response
+        return str(response.json["user_id"])
+
+    def log(self) -> str:
+        return (self.directory / "synapse.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def synapse_config(
+    directory: Path, module_config: dict[str, Any] | None, extra: dict[str, Any] | None = None
+) -> tuple[Path, str]:
+    python = synapse_python()
+    return servers.synapse_config(
+        python,
+        directory,
+        bcrypt_rounds=4,
+        port=servers.free_port(),
+        module_config=module_config,
+        extra=extra,
+        template=_template(),
+    )
+
+
+def start_synapse(
+    directory: Path, module_config: dict[str, Any] | None, extra: dict[str, Any] | None = None
+) -> Synapse:
+    """A running Synapse with the module loaded with ``module_config`` (None: as ``extra`` says)."""
+    config_path, secret = synapse_config(directory, module_config, extra)
+    port = int(yaml.safe_load(config_path.read_text())["listeners"][0]["port"])
+    server = servers.start_synapse(synapse_python(), config_path, port)
+    return Synapse(server, secret, directory)
+
+
+def synapse_refuses_to_start(
+    directory: Path, module_config: dict[str, Any], extra: dict[str, Any] | None = None
+) -> tuple[int, str]:
+    """Run Synapse with this config until it exits; returns (exit code, what it printed)."""
+    config_path, _ = synapse_config(directory, module_config, extra)
+    try:
+        done = subprocess.run(
+            [str(synapse_python()), "-m", "synapse.app.homeserver", "-c", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=directory,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("Synapse started (or hung) with a config it should refuse")
+    return done.returncode, done.stdout + done.stderr
+
+
+# -- the README's blocks -------------------------------------------------------------
+
+
+def readme_section(title: str = "In Synapse") -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def readme_block(language: str, index: int = 0) -> str:
+    """The ``index``-th fenced block in ``language`` of the README's "In Synapse" section."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", readme_section(), re.MULTILINE | re.DOTALL)
+    assert len(blocks) > index, f"no ```{language} block #{index} in README's 'In Synapse'"
+    return str(blocks[index])
+
+
+# -- reverse proxies ----------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    directory: Path
+
+    @property
+    def client(self) -> Client:
+        return Client(f"http://127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _wait_for_port(proxy: Proxy, log: Path, timeout: float = 30) -> Proxy:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proxy.process.poll() is not None:
+            break
+        try:
+            # Any HTTP answer means it listens; the proxy forwards this one to Synapse.
+            call(proxy.client.base_url, "GET", "/_matrix/client/versions")
+            return proxy
+        except OSError:
+            time.sleep(0.05)
+    proxy.stop()
+    raise RuntimeError(f"{proxy.name} did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def upstream(block: str, synapse_port: int) -> str:
+    """A README block with its example upstream (localhost:8008) pointed at the test's Synapse."""
+    assert "localhost:8008" in block, block
+    return block.replace("localhost:8008", f"127.0.0.1:{synapse_port}")
+
+
+def start_nginx(directory: Path, synapse_port: int) -> Proxy:
+    """nginx in the foreground, as the current user, serving the README's nginx block."""
+    nginx = find_program("nginx")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = servers.free_port()
+    temp = {name: directory / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for path in temp.values():
+        path.mkdir(exist_ok=True)
+    config = f"""
+daemon off;
+master_process off;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {directory}/access.log;
+    client_body_temp_path {temp["body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+{upstream(readme_block("nginx"), synapse_port)}
+    }}
+}}
+"""
+    config_path = directory / "nginx.conf"
+    config_path.write_text(config)
+    log = directory / "stdout.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [nginx, "-p", str(directory), "-c", str(config_path), "-e", str(directory / "error.log")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return _wait_for_port(Proxy("nginx", process, port, directory), directory / "error.log")
+
+
+def start_caddy(directory: Path, synapse_port: int) -> Proxy:
+    """Caddy in the foreground serving the README's Caddyfile block (plain HTTP, no admin API)."""
+    caddy = find_program("caddy")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = servers.free_port()
+    site = upstream(readme_block("caddyfile"), synapse_port)
+    assert "matrix.example.com" in site, site
+    site = site.replace("matrix.example.com", f"http://127.0.0.1:{port}")
+    config_path = directory / "Caddyfile"
+    config_path.write_text("{\n\tadmin off\n}\n\n" + site)
+    log = directory / "caddy.log"
+    env = {
+        **os.environ,
+        "HOME": str(directory),
+        "XDG_DATA_HOME": str(directory / "data"),
+        "XDG_CONFIG_HOME": str(directory / "config"),
+    }
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [caddy, "run", "--config", str(config_path), "--adapter", "caddyfile"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return _wait_for_port(Proxy("caddy", process, port, directory), log)
+
+
+def unique(prefix: str, counter: Iterator[int]) -> str:
+    """A fresh localpart, so tests sharing one Synapse never share a user."""
+    return f"{prefix}{next(counter)}"

@@ -1,0 +1,394 @@
+"""The module inside a real Synapse, reached through a real reverse proxy.
+
+One Synapse process (the pinned release, with the module in its ``modules:``
+list and a password pepper) and one nginx in front of it, running the README's
+``location`` block, serve every test in this file; each test uses users of
+its own. Requests go to the spec paths on nginx, which rewrites the three
+get_token paths to ``/_synapse/client/login_token/...`` and passes the rest
+(``/login``, ``/capabilities``) to Synapse untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import subprocess
+import time
+import unicodedata
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import nio
+import pytest
+
+from tests.synapse_helpers import (
+    CAPABILITIES,
+    LOGIN,
+    MODULE_PREFIX,
+    SERVER_NAME,
+    SPEC_PATHS,
+    STABLE,
+    UNSTABLE_R0,
+    UNSTABLE_R1,
+    WHOAMI,
+    Client,
+    Proxy,
+    Synapse,
+    call,
+    readme_block,
+    start_caddy,
+    start_nginx,
+    start_synapse,
+)
+
+PEPPER = "a pepper only homeserver.yaml knows"
+RATE_WINDOW_S = 3.0  # ratelimit below: one token per user per 3 seconds (room for a slow machine)
+MODULE_CONFIG: dict[str, Any] = {
+    "token_lifetime_ms": 120_000,
+    "ratelimit": {"per_second": 1 / RATE_WINDOW_S, "burst_count": 1},
+    # Sweep often, so the background call runs (and is checked) during the tests.
+    "sweep_interval_ms": 500,
+}
+LOGCONTEXT_TROUBLE = re.compile(r"logging context|logcontext|Traceback", re.IGNORECASE)
+
+_numbers = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
+    directory = tmp_path_factory.mktemp("synapse")
+    server = start_synapse(directory, MODULE_CONFIG, {"password_config": {"pepper": PEPPER}})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(synapse: Synapse, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    proxy = start_nginx(tmp_path_factory.mktemp("nginx"), synapse.port)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def client(nginx: Proxy) -> Client:
+    return nginx.client
+
+
+def new_user(synapse: Synapse, password: str | None = None) -> tuple[str, str]:
+    """A fresh user (localpart, password) registered in Synapse."""
+    localpart = f"user{next(_numbers)}"
+    password = password if password is not None else f"password of {localpart}"
+    synapse.register(localpart, password)
+    return localpart, password
+
+
+def assert_error(response: Any, code: int, errcode: str) -> None:
+    assert response.code == code, response
+    assert isinstance(response.body, dict) and response.body.get("errcode") == errcode, response
+
+
+# -- advertised, and the flow ------------------------------------------------------
+
+
+def test_synapse_advertises_the_feature_through_the_proxy(synapse: Synapse, client: Client) -> None:
+    flows = client.get(LOGIN).json["flows"]
+    assert {"type": "m.login.token", "get_login_token": True} in flows, flows
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    capabilities = client.get(CAPABILITIES, access).json["capabilities"]
+    assert capabilities["m.get_login_token"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("path", SPEC_PATHS)
+def test_get_token_and_login_through_synapse(synapse: Synapse, client: Client, path: str) -> None:
+    localpart, password = new_user(synapse)
+    login = client.login(localpart, password).json
+    access, old_device = login["access_token"], login["device_id"]
+
+    session = client.challenge(access, path)
+    assert client.post(path, {}, access).json["params"] == {}
+
+    wrong = client.answer(access, session, "not the password", path)
+    assert wrong.code == 401, wrong
+    assert wrong.json["errcode"] == "M_FORBIDDEN"
+    assert wrong.json["session"] == session
+    assert wrong.json["completed"] == []
+
+    issued = client.answer(access, session, password, path)
+    assert issued.code == 200, issued
+    token = issued.json["login_token"]
+    assert token.startswith("syl_"), "Synapse mints the token (create_login_token)"
+    assert issued.json["expires_in_ms"] == MODULE_CONFIG["token_lifetime_ms"]
+    if path == UNSTABLE_R0:
+        assert issued.json["expires_in"] == MODULE_CONFIG["token_lifetime_ms"] // 1000
+    else:
+        assert "expires_in" not in issued.json
+
+    new = client.token_login(token)
+    assert new.code == 200, new
+    assert new.json["user_id"] == f"@{localpart}:{SERVER_NAME}"
+    assert new.json["device_id"] != old_device
+    assert client.get(WHOAMI, new.json["access_token"]).json["user_id"] == new.json["user_id"]
+
+    assert_error(client.token_login(token), 403, "M_FORBIDDEN")
+
+
+def test_the_proxy_is_what_reaches_the_module(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    # Synapse alone does not serve MSC3882's final path; through the proxy the module does.
+    assert_error(synapse.direct.post(UNSTABLE_R1, {}, access), 404, "M_UNRECOGNIZED")
+    client.challenge(access, UNSTABLE_R1)
+    # The module's own paths, straight at Synapse.
+    for spec_path in SPEC_PATHS:
+        synapse.direct.challenge(access, spec_path.replace("/_matrix/client/", MODULE_PREFIX))
+    # Nothing else lives under the module's prefix, and the proxy rewrites only the three paths.
+    assert_error(synapse.direct.post(MODULE_PREFIX + "v3/login", {}), 404, "M_UNRECOGNIZED")
+    below = synapse.direct.post(MODULE_PREFIX + "v1/login/get_token/x", {}, access)
+    assert_error(below, 404, "M_UNRECOGNIZED")
+    assert_error(client.post(STABLE + "x", {}, access), 404, "M_UNRECOGNIZED")
+
+
+# -- UIA: single use, bound, rate limited --------------------------------------------
+
+
+def test_a_completed_session_sent_again_issues_nothing_even_after_the_window(
+    synapse: Synapse, client: Client
+) -> None:
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    session = client.challenge(access)
+    assert client.answer(access, session, password).code == 200
+
+    time.sleep(RATE_WINDOW_S + 0.3)
+    replay = client.answer(access, session, password)
+    assert replay.code == 401, replay
+    assert "login_token" not in replay.json
+    assert replay.json["session"] != session
+    # The window really had passed: a new session gets a token.
+    assert client.answer(access, replay.json["session"], password).code == 200
+
+
+def test_a_second_token_within_the_window_is_429_and_costs_nothing(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    client.get_login_token(access, password)
+
+    session = client.challenge(access)
+    started = time.monotonic()
+    limited = client.answer(access, session, password)
+    assert_error(limited, 429, "M_LIMIT_EXCEEDED")
+    retry_after_ms = limited.json["retry_after_ms"]
+    assert 0 < retry_after_ms <= RATE_WINDOW_S * 1000
+    assert limited.headers["retry-after"] == str(-(-retry_after_ms // 1000))
+
+    # The refused request spent nothing: the same session works once the window has passed.
+    time.sleep(max(0.0, retry_after_ms / 1000 - (time.monotonic() - started)) + 0.3)
+    assert client.answer(access, session, password).code == 200
+
+
+def test_wrong_passwords_are_limited_per_user(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    session = client.challenge(access)
+    for _ in range(3):  # failed_auth_ratelimit's default burst
+        assert client.answer(access, session, "guess").code == 401
+    limited = client.answer(access, session, password)
+    assert_error(limited, 429, "M_LIMIT_EXCEEDED")
+    assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_a_session_belongs_to_one_user_and_one_endpoint(synapse: Synapse, client: Client) -> None:
+    alice, alice_password = new_user(synapse)
+    bob, bob_password = new_user(synapse)
+    alice_access = client.access_token(alice, alice_password)
+    bob_access = client.access_token(bob, bob_password)
+    session = client.challenge(alice_access)
+
+    stolen = client.answer(bob_access, session, bob_password)
+    assert stolen.code == 401 and stolen.json["session"] != session, stolen
+    elsewhere = client.answer(alice_access, session, alice_password, UNSTABLE_R1)
+    assert elsewhere.code == 401 and elsewhere.json["session"] != session, elsewhere
+    assert client.answer(alice_access, session, alice_password).code == 200
+
+
+# -- the password check is Synapse's -------------------------------------------------
+
+
+def test_a_password_in_another_unicode_normal_form_passes_as_it_logs_in(
+    synapse: Synapse, client: Client
+) -> None:
+    # Full-width letters, a ligature, a decomposed accent and a circled digit: NFKC changes them all.
+    typed = "\uff30\uff41\uff53\uff53 \ufb01ne cafe\u0301 \u2460"
+    normalised = unicodedata.normalize("NFKC", typed)
+    assert normalised != typed
+    for attempt in (typed, normalised):
+        localpart, _ = new_user(synapse, typed)
+        access = client.access_token(localpart, attempt)  # Synapse's own login accepts both
+        assert client.answer(access, client.challenge(access), attempt).code == 200, attempt
+
+
+def test_a_password_longer_than_bcrypt_reads_passes(synapse: Synapse, client: Client) -> None:
+    password = "long " * 30  # 150 bytes: Synapse hashes the first 72 of password + pepper
+    localpart, _ = new_user(synapse, password)
+    access = client.access_token(localpart, password)
+    assert client.answer(access, client.challenge(access), password).code == 200
+
+
+def test_a_user_without_a_password_gets_a_clear_error(synapse: Synapse, client: Client) -> None:
+    admin, admin_password = f"admin{next(_numbers)}", "admin password"
+    synapse.register(admin, admin_password, admin=True)
+    admin_access = client.access_token(admin, admin_password)
+    user_id = f"@sso{next(_numbers)}:{SERVER_NAME}"
+    # An account with no password, as single sign-on creates them, and a session for it.
+    direct = synapse.direct.base_url
+    created = call(direct, "PUT", f"/_synapse/admin/v2/users/{user_id}", {}, admin_access)
+    assert created.code == 201, created
+    login = call(direct, "POST", f"/_synapse/admin/v1/users/{user_id}/login", {}, admin_access)
+    assert login.code == 200, login
+    access = login.json["access_token"]
+
+    session = client.challenge(access)
+    refused = client.answer(access, session, "anything")
+    assert_error(refused, 403, "M_FORBIDDEN")
+    assert "no password" in refused.json["error"]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+BAD_BODIES: list[tuple[bytes, int, str]] = [
+    (b"not json", 400, "M_NOT_JSON"),
+    (b"[1, 2]", 400, "M_BAD_JSON"),
+    (b'{"auth": "password"}', 400, "M_BAD_JSON"),
+    (b'{"auth": {"type": "m.login.dummy", "password": "x"}}', 400, "M_UNRECOGNIZED"),
+    (b'{"auth": {"type": "m.login.password"}}', 400, "M_MISSING_PARAM"),
+    (b'{"auth": {"type": "m.login.password", "password": 5}}', 400, "M_BAD_JSON"),
+    (b'{"auth": {"type": "m.login.password", "password": "x", "session": 5}}', 400, "M_BAD_JSON"),
+    (b'{"auth": {"type": "m.login.password", "password": "x", "identifier": []}}', 400, "M_BAD_JSON"),
+    (b'{"auth": {"type": "m.login.password", "password": "\\ud800"}}', 401, "M_FORBIDDEN"),
+    (b"\xff\xfe{}", 400, "M_NOT_JSON"),
+    (b'{"auth": {"session": "nope", "type": "m.login.password", "password": "x"}}', 401, "M_FORBIDDEN"),
+]
+
+
+@pytest.mark.parametrize("path", SPEC_PATHS)
+def test_bad_requests_get_matrix_errors_and_issue_nothing(
+    synapse: Synapse, client: Client, path: str
+) -> None:
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    for raw, code, errcode in BAD_BODIES:
+        answer = _raw_post(client, path, raw, access)
+        assert (answer.code, answer.json.get("errcode")) == (code, errcode), (raw, answer)
+    assert_error(_raw_post(client, path, b"{}", None), 401, "M_MISSING_TOKEN")
+    assert_error(_raw_post(client, path, b"{}", "syt_not_a_token"), 401, "M_UNKNOWN_TOKEN")
+    for method in ("GET", "PUT", "DELETE"):
+        refused = call(client.base_url, method, path, access_token=access)
+        assert_error(refused, 405, "M_UNRECOGNIZED")
+    # No bad request spent the user's one token in the window.
+    assert client.answer(access, client.challenge(access, path), password, path).code == 200
+
+
+def _raw_post(client: Client, path: str, raw: bytes, access: str | None) -> Any:
+    return call(client.base_url, "POST", path, access_token=access, raw_body=raw)
+
+
+# -- clients, the README, the log --------------------------------------------------
+
+
+def test_matrix_nio_signs_in_a_second_device_through_synapse(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    asyncio.run(_nio_walk(client.base_url, f"@{localpart}:{SERVER_NAME}", password))
+
+
+async def _nio_walk(base_url: str, user_id: str, password: str) -> None:
+    old = nio.AsyncClient(base_url, user_id)
+    new = nio.AsyncClient(base_url, "")
+    try:
+        info = await old.login_info()
+        assert isinstance(info, nio.LoginInfoResponse), info
+        assert "m.login.token" in info.flows
+        logged_in = await old.login(password, device_name="old phone")
+        assert isinstance(logged_in, nio.LoginResponse), logged_in
+
+        # nio has no binding for get_token; the old device asks over plain HTTP.
+        headers = {"Authorization": f"Bearer {old.access_token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(base_url + STABLE, json={}, headers=headers) as challenge:
+                assert challenge.status == 401
+                session = (await challenge.json())["session"]
+            auth = {"type": "m.login.password", "password": password, "session": session}
+            async with http.post(base_url + STABLE, json={"auth": auth}, headers=headers) as issued:
+                assert issued.status == 200
+                token = (await issued.json())["login_token"]
+
+        second = await new.login(token=token, device_name="new laptop")
+        assert isinstance(second, nio.LoginResponse), second
+        assert second.user_id == user_id
+        assert second.device_id != logged_in.device_id
+        whoami = await new.whoami()
+        assert isinstance(whoami, nio.WhoamiResponse), whoami
+        assert whoami.user_id == user_id
+    finally:
+        await old.close()
+        await new.close()
+
+
+def test_the_readme_curl_check_works_through_nginx(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    done = subprocess.run(
+        ["bash", "-c", readme_block("sh", 1)],
+        env={"HS": client.base_url, "USERNAME": localpart, "PASSWORD": password, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert '"get_login_token":true' in lines[0].replace(" ", ""), lines
+    assert '"session"' in lines[1] and '"flows"' in lines[1], lines
+    assert f'"user_id":"@{localpart}:{SERVER_NAME}"' in lines[2].replace(" ", ""), lines
+    assert '"M_FORBIDDEN"' in lines[3], lines
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_readme_caddy_block_reaches_the_module(
+    synapse: Synapse, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    caddy = start_caddy(tmp_path_factory.mktemp("caddy"), synapse.port)
+    try:
+        via = caddy.client
+        localpart, password = new_user(synapse)
+        access = via.access_token(localpart, password)
+        for path in SPEC_PATHS:
+            via.challenge(access, path)
+        token = via.get_login_token(access, password, UNSTABLE_R1)
+        assert via.token_login(token).code == 200
+    finally:
+        caddy.stop()
+
+
+def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    token = client.get_login_token(access, password)
+    assert client.answer(access, None, "wrong").code in (401, 429)
+    assert client.token_login(token).code == 200
+    time.sleep(1.2)  # a couple of background sweeps
+    log = synapse.log()
+    assert "Issued a login token for" in log
+    assert "login_token_module" in log and "Loaded module" in log
+    trouble = [line for line in log.splitlines() if LOGCONTEXT_TROUBLE.search(line)]
+    assert not trouble, "\n".join(trouble[:10])
+    assert password not in log and PEPPER not in log
+    assert token not in log
+    module_lines = [line for line in log.splitlines() if " - login_token_module." in line]
+    assert module_lines and not any(access in line for line in module_lines)

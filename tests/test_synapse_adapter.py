@@ -1,0 +1,128 @@
+"""The Synapse adapter's pieces that need no Synapse: the password check, the path
+mapping, the SQL, and that nothing imports Synapse where it is not running.
+
+The password check is compared with hashes made the way Synapse makes them
+(``bcrypt(NFKC(password) + pepper)``, cut to 72 bytes); ``test_synapse.py``
+checks the same against a real Synapse's stored hashes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import unicodedata
+
+import bcrypt
+import pytest
+
+from login_token_module.synapse import SYNAPSE_PREFIX, as_module_api, is_synapse_module_api, synapse_path
+from login_token_module.synapse.passwords import bcrypt_input, check_password, select_password_hash
+
+PEPPER = "pepper"
+
+
+def synapse_hash(password: str, pepper: str = PEPPER) -> str:
+    """A hash as Synapse's AuthHandler.hash makes it."""
+    data = (unicodedata.normalize("NFKC", password).encode("utf-8") + pepper.encode("utf-8"))[:72]
+    return bcrypt.hashpw(data, bcrypt.gensalt(4)).decode("ascii")
+
+
+def test_the_right_password_with_the_pepper_matches() -> None:
+    stored = synapse_hash("hunter2")
+    assert check_password("hunter2", PEPPER, stored)
+    assert not check_password("hunter3", PEPPER, stored)
+
+
+def test_the_pepper_is_part_of_the_check() -> None:
+    stored = synapse_hash("hunter2")
+    assert not check_password("hunter2", "", stored)
+    assert not check_password("hunter2", "other pepper", stored)
+    assert not check_password("hunter2" + PEPPER, "", synapse_hash("hunter2", pepper=""))
+
+
+def test_the_password_is_normalised_with_nfkc_before_hashing() -> None:
+    typed = "\uff30\uff41\uff53\uff53 \ufb01ne cafe\u0301 \u2460"
+    stored = synapse_hash(typed)
+    assert check_password(typed, PEPPER, stored)
+    assert check_password(unicodedata.normalize("NFKC", typed), PEPPER, stored)
+    assert not check_password(unicodedata.normalize("NFD", "Pass fine café 1") + "x", PEPPER, stored)
+    assert bcrypt_input("\ufb01", "") == b"fi"
+    # NFKC, not NFC: NFC leaves the ligature as it is.
+    assert bcrypt_input("\ufb01", "") != unicodedata.normalize("NFC", "\ufb01").encode()
+
+
+def test_only_the_first_72_bytes_count_as_in_synapse() -> None:
+    long = "x" * 80
+    stored = synapse_hash(long)
+    assert check_password(long, PEPPER, stored)
+    assert check_password("x" * 72 + "something else", PEPPER, stored)
+    assert not check_password("x" * 71, PEPPER, stored)
+    assert len(bcrypt_input(long, PEPPER)) == 72
+    # The cut is in bytes of password + pepper, even through a multi-byte character.
+    assert bcrypt_input("a" + "\u00e9" * 40, "") == ("a" + "\u00e9" * 35).encode() + b"\xc3"
+    assert bcrypt_input("a" * 70, "pepper") == b"a" * 70 + b"pe"
+
+
+def test_values_that_cannot_match_are_false_not_errors() -> None:
+    assert not check_password("x", PEPPER, "not a bcrypt hash")
+    assert not check_password("x", PEPPER, "\u00e9t\u00e9")
+    assert not check_password("\ud800", PEPPER, synapse_hash("x"))
+
+
+def test_the_stored_hash_is_read_from_synapses_users_table() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE users (name TEXT PRIMARY KEY, password_hash TEXT)")
+    conn.executemany(
+        "INSERT INTO users VALUES (?, ?)",
+        [("@a:hs", "$2b$04$hash"), ("@sso:hs", None), ("@empty:hs", "")],
+    )
+    cursor = conn.cursor()
+    assert select_password_hash(cursor, "@a:hs") == "$2b$04$hash"
+    assert select_password_hash(cursor, "@sso:hs") is None
+    assert select_password_hash(cursor, "@empty:hs") is None
+    assert select_password_hash(cursor, "@nobody:hs") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "served"),
+    [
+        ("/_matrix/client/v1/login/get_token", "/_synapse/client/login_token/v1/login/get_token"),
+        (
+            "/_matrix/client/unstable/org.matrix.msc3882/login/get_token",
+            "/_synapse/client/login_token/unstable/org.matrix.msc3882/login/get_token",
+        ),
+        (
+            "/_matrix/client/unstable/org.matrix.msc3882/login/token",
+            "/_synapse/client/login_token/unstable/org.matrix.msc3882/login/token",
+        ),
+    ],
+)
+def test_spec_paths_move_under_synapse_client(spec: str, served: str) -> None:
+    assert synapse_path(spec) == served
+    assert served.startswith(SYNAPSE_PREFIX)
+
+
+@pytest.mark.parametrize("bad", ["/_matrix/client/", "/_matrix/federation/v1/x", "/_synapse/client/x", ""])
+def test_other_paths_are_not_mapped(bad: str) -> None:
+    with pytest.raises(ValueError):
+        synapse_path(bad)
+
+
+def test_a_non_synapse_api_passes_through() -> None:
+    api = object()
+    assert not is_synapse_module_api(api)
+    assert as_module_api(api) is api
+
+
+def test_the_module_imports_and_runs_without_synapse() -> None:
+    code = (
+        "import sys, login_token_module, login_token_module.synapse; "
+        "from login_token_module.host import server; "
+        "bad = [m for m in sys.modules if m == 'synapse' or m.startswith('synapse.')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with pytest.raises(ModuleNotFoundError):
+        __import__("synapse")
