@@ -384,7 +384,7 @@ def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synaps
     assert client.token_login(token).code == 200
     time.sleep(1.2)  # a couple of background sweeps
     log = synapse.log()
-    assert "Issued a login token for" in log
+    assert "login token event=issue outcome=issued" in log
     assert "login_token_module" in log and "Loaded module" in log
     trouble = [line for line in log.splitlines() if LOGCONTEXT_TROUBLE.search(line)]
     assert not trouble, "\n".join(trouble[:10])
