@@ -137,7 +137,10 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
     setup = store.sqlite.connect()
     hashes = [_hash() for _ in range(20)]
     for token_hash in hashes:
-        setup.execute("INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 60_000))
+        setup.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
+            (token_hash, "@alice:test", NOW + 60_000),
+        )
     setup.close()
 
     winners: list[bytes] = []
@@ -171,7 +174,10 @@ def test_postgres_consume_is_atomic_across_connections(pg_database: Database, tm
     prepare(setup, STATE_SCHEMA)
     hashes = [_hash() for _ in range(20)]
     for token_hash in hashes:
-        setup.execute("INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 60_000))
+        setup.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
+            (token_hash, "@alice:test", NOW + 60_000),
+        )
     setup.close()
 
     winners: list[bytes] = []
@@ -252,7 +258,10 @@ async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path
             " expires_at_ms INTEGER NOT NULL) WITHOUT ROWID;"
             "CREATE INDEX login_tokens_expiry ON login_tokens (expires_at_ms);"
         )
-        old.execute("INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 1000))
+        old.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
+            (token_hash, "@alice:test", NOW + 1000),
+        )
     old.close()
 
     config = StoreConfig(type="sqlite", path=str(path), shared_state=True)
