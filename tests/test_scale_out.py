@@ -469,7 +469,8 @@ def test_the_postgres_sample_config_serves_two_workers(
     }
     sample["database"]["args"].update(pg_database.args)
     sample["modules"][0]["config"]["store"]["dsn"] = pg_database.dsn
-    sample["listeners"][0]["port"] = 0
+    for listener in sample["listeners"]:
+        listener["port"] = 0
     sample["bcrypt_rounds"] = 4
     path = write_config(tmp_path, sample)
     register(path)
