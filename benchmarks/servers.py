@@ -238,6 +238,8 @@ def host_config(
         "listeners": [{"port": 0, "bind_addresses": ["127.0.0.1"]}],
         "database": database,
         "bcrypt_rounds": bcrypt_rounds,
+        # The load generator logs in from one address far faster than rc_login's defaults allow.
+        "rc_login": {"address": generous, "account": generous, "failed_attempts": generous},
         "modules": [
             {
                 "module": "login_token_module.LoginTokenModule",

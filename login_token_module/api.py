@@ -8,7 +8,8 @@ login-flow fields, shutdown hooks) is added in the same style.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +25,15 @@ AuthChecker = Callable[
     [str | None, str, JsonDict],
     Awaitable[tuple[str, Callable[..., Awaitable[None]] | None] | None],
 ]
+
+# Synapse's ON_LOGGED_OUT_CALLBACK: (user id, device id or None, access token).
+# Called after a device's access token is deleted (/logout, or each one of /logout/all).
+OnLoggedOut = Callable[[str, str | None, str], Awaitable[None]]
+
+# The client address of the login a host is processing, set by the host around its
+# auth checkers (Synapse's checker signature has no request), so a module can put
+# it in its audit records. None where the host does not say.
+login_client_address: ContextVar[str | None] = ContextVar("login_client_address", default=None)
 
 
 @dataclass(frozen=True)
@@ -88,12 +98,21 @@ class ModuleApi(Protocol):
     async def get_user_by_req(self, req: Request) -> Requester:
         """The access token's owner; raises MatrixError 401 (M_MISSING_TOKEN / M_UNKNOWN_TOKEN)."""
 
-    def register_password_auth_provider_callbacks(
-        self, *, auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None
-    ) -> None:
-        """Add login types to POST /login: (type, required fields) -> checker.
+    async def invalidate_login_tokens(self, user_id: str, token_hashes: Collection[bytes]) -> list[bytes]:
+        """Make the user's unused host login tokens whose SHA-256 is among ``token_hashes``
+        unusable; returns the hashes of those it found. Called only when
+        ``abilities.mints_login_tokens`` is true (the module never holds the tokens)."""
 
-        Called only when ``abilities.mints_login_tokens`` is false.
+    def register_password_auth_provider_callbacks(
+        self,
+        *,
+        auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None,
+        on_logged_out: OnLoggedOut | None = None,
+    ) -> None:
+        """Add login types to POST /login: (type, required fields) -> checker (only when
+        ``abilities.mints_login_tokens`` is false); and ``on_logged_out``, called when a
+        device logs out. A checker may return a callback with its user; the host calls it
+        with the login response (``user_id``, ``device_id``, ...) once the device exists.
         """
 
     async def check_user_password(self, user_id: str, password: str) -> bool:

@@ -75,12 +75,19 @@ class LoginTokenConfig:
     ui_auth_session_lifetime_ms: int = 300_000
     sweep_interval_ms: int = 60_000
     store: StoreConfig = field(default_factory=StoreConfig)
+    # Revoke a device's outstanding tokens when it logs out (Synapse's
+    # on_logged_out callback), so a token cannot outlive the session that minted it.
+    revoke_on_logout: bool = True
+    # How long each token's history (minted by, spent into) is kept for lineage
+    # queries; Synapse keeps its used login tokens for a week as well.
+    history_retention_ms: int = 7 * 24 * 60 * 60 * 1000
     # Whether the block named a store (a host that keeps the tokens itself
     # refuses one rather than ignore it).
     store_configured: bool = False
 
 
 MAX_LIFETIME_MS = 24 * 60 * 60 * 1000
+MAX_HISTORY_MS = 366 * MAX_LIFETIME_MS
 
 
 def _mapping(value: Any, path: list[str | int]) -> Mapping[str, Any]:
@@ -104,7 +111,8 @@ def whole_number(value: Any, path: list[str | int], low: int, high: int) -> int:
     return value
 
 
-def _ratelimit(value: Any, path: list[str | int], default: RatelimitConfig) -> RatelimitConfig:
+def parse_ratelimit(value: Any, path: list[str | int], default: RatelimitConfig) -> RatelimitConfig:
+    """A ``{per_second, burst_count}`` block (Synapse's names), defaults from ``default``."""
     section = _mapping(value, path)
     reject_unknown(section, {"per_second", "burst_count"}, path)
     per_second = section.get("per_second", default.per_second)
@@ -177,12 +185,17 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             "ui_auth_session_lifetime_ms",
             "sweep_interval_ms",
             "store",
+            "revoke_on_logout",
+            "history_retention_ms",
         },
         [],
     )
     require_ui_auth = section.get("require_ui_auth", defaults.require_ui_auth)
     if not isinstance(require_ui_auth, bool):
         raise ConfigError(["require_ui_auth"], f"must be true or false, got {require_ui_auth!r}")
+    revoke_on_logout = section.get("revoke_on_logout", defaults.revoke_on_logout)
+    if not isinstance(revoke_on_logout, bool):
+        raise ConfigError(["revoke_on_logout"], f"must be true or false, got {revoke_on_logout!r}")
     return LoginTokenConfig(
         token_lifetime_ms=whole_number(
             section.get("token_lifetime_ms", defaults.token_lifetime_ms),
@@ -191,8 +204,8 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             MAX_LIFETIME_MS,
         ),
         require_ui_auth=require_ui_auth,
-        ratelimit=_ratelimit(section.get("ratelimit"), ["ratelimit"], defaults.ratelimit),
-        failed_auth_ratelimit=_ratelimit(
+        ratelimit=parse_ratelimit(section.get("ratelimit"), ["ratelimit"], defaults.ratelimit),
+        failed_auth_ratelimit=parse_ratelimit(
             section.get("failed_auth_ratelimit"),
             ["failed_auth_ratelimit"],
             defaults.failed_auth_ratelimit,
@@ -210,5 +223,12 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             MAX_LIFETIME_MS,
         ),
         store=_store(section.get("store"), ["store"]),
+        revoke_on_logout=revoke_on_logout,
+        history_retention_ms=whole_number(
+            section.get("history_retention_ms", defaults.history_retention_ms),
+            ["history_retention_ms"],
+            60_000,
+            MAX_HISTORY_MS,
+        ),
         store_configured="store" in section,
     )

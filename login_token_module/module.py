@@ -9,17 +9,19 @@ the module asks it for the token instead (``api.abilities``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.web.server import Request
 
-from login_token_module import tokens
-from login_token_module.api import JsonDict, ModuleApi, Requester
+from login_token_module import audit, tokens
+from login_token_module.api import JsonDict, ModuleApi, Requester, login_client_address
 from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.errors import Codes, MatrixError, rate_limited
-from login_token_module.http import JsonResource, parse_json_object
-from login_token_module.stores import StateBackend, TokenStore, make_state
-from login_token_module.stores.memory import MemoryBackend
+from login_token_module.http import JsonResource, client_address, parse_json_object
+from login_token_module.metrics import metrics, timed
+from login_token_module.stores import StateBackend, TokenInfo, TokenStore, make_state
+from login_token_module.stores.memory import MemoryBackend, MemoryTokenStore
 from login_token_module.synapse import as_module_api
 from login_token_module.uia import UiaSession
 
@@ -55,8 +57,11 @@ class LoginTokenModule:
                     "this host keeps login tokens in its own database, so the module has no "
                     "token store; remove 'store' from the module's config",
                 )
-            # Only UIA sessions and rate limits are the module's here, in this process.
+            # Only UIA sessions and rate limits are the module's here, in this process,
+            # and the hashes of the tokens it asked the host for, with the devices that
+            # asked (for revocation at logout): never the tokens themselves.
             self.state = MemoryBackend(self._reactor)
+            self.minted: MemoryTokenStore = self.state.tokens
         else:
             # Tokens, UIA sessions and rate limits all live where the store config
             # says, so that several worker processes share them when they must.
@@ -76,10 +81,11 @@ class LoginTokenModule:
 
         for path, revision in ((STABLE_PATH, 1), (UNSTABLE_R1_PATH, 1), (UNSTABLE_R0_PATH, 0)):
             api.register_web_resource(path, GetTokenResource(self, path, revision))
-        if not self._host_tokens:
-            api.register_password_auth_provider_callbacks(
-                auth_checkers={(LOGIN_TYPE, ("token",)): self.check_login_token}
-            )
+        self.metrics = metrics()
+        api.register_password_auth_provider_callbacks(
+            auth_checkers=None if self._host_tokens else {(LOGIN_TYPE, ("token",)): self.check_login_token},
+            on_logged_out=self.on_logged_out,
+        )
         if not api.abilities.advertises_get_login_token:
             api.add_login_flow_fields(LOGIN_TYPE, {"get_login_token": True})
             api.register_capability("m.get_login_token", {"enabled": True})
@@ -98,7 +104,9 @@ class LoginTokenModule:
 
     # -- issuing -----------------------------------------------------------
 
-    async def issue_token(self, requester: Requester, body: JsonDict, endpoint: str) -> tuple[str, int]:
+    async def issue_token(
+        self, requester: Requester, body: JsonDict, endpoint: str, address: str | None = None
+    ) -> tuple[str, int]:
         """Run UIA and the rate limit for one get_token request; mint on success."""
         session_id = None
         if self._config.require_ui_auth:
@@ -108,14 +116,15 @@ class LoginTokenModule:
         # database, or no await in memory), so requests racing on one
         # completed session, on one worker or several, mint one token at most.
         now = self._now()
-        retry_after = await self._ratelimiter.acquire(user_id, now)
+        retry_after = await timed("ratelimit_acquire", self._ratelimiter.acquire(user_id, now))
         if retry_after is not None:
             # Nothing is counted or spent: the session and the allowance stay as they were.
+            self.metrics.ratelimited.labels("get_token").inc()
             raise rate_limited(retry_after)
         session = None
         if session_id is not None:
             try:
-                session = await self._uia.spend(session_id)
+                session = await timed("uia_spend", self._uia.spend(session_id))
             except Exception:
                 await self._give_back(user_id, None)
                 raise
@@ -126,21 +135,48 @@ class LoginTokenModule:
                 )
         lifetime = self._config.token_lifetime_ms
         try:
-            token = await self._mint(user_id, now, lifetime)
+            token = await self._mint(user_id, requester.device_id, now, lifetime)
         except Exception:
             # Nothing was issued: give back what this request spent, so the
             # user can retry the same session once the store recovers.
             await self._give_back(user_id, session)
             raise
-        logger.info("Issued a login token for %s (device %s)", user_id, requester.device_id)
+        self.metrics.tokens_issued.inc()
+        audit.record(
+            "issue",
+            "issued",
+            user_id=user_id,
+            minted_by_device=requester.device_id,
+            client_address=address,
+            token_fingerprint=audit.fingerprint(token),
+        )
         return token, lifetime
 
-    async def _mint(self, user_id: str, now: float, lifetime_ms: int) -> str:
-        """A new token for ``user_id``: the host's, or one of ours kept (as a hash) in the store."""
+    async def _mint(self, user_id: str, device_id: str | None, now: float, lifetime_ms: int) -> str:
+        """A new token for ``user_id``: the host's, or one of ours; either way its hash is
+        kept with the device that minted it (in the store, or in memory beside the host's)."""
+        now_ms = int(now * 1000)
         if self._host_tokens:
-            return await self.api.create_login_token(user_id, lifetime_ms)
+            token = await timed("mint", self.api.create_login_token(user_id, lifetime_ms))
+            await self.minted.add_token(
+                tokens.hash_token(token),
+                user_id,
+                now_ms + lifetime_ms,
+                device_id=device_id,
+                issued_at_ms=now_ms,
+            )
+            return token
         token = tokens.generate_token()
-        await self.store.add_token(tokens.hash_token(token), user_id, int(now * 1000) + lifetime_ms)
+        await timed(
+            "add_token",
+            self.store.add_token(
+                tokens.hash_token(token),
+                user_id,
+                now_ms + lifetime_ms,
+                device_id=device_id,
+                issued_at_ms=now_ms,
+            ),
+        )
         return token
 
     async def _give_back(self, user_id: str, session: UiaSession | None) -> None:
@@ -175,6 +211,7 @@ class LoginTokenModule:
             "session": session_id,
             "completed": [],
         }
+        self.metrics.uia_prompts.inc()
         if error is None:
             # A plain challenge carries no errcode, as in the spec's examples.
             return _ChallengeError(extra)
@@ -197,8 +234,9 @@ class LoginTokenModule:
         if session_id is not None:
             if not isinstance(session_id, str):
                 raise MatrixError(400, Codes.BAD_JSON, "'auth.session' must be a string")
-            session = await self._uia.get(session_id, now)
+            session = await timed("uia_get", self._uia.get(session_id, now))
             if session is None or session.user_id != requester.user_id or session.endpoint != endpoint:
+                self.metrics.uia_failures.labels("session").inc()
                 raise await self._challenge(
                     requester,
                     endpoint,
@@ -220,6 +258,7 @@ class LoginTokenModule:
             raise MatrixError(400, Codes.BAD_JSON, "'auth.password' must be a string")
         named_user = self._named_user(auth)
         if named_user is not None and named_user != requester.user_id:
+            self.metrics.uia_failures.labels("user").inc()
             raise await self._challenge(
                 requester,
                 endpoint,
@@ -229,11 +268,13 @@ class LoginTokenModule:
             )
 
         user_id = requester.user_id
-        retry_after = await self._failed_auth.check(user_id, now)
+        retry_after = await timed("ratelimit_check", self._failed_auth.check(user_id, now))
         if retry_after is not None:
+            self.metrics.ratelimited.labels("get_token_failed_auth").inc()
             raise rate_limited(retry_after)
         if not await self.api.check_user_password(user_id, password):
-            await self._failed_auth.record(user_id, self._now())
+            await timed("ratelimit_record", self._failed_auth.record(user_id, self._now()))
+            self.metrics.uia_failures.labels("password").inc()
             raise await self._challenge(
                 requester, endpoint, self._now(), session_id=session_id, error="Invalid password"
             )
@@ -264,26 +305,117 @@ class LoginTokenModule:
 
     async def check_login_token(
         self, username: str | None, login_type: str, login_dict: JsonDict
-    ) -> tuple[str, None]:
-        """The m.login.token checker: spend the token, answer with its user."""
+    ) -> tuple[str, Callable[[JsonDict], Awaitable[None]]]:
+        """The m.login.token checker: spend the token, answer with its user.
+
+        The callback it returns is called by the host with the login response
+        once the new device exists: it records the device in the token's history
+        and writes the spend's audit record.
+        """
+        address = login_client_address.get()
         token = login_dict.get("token")
         if not isinstance(token, str) or not tokens.is_well_formed(token):
+            # No fingerprint: whatever was sent is not a token of ours, maybe a mistyped password.
+            self._refused("malformed", None, None, address, None)
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid login token")
-        user_id = await self.store.consume_token(tokens.hash_token(token), int(self._now() * 1000))
-        if user_id is None:
+        token_hash = tokens.hash_token(token)
+        fingerprint = audit.fingerprint_of_hash(token_hash)
+        spend = await timed("spend_token", self.store.spend_token(token_hash, int(self._now() * 1000)))
+        if spend.outcome != "spent" or spend.user_id is None:
+            self._refused(spend.outcome, spend.user_id, spend.minted_by_device, address, fingerprint)
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid or expired login token, or already used")
-        logger.info("Login token spent for %s", user_id)
-        return user_id, None
+        self.metrics.tokens_spent.inc()
+        user_id, minted_by = spend.user_id, spend.minted_by_device
+
+        async def signed_in(response: JsonDict) -> None:
+            new_device = response.get("device_id")
+            if isinstance(new_device, str):
+                await timed("record_new_device", self.store.record_new_device(token_hash, new_device))
+            audit.record(
+                "spend",
+                "spent",
+                user_id=user_id,
+                minted_by_device=minted_by,
+                new_device_id=new_device,
+                client_address=address,
+                token_fingerprint=fingerprint,
+            )
+
+        return user_id, signed_in
+
+    def _refused(
+        self,
+        reason: str,
+        user_id: str | None,
+        minted_by: str | None,
+        address: str | None,
+        fingerprint: str | None,
+    ) -> None:
+        self.metrics.tokens_refused.labels(reason).inc()
+        audit.record(
+            "spend",
+            reason,
+            user_id=user_id,
+            minted_by_device=minted_by,
+            client_address=address,
+            token_fingerprint=fingerprint,
+        )
+
+    # -- revocation --------------------------------------------------------
+
+    async def on_logged_out(self, user_id: str, device_id: str | None, access_token: str) -> None:
+        """Synapse's on_logged_out callback: revoke the tokens this device minted and did not spend.
+
+        A session without a device (an application service) mints tokens no
+        logout can revoke by device; an operator revokes them by user.
+        """
+        if not self._config.revoke_on_logout or device_id is None:
+            return
+        now_ms = int(self._now() * 1000)
+        if self._host_tokens:
+            minted = await self.minted.revoke_tokens(user_id, now_ms, device_id=device_id)
+            if not minted:
+                return
+            found = set(
+                await timed(
+                    "revoke",
+                    self.api.invalidate_login_tokens(user_id, [info.token_hash for info in minted]),
+                )
+            )
+            # Those the host no longer had were spent (or swept) already.
+            revoked = [info for info in minted if info.token_hash in found]
+        else:
+            revoked = await timed("revoke", self.store.revoke_tokens(user_id, now_ms, device_id=device_id))
+        self.record_revoked(revoked, "logout")
+
+    def record_revoked(self, revoked: list[TokenInfo], reason: str) -> None:
+        for info in revoked:
+            self.metrics.tokens_revoked.labels(reason).inc()
+            audit.record(
+                "revoke",
+                "revoked",
+                user_id=info.user_id,
+                minted_by_device=info.minted_by_device,
+                token_fingerprint=audit.fingerprint_of_hash(info.token_hash),
+                reason=reason,
+            )
 
     # -- housekeeping ------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Drop expired tokens, UIA sessions and drained rate-limit buckets."""
+        """Drop expired tokens, old token history, expired UIA sessions and drained
+        rate-limit buckets; count the tokens still outstanding."""
         now = self._now()
-        removed = 0 if self._host_tokens else await self.store.delete_expired(int(now * 1000))
-        await self._uia.sweep(now)
-        await self._ratelimiter.sweep(now)
-        await self._failed_auth.sweep(now)
+        now_ms = int(now * 1000)
+        tokens_held: TokenStore = self.minted if self._host_tokens else self.store
+        removed = await timed("sweep_tokens", tokens_held.delete_expired(now_ms))
+        await timed("sweep_history", tokens_held.delete_history(now_ms - self._config.history_retention_ms))
+        await timed("sweep_uia", self._uia.sweep(now))
+        await timed("sweep_ratelimits", self._ratelimiter.sweep(now))
+        await timed("sweep_ratelimits", self._failed_auth.sweep(now))
+        self.metrics.outstanding_tokens.set(
+            await timed("count_outstanding", tokens_held.count_outstanding(now_ms))
+        )
         if removed:
             logger.debug("Swept %d expired login tokens", removed)
 
@@ -312,7 +444,9 @@ class GetTokenResource(JsonResource):
     async def on_POST(self, request: Request) -> tuple[int, JsonDict]:
         requester = await self._module.api.get_user_by_req(request)
         body = parse_json_object(request, allow_empty=True)
-        token, lifetime_ms = await self._module.issue_token(requester, body, self._path)
+        token, lifetime_ms = await self._module.issue_token(
+            requester, body, self._path, client_address(request)
+        )
         response: JsonDict = {"login_token": token, "expires_in_ms": lifetime_ms}
         if self._revision == 0:
             response["expires_in"] = lifetime_ms // 1000

@@ -158,6 +158,10 @@ def homeserver_yaml(
             }
         ],
     }
+    # Tests log in far more often than a person: rc_login (default 0.17/s, burst 3)
+    # is turned up unless a test sets it (tests/test_operators.py checks the defaults).
+    generous = {"per_second": 1000, "burst_count": 1000}
+    config["rc_login"] = {"address": generous, "account": generous, "failed_attempts": generous}
     config.update(extra)
     return config
 

@@ -168,6 +168,7 @@ class Synapse:
     server: servers.ServerProcess
     shared_secret: str
     directory: Path
+    metrics_port: int | None = None
 
     @property
     def direct(self) -> Client:
@@ -218,13 +219,23 @@ def synapse_config(
 
 
 def start_synapse(
-    directory: Path, module_config: dict[str, Any] | None, extra: dict[str, Any] | None = None
+    directory: Path,
+    module_config: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+    *,
+    metrics_port: int | None = None,
 ) -> Synapse:
-    """A running Synapse with the module loaded with ``module_config`` (None: as ``extra`` says)."""
+    """A running Synapse with the module loaded with ``module_config`` (None: as ``extra`` says);
+    with ``metrics_port``, Synapse's own metrics listener (``type: metrics``) there too."""
     config_path, secret = synapse_config(directory, module_config, extra)
-    port = int(yaml.safe_load(config_path.read_text())["listeners"][0]["port"])
+    config = yaml.safe_load(config_path.read_text())
+    if metrics_port is not None:
+        config["enable_metrics"] = True
+        config["listeners"].append({"type": "metrics", "port": metrics_port, "bind_addresses": ["127.0.0.1"]})
+        config_path.write_text(yaml.safe_dump(config))
+    port = int(config["listeners"][0]["port"])
     server = servers.start_synapse(synapse_python(), config_path, port)
-    return Synapse(server, secret, directory)
+    return Synapse(server, secret, directory, metrics_port)
 
 
 def synapse_refuses_to_start(

@@ -6,6 +6,7 @@ These are plain synchronous tests (no reactor): HTTP goes through urllib.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -367,12 +368,28 @@ def test_two_processes_never_both_spend_one_token(config: Path, launch: Launcher
 def test_config_written_as_yaml_is_what_serve_reads(tmp_path: Path, launch: Launcher) -> None:
     """The sample config shape from the README (with a free port) starts and serves the flow."""
     sample = yaml.safe_load((Path(__file__).resolve().parent.parent / "sample_config.yaml").read_text())
-    sample["listeners"][0]["port"] = 0
+    for listener in sample["listeners"]:
+        listener["port"] = 0
+    assert [listener.get("type", "http") for listener in sample["listeners"]] == ["http", "metrics"]
     sample["bcrypt_rounds"] = 4
     path = write_config(tmp_path, sample)
     register(path)
     server = launch(path)
     login_token = mint_login_token(server.base_url, access_token(server.base_url))
     assert token_login(server.base_url, login_token)[0] == 200
+    # Its metrics listener, and the audit records in its log.
+    match = re.search(r"Serving metrics on http://127.0.0.1:(\d+)", server.log())
+    assert match, server.log()
+    code, scraped = sync_call_text(f"http://127.0.0.1:{match.group(1)}", "/_synapse/metrics")
+    assert code == 200 and "login_token_module_tokens_spent_total 1.0" in scraped
+    assert "login token event=spend outcome=spent" in server.log()
     assert (tmp_path / "homeserver.db").is_file()
     assert (tmp_path / "login_tokens.db").is_file()
+
+
+def sync_call_text(base_url: str, path: str) -> tuple[int, str]:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(base_url + path, timeout=30) as reply:
+        return reply.status, reply.read().decode()

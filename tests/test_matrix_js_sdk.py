@@ -85,5 +85,5 @@ def test_matrix_js_sdk_signs_in_a_second_device_with_a_token(tmp_path: Path) -> 
     log = server.log()
     assert f"POST {GET_TOKEN} 401" in log
     assert f"POST {GET_TOKEN} 200" in log
-    assert log.count("Issued a login token") == 1
-    assert log.count("Login token spent") == 1
+    assert log.count("login token event=issue outcome=issued") == 1
+    assert log.count("login token event=spend outcome=spent") == 1

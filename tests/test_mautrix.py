@@ -126,5 +126,5 @@ def test_mautrix_signs_in_a_second_device_with_a_token(tmp_path: Path, new_devic
     finally:
         assert server.terminate() == 0
     log = server.log()
-    assert log.count("Issued a login token") == 1
-    assert log.count("Login token spent") == 1
+    assert log.count("login token event=issue outcome=issued") == 1
+    assert log.count("login token event=spend outcome=spent") == 1

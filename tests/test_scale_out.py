@@ -119,7 +119,7 @@ def test_the_flow_on_postgres_with_the_schema_recorded(
     versions = dict(
         pg_database.cluster.query(pg_database.name, "SELECT component, version FROM schema_versions")
     )
-    assert versions == {"homeserver": 1, "login_token_module": 2}
+    assert versions == {"homeserver": 2, "login_token_module": 3}
     # Tokens and access tokens are stored as hashes only.
     rows = pg_database.cluster.query(pg_database.name, "SELECT token_hash FROM access_tokens")
     assert rows and all(len(bytes(row[0])) == 32 for row in rows)
@@ -472,7 +472,8 @@ def test_the_postgres_sample_config_serves_two_workers(
     }
     sample["database"]["args"].update(pg_database.args)
     sample["modules"][0]["config"]["store"]["dsn"] = pg_database.dsn
-    sample["listeners"][0]["port"] = 0
+    for listener in sample["listeners"]:
+        listener["port"] = 0
     sample["bcrypt_rounds"] = 4
     path = write_config(tmp_path, sample)
     register(path)

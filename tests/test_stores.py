@@ -138,7 +138,10 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
     setup = store.sqlite.connect()
     hashes = [_hash() for _ in range(20)]
     for token_hash in hashes:
-        setup.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 60_000))
+        setup.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
+            (token_hash, "@alice:test", NOW + 60_000),
+        )
     setup.close()
 
     winners: list[bytes] = []
@@ -189,7 +192,10 @@ def test_postgres_consume_is_atomic_across_connections(pg_database: Database, tm
     prepare(setup, STATE_SCHEMA)
     hashes = [_hash() for _ in range(20)]
     for token_hash in hashes:
-        setup.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 60_000))
+        setup.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
+            (token_hash, "@alice:test", NOW + 60_000),
+        )
     setup.close()
 
     winners: list[bytes] = []
@@ -261,7 +267,7 @@ async def test_postgres_stores_hashes_only(pg_database: Database, tmp_path: Path
 @pytest_twisted.ensureDeferred
 async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path: Path) -> None:
     """A login_tokens.db as the first SQLite store left it (no schema_versions) keeps its
-    tokens, gains the shared-state tables, and records version 2."""
+    tokens, gains the later tables, and records the newest version."""
     path = tmp_path / "login_tokens.db"
     token_hash = _hash()
     with sqlite3.connect(path) as old:
@@ -270,7 +276,10 @@ async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path
             " expires_at_ms INTEGER NOT NULL) WITHOUT ROWID;"
             "CREATE INDEX login_tokens_expiry ON login_tokens (expires_at_ms);"
         )
-        old.execute("INSERT INTO login_tokens VALUES (?, ?, ?)", (token_hash, "@alice:test", NOW + 1000))
+        old.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
+            (token_hash, "@alice:test", NOW + 1000),
+        )
     old.close()
 
     config = StoreConfig(type="sqlite", path=str(path), shared_state=True)
@@ -284,4 +293,4 @@ async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path
     with sqlite3.connect(path) as conn:
         versions = conn.execute("SELECT component, version FROM schema_versions").fetchall()
     conn.close()
-    assert versions == [("login_token_module", 2)]
+    assert versions == [("login_token_module", 3)]

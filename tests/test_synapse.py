@@ -23,6 +23,7 @@ import aiohttp
 import nio
 import pytest
 
+from benchmarks import servers
 from tests.synapse_helpers import (
     CAPABILITIES,
     LOGIN,
@@ -59,7 +60,9 @@ _numbers = itertools.count()
 @pytest.fixture(scope="module")
 def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
     directory = tmp_path_factory.mktemp("synapse")
-    server = start_synapse(directory, MODULE_CONFIG, {"password_config": {"pepper": PEPPER}})
+    server = start_synapse(
+        directory, MODULE_CONFIG, {"password_config": {"pepper": PEPPER}}, metrics_port=servers.free_port()
+    )
     try:
         yield server
     finally:
@@ -384,7 +387,7 @@ def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synaps
     assert client.token_login(token).code == 200
     time.sleep(1.2)  # a couple of background sweeps
     log = synapse.log()
-    assert "Issued a login token for" in log
+    assert "login token event=issue outcome=issued" in log
     assert "login_token_module" in log and "Loaded module" in log
     trouble = [line for line in log.splitlines() if LOGCONTEXT_TROUBLE.search(line)]
     assert not trouble, "\n".join(trouble[:10])
@@ -392,3 +395,58 @@ def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synaps
     assert token not in log
     module_lines = [line for line in log.splitlines() if " - login_token_module." in line]
     assert module_lines and not any(access in line for line in module_lines)
+
+
+# -- operators: metrics, revocation -------------------------------------------------
+
+
+def synapse_metrics(synapse: Synapse) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert synapse.metrics_port is not None
+    reply = call(f"http://127.0.0.1:{synapse.metrics_port}", "GET", "/_synapse/metrics")
+    assert reply.code == 200, reply
+    text = reply.body.decode() if isinstance(reply.body, bytes) else str(reply.body)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Client) -> None:
+    issued = ("login_token_module_tokens_issued_total", ())
+    before = synapse_metrics(synapse)
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    session = client.challenge(access)
+    assert client.answer(access, session, "wrong").code == 401
+    client.get_login_token(access, password)
+    after = synapse_metrics(synapse)
+    assert after[issued] - before.get(issued, 0) == 1
+    failures = ("login_token_module_uia_failures_total", (("reason", "password"),))
+    assert after[failures] - before.get(failures, 0) == 1
+    # The same scrape serves Synapse's own metrics: one registry.
+    assert any(name.startswith("synapse_") for name, _ in after)
+    latency = [key for key in after if key[0] == "login_token_module_http_request_duration_seconds_count"]
+    assert any(dict(labels)["endpoint"].startswith(MODULE_PREFIX) for _, labels in latency), latency
+
+
+def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    first = client.login(localpart, password).json
+    second = client.login(localpart, password).json
+    from_first = client.get_login_token(first["access_token"], password)
+    time.sleep(RATE_WINDOW_S)
+    from_second = client.get_login_token(second["access_token"], password)
+    before = synapse_metrics(synapse)
+    assert client.post("/_matrix/client/v3/logout", {}, first["access_token"]).code == 200
+    assert_error(client.token_login(from_first), 403, "M_FORBIDDEN")
+    new = client.token_login(from_second)
+    assert new.code == 200, new
+    revoked = ("login_token_module_tokens_revoked_total", (("reason", "logout"),))
+    assert synapse_metrics(synapse)[revoked] - before.get(revoked, 0) == 1
+    log = synapse.log()
+    user_id = f"@{localpart}:{SERVER_NAME}"
+    assert f"event=revoke outcome=revoked user_id={user_id} minted_by_device={first['device_id']}" in log
+    assert from_first not in log and from_second not in log

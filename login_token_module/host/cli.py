@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import logging.config
 import signal
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 
 from login_token_module.config import ConfigError
 from login_token_module.host import database
-from login_token_module.host.config import HomeserverConfig, load_config_file
+from login_token_module.host.config import HomeserverConfig, ListenerConfig, load_config_file
 from login_token_module.host.passwords import hash_password_sync
 from login_token_module.host.resources import LOCALPART_RE
 
@@ -36,19 +37,40 @@ def _load(path: str) -> HomeserverConfig:
 LOG_FORMAT = "%(asctime)s {who}%(levelname)s %(name)s: %(message)s"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=LOG_FORMAT.format(who=""),
-        stream=sys.stderr,
-    )
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
+# Whether logging follows the config's log_config (whose formatters are then left alone).
+_configured_by_file = False
 
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+
+def _setup_logging(level: str, log_config: str | None = None, *, twisted: bool = True) -> None:
+    """Plain lines on stderr at ``level``, or, with a ``log_config`` file (Synapse's key), that
+    file's Python logging config (``logging.config.dictConfig``'s YAML shape)."""
+    global _configured_by_file
+    if log_config is not None:
+        import yaml
+
+        try:
+            with open(log_config, encoding="utf-8") as handle:
+                logging.config.dictConfig(yaml.safe_load(handle))
+        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError, ImportError) as error:
+            raise CliError(f"cannot use log_config {log_config}: {error}") from None
+        _configured_by_file = True
+    else:
+        logging.basicConfig(
+            level=getattr(logging, level.upper()),
+            format=LOG_FORMAT.format(who=""),
+            stream=sys.stderr,
+        )
+    if twisted:
+        from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+        globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
 
 
 def name_log_lines(who: str) -> None:
-    """Start every log line with ``who`` (which worker process wrote it)."""
+    """Start every log line with ``who`` (which worker process wrote it); a log_config's
+    formatters are kept (the JSON formatter adds a ``process`` field instead)."""
+    if _configured_by_file:
+        return
     formatter = logging.Formatter(LOG_FORMAT.format(who=f"[{who}] "))
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter)
@@ -58,7 +80,7 @@ def serve(args: argparse.Namespace) -> int:
     if not 1 <= args.workers <= MAX_WORKERS:
         raise CliError(f"--workers must be a whole number from 1 to {MAX_WORKERS}")
     config = _load(args.config)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, config.log_config)
     if args.workers > 1:
         from login_token_module.host.workers import serve_workers
 
@@ -71,7 +93,7 @@ def run_homeserver(
     config_path: str,
     *,
     workers: int = 1,
-    worker_addresses: list[tuple[str, int]] | None = None,
+    worker_addresses: list[tuple[ListenerConfig, str, int]] | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Build, start and run the homeserver in this process until SIGTERM or SIGINT."""
@@ -161,6 +183,18 @@ def register_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def tokens(args: argparse.Namespace) -> int:
+    from login_token_module.host import tokens_cli
+
+    config = _load(args.config)
+    # Revocations are audit records: to the server's log_config if it has one, else stderr.
+    _setup_logging("INFO", config.log_config, twisted=False)
+    try:
+        return tokens_cli.run(args, config)
+    except tokens_cli.TokensError as error:
+        raise CliError(str(error)) from None
+
+
 def print_error(error: CliError) -> None:
     print(f"{PROG}: {error}", file=sys.stderr, flush=True)
 
@@ -194,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--exist-ok", action="store_true", help="if the user exists, set the new password instead of failing"
     )
     register.set_defaults(func=register_user)
+    from login_token_module.host.tokens_cli import add_parser
+
+    add_parser(commands)
+    commands.choices["tokens"].set_defaults(func=tokens)
     return parser
 
 

@@ -10,7 +10,13 @@ from typing import Any, Literal
 
 import yaml
 
-from login_token_module.config import ConfigError, reject_unknown, whole_number
+from login_token_module.config import (
+    ConfigError,
+    RatelimitConfig,
+    parse_ratelimit,
+    reject_unknown,
+    whole_number,
+)
 
 SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
@@ -19,6 +25,25 @@ SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\
 class ListenerConfig:
     port: int
     bind_addresses: tuple[str, ...]
+    # http: the client API; metrics: Prometheus metrics (Synapse's listener types).
+    type: Literal["http", "metrics"] = "http"
+    # Take the client's address from X-Forwarded-For (set by a reverse proxy in
+    # front); otherwise the header is ignored, so clients cannot choose their address.
+    x_forwarded: bool = False
+
+
+# Synapse's rc_failed_login default; Synapse's address and account defaults are
+# stricter (0.003/s, burst 5), which would make trying the server painful.
+DEFAULT_RC_LOGIN = RatelimitConfig(per_second=0.17, burst_count=3)
+
+
+@dataclass(frozen=True)
+class RcLoginConfig:
+    """Synapse's ``rc_login``: logins per client address, per account, and failed attempts per account."""
+
+    address: RatelimitConfig = DEFAULT_RC_LOGIN
+    account: RatelimitConfig = DEFAULT_RC_LOGIN
+    failed_attempts: RatelimitConfig = DEFAULT_RC_LOGIN
 
 
 @dataclass(frozen=True)
@@ -49,6 +74,9 @@ class HomeserverConfig:
     modules: tuple[ModuleConfig, ...]
     config_directory: str
     max_request_body_size: int = 64 * 1024
+    rc_login: RcLoginConfig = field(default_factory=RcLoginConfig)
+    # A Python logging config (YAML, logging.config.dictConfig's shape), as Synapse's log_config.
+    log_config: str | None = None
 
     @property
     def database_path(self) -> str:
@@ -60,10 +88,14 @@ def _listener(value: Any, path: list[str | int]) -> ListenerConfig:
     if not isinstance(value, Mapping):
         raise ConfigError(path, "must be a mapping with 'port' and 'bind_addresses'")
     reject_unknown(value, {"port", "bind_addresses", "type", "tls", "x_forwarded", "resources"}, path)
-    if value.get("type", "http") != "http":
-        raise ConfigError([*path, "type"], "only 'http' listeners are supported")
+    kind = value.get("type", "http")
+    if kind not in ("http", "metrics"):
+        raise ConfigError([*path, "type"], f"must be 'http' or 'metrics', got {kind!r}")
     if value.get("tls", False) is not False:
         raise ConfigError([*path, "tls"], "TLS is not supported; put a reverse proxy in front")
+    x_forwarded = value.get("x_forwarded", False)
+    if not isinstance(x_forwarded, bool):
+        raise ConfigError([*path, "x_forwarded"], f"must be true or false, got {x_forwarded!r}")
     port = whole_number(value.get("port"), [*path, "port"], 0, 65535)
     addresses = value.get("bind_addresses", ["127.0.0.1"])
     if (
@@ -72,7 +104,22 @@ def _listener(value: Any, path: list[str | int]) -> ListenerConfig:
         or not all(isinstance(a, str) and a for a in addresses)
     ):
         raise ConfigError([*path, "bind_addresses"], "must be a non-empty list of addresses")
-    return ListenerConfig(port=port, bind_addresses=tuple(addresses))
+    return ListenerConfig(port=port, bind_addresses=tuple(addresses), type=kind, x_forwarded=x_forwarded)
+
+
+def _rc_login(value: Any) -> RcLoginConfig:
+    path: list[str | int] = ["rc_login"]
+    if value is None:
+        return RcLoginConfig()
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, "must be a mapping with address, account and failed_attempts")
+    reject_unknown(value, {"address", "account", "failed_attempts"}, path)
+    return RcLoginConfig(
+        **{
+            name: parse_ratelimit(value.get(name), [*path, name], DEFAULT_RC_LOGIN)
+            for name in ("address", "account", "failed_attempts")
+        }
+    )
 
 
 # libpq keywords the reference host passes on (Synapse passes ``args`` to psycopg2 the same way).
@@ -161,7 +208,16 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
         raise ConfigError([], "the config file must be a YAML mapping")
     reject_unknown(
         raw,
-        {"server_name", "listeners", "database", "bcrypt_rounds", "modules", "max_request_body_size"},
+        {
+            "server_name",
+            "listeners",
+            "database",
+            "bcrypt_rounds",
+            "modules",
+            "max_request_body_size",
+            "rc_login",
+            "log_config",
+        },
         [],
     )
     server_name = raw.get("server_name")
@@ -171,6 +227,15 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
     if not isinstance(listeners_raw, list) or not listeners_raw:
         raise ConfigError(["listeners"], "must be a non-empty list")
     listeners = tuple(_listener(entry, ["listeners", i]) for i, entry in enumerate(listeners_raw))
+    if not any(listener.type == "http" for listener in listeners):
+        raise ConfigError(["listeners"], "needs at least one 'http' listener")
+    log_config = raw.get("log_config")
+    if log_config is not None:
+        if not isinstance(log_config, str) or not log_config:
+            raise ConfigError(["log_config"], "must be the path of a logging config file")
+        log_config = resolve_path(config_directory, log_config)
+        if not os.path.isfile(log_config):
+            raise ConfigError(["log_config"], f"{log_config} is not a file")
     return HomeserverConfig(
         server_name=server_name,
         listeners=listeners,
@@ -181,6 +246,8 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
         max_request_body_size=whole_number(
             raw.get("max_request_body_size", 64 * 1024), ["max_request_body_size"], 1024, 100 * 1024 * 1024
         ),
+        rc_login=_rc_login(raw.get("rc_login")),
+        log_config=log_config,
     )
 
 

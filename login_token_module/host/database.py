@@ -16,6 +16,8 @@ from login_token_module.db import Conn, Database
 from login_token_module.host.config import DatabaseConfig
 from login_token_module.schema import Migration, Schema
 
+RATELIMIT_TABLE = "homeserver_ratelimits"
+
 SCHEMA = Schema(
     "homeserver",
     (
@@ -42,6 +44,21 @@ SCHEMA = Schema(
                 " token_hash BYTEA PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT NOT NULL,"
                 " created_at_ms BIGINT NOT NULL)",
                 "CREATE INDEX access_tokens_device ON access_tokens (user_id, device_id)",
+            ),
+        ),
+        # 2: rc_login buckets, shared by worker processes (stores/sql.py's rate-limit shape).
+        Migration(
+            sqlite=(
+                f"CREATE TABLE {RATELIMIT_TABLE} ("
+                " limiter TEXT NOT NULL, key TEXT NOT NULL, drained_at REAL NOT NULL,"
+                " PRIMARY KEY (limiter, key)) WITHOUT ROWID",
+                f"CREATE INDEX {RATELIMIT_TABLE}_drained ON {RATELIMIT_TABLE} (limiter, drained_at)",
+            ),
+            postgres=(
+                f"CREATE TABLE {RATELIMIT_TABLE} ("
+                " limiter TEXT NOT NULL, key TEXT NOT NULL, drained_at DOUBLE PRECISION NOT NULL,"
+                " PRIMARY KEY (limiter, key))",
+                f"CREATE INDEX {RATELIMIT_TABLE}_drained ON {RATELIMIT_TABLE} (limiter, drained_at)",
             ),
         ),
     ),
@@ -145,12 +162,15 @@ def log_out_device(conn: Conn, user_id: str, device_id: str) -> None:
     conn.transaction(run)
 
 
-def log_out_all(conn: Conn, user_id: str) -> None:
-    def run(txn: Conn) -> None:
-        txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
-        txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+def log_out_all(conn: Conn, user_id: str) -> list[str]:
+    """Delete every device of the user and their access tokens; returns the devices."""
 
-    conn.transaction(run)
+    def run(txn: Conn) -> list[str]:
+        txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
+        rows = txn.execute("DELETE FROM devices WHERE user_id = ? RETURNING device_id", (user_id,)).fetchall()
+        return sorted(str(row[0]) for row in rows)
+
+    return conn.transaction(run)
 
 
 def list_devices(conn: Conn, user_id: str) -> list[tuple[str, str | None]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
-from login_token_module.api import AuthChecker, HostAbilities, JsonDict, Requester
+from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.host import auth, database
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class ModuleRegistry:
     login_flow_fields: dict[str, JsonDict] = field(default_factory=dict)
     capabilities: dict[str, JsonDict] = field(default_factory=dict)
     unstable_features: dict[str, bool] = field(default_factory=dict)
+    on_logged_out: list[OnLoggedOut] = field(default_factory=list)
     loops: list[tuple[LoopingCall, float]] = field(default_factory=list)
     shutdown_callbacks: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
@@ -71,6 +72,9 @@ class HostModuleApi:
     async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
         raise NotImplementedError("the reference host keeps no login tokens; the module's store does")
 
+    async def invalidate_login_tokens(self, user_id: str, token_hashes: Collection[bytes]) -> list[bytes]:
+        raise NotImplementedError("the reference host keeps no login tokens; the module's store does")
+
     def register_web_resource(self, path: str, resource: IResource) -> None:
         registry = self._hs.registry
         if path in registry.resources:
@@ -81,8 +85,13 @@ class HostModuleApi:
         return await auth.get_user_by_req(self._hs.db, req)
 
     def register_password_auth_provider_callbacks(
-        self, *, auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None
+        self,
+        *,
+        auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None,
+        on_logged_out: OnLoggedOut | None = None,
     ) -> None:
+        if on_logged_out is not None:
+            self._hs.registry.on_logged_out.append(on_logged_out)
         for (login_type, fields), checker in (auth_checkers or {}).items():
             if login_type == "m.login.password" or login_type in self._hs.registry.login_types:
                 raise ValueError(f"{self._module_name}: login type {login_type} is already handled")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import string
@@ -9,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
-from login_token_module.api import JsonDict
-from login_token_module.errors import Codes, MatrixError
+from login_token_module.api import JsonDict, login_client_address
+from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.host import auth, database
-from login_token_module.http import JsonResource, parse_json_object
+from login_token_module.http import JsonResource, client_address, parse_json_object
+from login_token_module.metrics import metrics
 
 if TYPE_CHECKING:
     from login_token_module.host.server import Homeserver
@@ -22,6 +24,8 @@ PASSWORD_LOGIN = "m.login.password"
 MAX_DEVICE_ID_LENGTH = 255
 MAX_DISPLAY_NAME_LENGTH = 256
 LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
+
+logger = logging.getLogger(__name__)
 
 
 def new_device_id() -> str:
@@ -103,13 +107,35 @@ class LoginResource(HostResource):
         device_id = _optional_string(body, "device_id", MAX_DEVICE_ID_LENGTH)
         display_name = _optional_string(body, "initial_device_display_name", MAX_DISPLAY_NAME_LENGTH)
         server_name = self.hs.config.server_name
-
-        if login_type == PASSWORD_LOGIN:
-            user_id = await self._check_password(body)
-        elif login_type in self.hs.registry.login_types:
-            user_id = await self._check_module_login(login_type, body)
-        else:
+        if login_type != PASSWORD_LOGIN and login_type not in self.hs.registry.login_types:
             raise MatrixError(400, Codes.UNKNOWN, f"Unknown login type {login_type}")
+
+        # rc_login, as Synapse applies it: every attempt counts against the client's
+        # address, before any credential is looked at; the account a request names is
+        # checked too (logins that succeed count against it, below).
+        address = client_address(request) or "unknown"
+        await self._throttle("address", address, count=True)
+        if login_type == PASSWORD_LOGIN:
+            named = identified_user(body, server_name)
+            if named is None:
+                raise MatrixError(400, Codes.MISSING_PARAM, "'identifier' is required for password login")
+        else:
+            try:
+                named = identified_user(body, server_name)
+            except MatrixError:
+                # The identifier is advisory for module login types (the token
+                # alone names the user); a malformed one must not fail the login.
+                named = None
+        if named is not None:
+            await self._throttle("account", named)
+
+        signed_in = None
+        if login_type == PASSWORD_LOGIN:
+            assert named is not None
+            user_id = await self._check_password(named, body)
+        else:
+            user_id, signed_in = await self._check_module_login(login_type, named, body, address)
+        await self.hs.rc_login["account"].record(user_id, self._now())
 
         device_id = device_id or new_device_id()
         access_token = auth.new_access_token()
@@ -118,46 +144,65 @@ class LoginResource(HostResource):
         )
         if not created:
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
-        return 200, {
+        response = {
             "user_id": user_id,
             "access_token": access_token,
             "device_id": device_id,
             "home_server": server_name,
         }
+        if signed_in is not None:
+            try:
+                await signed_in(dict(response))
+            except Exception:
+                # The device exists and the client gets it; only the module's bookkeeping failed.
+                logger.exception("A module's post-login callback for %s failed", login_type)
+        return 200, response
 
-    async def _check_password(self, body: JsonDict) -> str:
-        user_id = identified_user(body, self.hs.config.server_name)
-        if user_id is None:
-            raise MatrixError(400, Codes.MISSING_PARAM, "'identifier' is required for password login")
+    def _now(self) -> float:
+        return float(self.hs.reactor.seconds())
+
+    async def _throttle(self, limiter: str, key: str, *, count: bool = False) -> None:
+        """429 if ``key`` is over its rc_login ``limiter``; ``count``: this attempt counts."""
+        bucket = self.hs.rc_login[limiter]
+        now = self._now()
+        retry_after = await (bucket.acquire(key, now) if count else bucket.check(key, now))
+        if retry_after is not None:
+            metrics().ratelimited.labels(f"rc_login_{limiter}").inc()
+            raise rate_limited(retry_after)
+
+    async def _check_password(self, user_id: str, body: JsonDict) -> str:
         password = body.get("password")
         if password is None:
             raise MatrixError(400, Codes.MISSING_PARAM, "'password' is required")
         if not isinstance(password, str):
             raise MatrixError(400, Codes.BAD_JSON, "'password' must be a string")
+        # Failed attempts are checked first (not counted) and counted only when the
+        # password is wrong: a right password never adds to them.
+        await self._throttle("failed_attempts", user_id)
         password_hash = await self.hs.db.run(database.get_password_hash, user_id)
         if not await self.hs.hasher.check(password, password_hash):
+            await self.hs.rc_login["failed_attempts"].record(user_id, self._now())
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
         return user_id
 
-    async def _check_module_login(self, login_type: str, body: JsonDict) -> str:
+    async def _check_module_login(
+        self, login_type: str, username: str | None, body: JsonDict, address: str
+    ) -> tuple[str, Any]:
         handler = self.hs.registry.login_types[login_type]
         for name in handler.required_fields:
             if name not in body:
                 raise MatrixError(400, Codes.MISSING_PARAM, f"'{name}' is required for {login_type}")
-        username: str | None = None
+        reset = login_client_address.set(address)
         try:
-            username = identified_user(body, self.hs.config.server_name)
-        except MatrixError:
-            # The identifier is advisory for module login types (the token
-            # alone names the user); a malformed one must not fail the login.
-            username = None
-        result = await handler.checker(username, login_type, body)
+            result = await handler.checker(username, login_type, body)
+        finally:
+            login_client_address.reset(reset)
         if result is None:
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid login")
         user_id = result[0]
         if not user_id.startswith("@"):
             user_id = user_id_from_name(user_id, self.hs.config.server_name)
-        return user_id
+        return user_id, result[1]
 
 
 class VersionsResource(HostResource):
@@ -187,18 +232,40 @@ class WhoamiResource(HostResource):
         return 200, {"user_id": requester.user_id, "device_id": requester.device_id, "is_guest": False}
 
 
+async def logged_out(hs: Homeserver, user_id: str, devices: list[tuple[str, str]]) -> None:
+    """Tell modules (their on_logged_out callbacks) which devices just logged out.
+
+    The device is gone whatever a callback does; a failing one is logged.
+    """
+    for device_id, access_token in devices:
+        for callback in hs.registry.on_logged_out:
+            try:
+                await callback(user_id, device_id, access_token)
+            except Exception:
+                logger.exception("A module's on_logged_out callback failed")
+
+
 class LogoutResource(HostResource):
     async def on_POST(self, request: Request) -> tuple[int, JsonDict]:
         requester = await auth.get_user_by_req(self.hs.db, request)
         assert requester.device_id is not None
         await self.hs.db.run(database.log_out_device, requester.user_id, requester.device_id)
+        token = auth.access_token_from_request(request) or ""
+        await logged_out(self.hs, requester.user_id, [(requester.device_id, token)])
         return 200, {}
 
 
 class LogoutAllResource(HostResource):
     async def on_POST(self, request: Request) -> tuple[int, JsonDict]:
         requester = await auth.get_user_by_req(self.hs.db, request)
-        await self.hs.db.run(database.log_out_all, requester.user_id)
+        devices = await self.hs.db.run(database.log_out_all, requester.user_id)
+        # Only hashes of the other devices' access tokens are kept: they get "".
+        token = auth.access_token_from_request(request) or ""
+        await logged_out(
+            self.hs,
+            requester.user_id,
+            [(device, token if device == requester.device_id else "") for device in devices],
+        )
         return 200, {}
 
 

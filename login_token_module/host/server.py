@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import importlib
 import io
+import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import address, defer
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from login_token_module.config import ConfigError
 from login_token_module.errors import Codes
-from login_token_module.host.config import HomeserverConfig
-from login_token_module.host.database import open_database
+from login_token_module.host.config import HomeserverConfig, ListenerConfig
+from login_token_module.host.database import RATELIMIT_TABLE, open_database
 from login_token_module.host.module_api import HostModuleApi, ModuleRegistry, awaited
 from login_token_module.host.passwords import PasswordHasher
 from login_token_module.host.resources import host_resources
 from login_token_module.http import render_unrecognized, respond_json
+from login_token_module.stores import RateLimitStore
+from login_token_module.stores.memory import MemoryRateLimitStore
+from login_token_module.stores.sql import SqlRateLimitStore
+
+# How often the host drops drained rc_login buckets.
+RC_LOGIN_SWEEP_SECONDS = 60.0
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("login_token_module.access")
@@ -69,15 +78,34 @@ def build_tree(resources: dict[str, IResource]) -> PathNode:
 
 
 class HostRequest(Request):
-    """A request that refuses oversized bodies without holding them in memory."""
+    """A request that refuses oversized bodies without holding them in memory.
+
+    On a listener with ``x_forwarded: true`` the client's address is the last
+    address in ``X-Forwarded-For``: the one the reverse proxy in front saw
+    (addresses before it were sent by the client, who may write anything there).
+    Elsewhere the header is ignored.
+    """
 
     max_body_size = 64 * 1024
+    x_forwarded = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._body_too_large = False
         self._body_received = 0
         self.started_at = time.monotonic()
+
+    def getClientAddress(self) -> Any:
+        if self.x_forwarded:
+            forwarded = forwarded_for(self.requestHeaders.getRawHeaders(b"x-forwarded-for"))
+            if forwarded is not None:
+                peer = super().getClientAddress()  # type: ignore[no-untyped-call]
+                return (
+                    address.IPv6Address("TCP", forwarded, 0)
+                    if ":" in forwarded
+                    else address.IPv4Address("TCP", forwarded, getattr(peer, "port", 0))
+                )
+        return super().getClientAddress()  # type: ignore[no-untyped-call]
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body_size:
@@ -105,6 +133,17 @@ class HostRequest(Request):
             )
             return
         super().process()  # type: ignore[no-untyped-call]
+
+
+def forwarded_for(headers: Sequence[bytes] | None) -> str | None:
+    """The address a reverse proxy put last in X-Forwarded-For, or None if there is none usable."""
+    if not headers:
+        return None
+    last = headers[-1].split(b",")[-1].strip().decode("ascii", "replace")
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return None
 
 
 class HostSite(Site):
@@ -154,9 +193,9 @@ class Homeserver:
     """The reference homeserver.
 
     ``workers``: how many processes serve this config at once (``serve
-    --workers N``); with more than one, ``worker_addresses`` are the (address,
-    port) pairs each process binds with SO_REUSEPORT, and nothing that lives in
-    one process's memory may hold shared state.
+    --workers N``); with more than one, ``worker_addresses`` are the (listener,
+    address, port) each process binds with SO_REUSEPORT, and nothing that lives
+    in one process's memory may hold shared state.
     """
 
     def __init__(
@@ -165,7 +204,7 @@ class Homeserver:
         reactor: Any = None,
         *,
         workers: int = 1,
-        worker_addresses: list[tuple[str, int]] | None = None,
+        worker_addresses: list[tuple[ListenerConfig, str, int]] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -183,6 +222,21 @@ class Homeserver:
             )
         self.db = open_database(config.database, reactor)
         self.hasher = PasswordHasher(reactor, config.bcrypt_rounds)
+        # rc_login buckets: in the database when other processes serve this homeserver
+        # too (workers, or PostgreSQL shared by machines), so they count together.
+        shared = workers > 1 or config.database.name == "psycopg2"
+        self.rc_login: dict[str, RateLimitStore] = {}
+        for name in ("address", "account", "failed_attempts"):
+            limit = getattr(config.rc_login, name)
+            self.rc_login[name] = (
+                SqlRateLimitStore(
+                    self.db, f"rc_login_{name}", limit.per_second, limit.burst_count, table=RATELIMIT_TABLE
+                )
+                if shared
+                else MemoryRateLimitStore(reactor, limit.per_second, limit.burst_count)
+            )
+        self._rc_sweep = LoopingCall(self._sweep_rc_login)
+        self._rc_sweep.clock = reactor
         self.modules: list[Any] = []
         self.ports: list[IListeningPort] = []
         try:
@@ -217,7 +271,20 @@ class Homeserver:
                     raise error.within("modules", index) from None
                 raise error.within("modules", index, "config") from None
 
-    def build_site(self) -> HostSite:
+    async def _sweep_rc_login(self) -> None:
+        now = float(self.reactor.seconds())
+        for limiter in self.rc_login.values():
+            try:
+                await limiter.sweep(now)
+            except Exception as error:
+                logger.warning("Could not sweep the rc_login buckets: %s", error)
+
+    def build_metrics_site(self) -> Site:
+        from login_token_module.host.metrics import MetricsResource
+
+        return Site(MetricsResource())
+
+    def build_site(self, x_forwarded: bool = False) -> HostSite:
         resources: dict[str, IResource] = dict(host_resources(self))
         for path, resource in self.registry.resources.items():
             if path in resources:
@@ -232,32 +299,53 @@ class Homeserver:
             pass
 
         BoundHostRequest.max_body_size = max_body_size
+        BoundHostRequest.x_forwarded = x_forwarded
         site.requestFactory = BoundHostRequest
         return site
 
     def start(self) -> list[IListeningPort]:
-        """Listen on every configured address and start background tasks."""
-        site = self.build_site()
-        if self.worker_addresses is not None:
-            for address, port_number in self.worker_addresses:
-                sock = reuse_port_socket(address, port_number)
+        """Listen on every configured address and start background tasks.
+
+        Returns the ports, client (http) listeners first, in config order."""
+        sites: dict[tuple[str, bool], Site] = {}
+
+        def site_for(listener: ListenerConfig) -> Site:
+            key = (listener.type, listener.x_forwarded)
+            if key not in sites:
+                sites[key] = (
+                    self.build_metrics_site()
+                    if listener.type == "metrics"
+                    else self.build_site(listener.x_forwarded)
+                )
+            return sites[key]
+
+        bindings = self.worker_addresses
+        if bindings is None:
+            bindings = [
+                (listener, address, listener.port)
+                for listener in self.config.listeners
+                for address in listener.bind_addresses
+            ]
+        bindings = sorted(bindings, key=lambda binding: binding[0].type != "http")
+        for listener, bind_address, port_number in bindings:
+            site = site_for(listener)
+            if self.worker_addresses is not None:
+                sock = reuse_port_socket(bind_address, port_number)
                 try:
                     sock.listen(128)
                     sock.setblocking(False)
                     port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, site)
                 finally:
                     sock.close()  # the reactor holds its own copy of the descriptor
-                self.ports.append(port)
-                logger.info("Listening on http://%s:%d", address, port_number)
-        else:
-            for listener in self.config.listeners:
-                for address in listener.bind_addresses:
-                    port = self.reactor.listenTCP(listener.port, site, interface=address)
-                    self.ports.append(port)
-                    host = port.getHost()
-                    logger.info("Listening on http://%s:%d", host.host, host.port)
+            else:
+                port = self.reactor.listenTCP(port_number, site, interface=bind_address)
+            self.ports.append(port)
+            host = port.getHost()
+            what = "Serving metrics" if listener.type == "metrics" else "Listening"
+            logger.info("%s on http://%s:%d", what, host.host, host.port)
         for loop, msec in self.registry.loops:
             loop.start(msec / 1000, now=False)
+        self._rc_sweep.start(RC_LOGIN_SWEEP_SECONDS, now=False)
         return self.ports
 
     async def stop(self) -> None:
@@ -269,6 +357,8 @@ class Homeserver:
         for loop, _ in self.registry.loops:
             if loop.running:
                 loop.stop()
+        if self._rc_sweep.running:
+            self._rc_sweep.stop()
         for callback in self.registry.shutdown_callbacks:
             try:
                 result = callback()

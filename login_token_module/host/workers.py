@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from login_token_module.host.config import HomeserverConfig
+from login_token_module.host.config import HomeserverConfig, ListenerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class WorkerGroup:
         self.config_path = config_path
         self.count = count
         self.placeholders: list[socket.socket] = []
-        self.addresses: list[tuple[str, int]] = []
+        self.addresses: list[tuple[ListenerConfig, str, int]] = []
+        # Metrics from every worker, added up by whichever serves a scrape.
+        self.metrics_folder: str | None = None
         self.workers: dict[int, Worker] = {}
         self.stopping = False
         self.restarts: list[float] = []
@@ -67,7 +69,7 @@ class WorkerGroup:
             for address in listener.bind_addresses:
                 sock = reuse_port_socket(address, listener.port)
                 self.placeholders.append(sock)
-                self.addresses.append((address, int(sock.getsockname()[1])))
+                self.addresses.append((listener, address, int(sock.getsockname()[1])))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -81,6 +83,10 @@ class WorkerGroup:
             from login_token_module.host.cli import CliError
 
             raise CliError(f"cannot start: {error}") from None
+        if any(listener.type == "metrics" for listener in self.config.listeners):
+            from login_token_module.host.metrics import enable_multiprocess
+
+            self.metrics_folder = enable_multiprocess()
         try:
             # The first alone: a config it cannot serve stops everything with its one line.
             if not self._start(1):
@@ -91,12 +97,23 @@ class WorkerGroup:
             logger.info(
                 "%d workers serving %s",
                 self.count,
-                ", ".join(f"http://{address}:{port}" for address, port in self.addresses),
+                ", ".join(
+                    f"http://{address}:{port}"
+                    for listener, address, port in self.addresses
+                    if listener.type == "http"
+                ),
             )
+            for listener, address, port in self.addresses:
+                if listener.type == "metrics":
+                    logger.info("Metrics of all %d workers on http://%s:%d", self.count, address, port)
             return self._watch()
         finally:
             for sock in self.placeholders:
                 sock.close()
+            if self.metrics_folder is not None:
+                from login_token_module.host.metrics import remove_folder
+
+                remove_folder(self.metrics_folder)
 
     def _start(self, index: int) -> bool:
         """Fork worker ``index`` and wait until it listens; False if it died first."""
@@ -146,6 +163,10 @@ class WorkerGroup:
             if index is None:
                 continue
             del self.workers[index]
+            if self.metrics_folder is not None:
+                from login_token_module.host.metrics import worker_died
+
+                worker_died(pid)
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW] + [now]
             logger.warning("Worker %d (pid %d) ended (%s); starting it again", index, pid, _status(status))
@@ -192,6 +213,9 @@ class WorkerGroup:
             from login_token_module.host.cli import CliError, name_log_lines, print_error, run_homeserver
 
             name_log_lines(f"worker {index}")
+            from login_token_module import audit
+
+            audit.PROCESS_NAME = f"worker {index}"
 
             def ready() -> None:
                 os.write(ready_write, b"R")

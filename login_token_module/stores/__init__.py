@@ -17,18 +17,104 @@ slip under it).
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from login_token_module.config import ConfigError, StoreConfig
 from login_token_module.uia import UiaSession
 
+SpendOutcome = Literal["spent", "unknown", "expired", "reused", "revoked"]
+
+
+@dataclass(frozen=True)
+class TokenSpend:
+    """What presenting a token at login came to.
+
+    ``outcome`` is ``spent`` for the one login a token allows; otherwise why it
+    was refused: ``unknown`` (never issued here, or its history is gone),
+    ``expired``, ``reused`` (already spent) or ``revoked``. ``user_id`` and
+    ``minted_by_device`` are known whenever the token was issued here.
+    """
+
+    outcome: SpendOutcome
+    user_id: str | None = None
+    minted_by_device: str | None = None
+
+    def user_id_if_spent(self) -> str | None:
+        return self.user_id if self.outcome == "spent" else None
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """An outstanding token, as operators see it (its hash, never the token)."""
+
+    token_hash: bytes
+    user_id: str
+    minted_by_device: str | None
+    issued_at_ms: int | None
+    expires_at_ms: int
+
+
+@dataclass(frozen=True)
+class LineageEntry:
+    """One token's history: who minted it on which device, and what became of it.
+
+    ``outcome``: ``spent`` (``new_device_id`` is the device it signed in, once
+    the host reported it), ``revoked``, or None while nothing has happened to
+    it (outstanding until ``expires_at_ms``, expired after).
+    """
+
+    token_hash: bytes
+    user_id: str
+    minted_by_device: str | None
+    issued_at_ms: int
+    expires_at_ms: int
+    outcome: str | None
+    finished_at_ms: int | None
+    new_device_id: str | None
+
 
 class TokenStore(Protocol):
-    async def add_token(self, token_hash: bytes, user_id: str, expires_at_ms: int) -> None:
-        """Remember a freshly minted token until ``expires_at_ms``."""
+    async def add_token(
+        self,
+        token_hash: bytes,
+        user_id: str,
+        expires_at_ms: int,
+        *,
+        device_id: str | None = None,
+        issued_at_ms: int | None = None,
+    ) -> None:
+        """Remember a freshly minted token until ``expires_at_ms``, with the device that
+        minted it; with ``issued_at_ms``, its history too (kept for lineage)."""
 
     async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
         """Spend the token: its user if it was live, else ``None``. Never twice."""
+
+    async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
+        """Spend the token as ``consume_token`` does, saying why when it cannot be spent."""
+
+    async def record_new_device(self, token_hash: bytes, device_id: str) -> None:
+        """Note in the token's history the device its login created."""
+
+    async def revoke_tokens(
+        self, user_id: str, now_ms: int, *, device_id: str | None = None
+    ) -> list[TokenInfo]:
+        """Revoke the user's outstanding tokens (only those minted by ``device_id`` if given)."""
+
+    async def revoke_fingerprint(self, fingerprint: str, now_ms: int) -> list[TokenInfo]:
+        """Revoke outstanding tokens whose hash starts with the hex digits ``fingerprint``."""
+
+    async def list_tokens(self, now_ms: int, user_id: str | None = None) -> list[TokenInfo]:
+        """Outstanding tokens (the user's, if given), soonest to expire first."""
+
+    async def lineage(self, user_id: str) -> list[LineageEntry]:
+        """The user's token history still kept, oldest first."""
+
+    async def count_outstanding(self, now_ms: int) -> int:
+        """How many tokens are live: issued, not spent, revoked or expired."""
+
+    async def delete_history(self, before_ms: int) -> int:
+        """Forget the history of tokens issued at or before ``before_ms``; how many went."""
 
     async def delete_expired(self, now_ms: int) -> int:
         """Forget tokens that expired at or before ``now_ms``; how many went."""

@@ -12,32 +12,173 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.task import deferLater
 
+from login_token_module.audit import fingerprint_prefix
 from login_token_module.ratelimit import Ratelimiter
+from login_token_module.stores import LineageEntry, SpendOutcome, TokenInfo, TokenSpend
 from login_token_module.uia import UiaSession, UiaSessions
 
 SWEEP_SLICE = 2_000
 
 
+@dataclass(slots=True)
+class _Token:
+    user_id: str
+    expires_at_ms: int
+    device_id: str | None
+    issued_at_ms: int | None
+
+
+@dataclass(slots=True)
+class _History:
+    user_id: str
+    device_id: str | None
+    issued_at_ms: int
+    expires_at_ms: int
+    outcome: str | None = None
+    finished_at_ms: int | None = None
+    new_device_id: str | None = None
+
+
 class MemoryTokenStore:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._tokens: dict[bytes, tuple[str, int]] = {}
+        self._tokens: dict[bytes, _Token] = {}
         self._issue_order: deque[bytes] = deque()
+        # Live token hashes per user, so a logout revokes without a scan.
+        self._by_user: dict[str, set[bytes]] = {}
+        # Token history (lineage), in issue order for the retention sweep.
+        self._history: dict[bytes, _History] = {}
+        self._history_order: deque[bytes] = deque()
 
-    async def add_token(self, token_hash: bytes, user_id: str, expires_at_ms: int) -> None:
-        self._tokens[token_hash] = (user_id, expires_at_ms)
+    async def add_token(
+        self,
+        token_hash: bytes,
+        user_id: str,
+        expires_at_ms: int,
+        *,
+        device_id: str | None = None,
+        issued_at_ms: int | None = None,
+    ) -> None:
+        self._forget(token_hash)
+        self._tokens[token_hash] = _Token(user_id, expires_at_ms, device_id, issued_at_ms)
         self._issue_order.append(token_hash)
+        self._by_user.setdefault(user_id, set()).add(token_hash)
+        if issued_at_ms is not None:
+            self._history[token_hash] = _History(user_id, device_id, issued_at_ms, expires_at_ms)
+            self._history_order.append(token_hash)
+
+    def _forget(self, token_hash: bytes) -> _Token | None:
+        entry = self._tokens.pop(token_hash, None)
+        if entry is not None:
+            mine = self._by_user.get(entry.user_id)
+            if mine is not None:
+                mine.discard(token_hash)
+                if not mine:
+                    del self._by_user[entry.user_id]
+        return entry
 
     async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
-        # pop() is atomic on the reactor thread: a second caller finds nothing.
-        entry = self._tokens.pop(token_hash, None)
-        if entry is None or entry[1] <= now_ms:
-            return None
-        return entry[0]
+        return (await self.spend_token(token_hash, now_ms)).user_id_if_spent()
+
+    async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
+        # No await before the pop: atomic on the reactor thread, a second caller finds nothing.
+        entry = self._forget(token_hash)
+        history = self._history.get(token_hash)
+        if entry is None:
+            if history is None:
+                return TokenSpend("unknown")
+            outcome: SpendOutcome = (
+                "reused"
+                if history.outcome == "spent"
+                else "revoked"
+                if history.outcome == "revoked"
+                else "expired"
+            )
+            return TokenSpend(outcome, history.user_id, history.device_id)
+        if entry.expires_at_ms <= now_ms:
+            return TokenSpend("expired", entry.user_id, entry.device_id)
+        if history is not None:
+            history.outcome, history.finished_at_ms = "spent", now_ms
+        return TokenSpend("spent", entry.user_id, entry.device_id)
+
+    async def record_new_device(self, token_hash: bytes, device_id: str) -> None:
+        history = self._history.get(token_hash)
+        if history is not None:
+            history.new_device_id = device_id
+
+    def _info(self, token_hash: bytes, entry: _Token) -> TokenInfo:
+        return TokenInfo(token_hash, entry.user_id, entry.device_id, entry.issued_at_ms, entry.expires_at_ms)
+
+    def _revoke(self, hashes: list[bytes], now_ms: int) -> list[TokenInfo]:
+        revoked = []
+        for token_hash in hashes:
+            entry = self._tokens.get(token_hash)
+            if entry is None or entry.expires_at_ms <= now_ms:
+                continue
+            self._forget(token_hash)
+            revoked.append(self._info(token_hash, entry))
+            history = self._history.get(token_hash)
+            if history is not None:
+                history.outcome, history.finished_at_ms = "revoked", now_ms
+        return revoked
+
+    async def revoke_tokens(
+        self, user_id: str, now_ms: int, *, device_id: str | None = None
+    ) -> list[TokenInfo]:
+        hashes = [
+            token_hash
+            for token_hash in self._by_user.get(user_id, ())
+            if device_id is None or self._tokens[token_hash].device_id == device_id
+        ]
+        return self._revoke(hashes, now_ms)
+
+    async def revoke_fingerprint(self, fingerprint: str, now_ms: int) -> list[TokenInfo]:
+        prefix = fingerprint_prefix(fingerprint)
+        return self._revoke([h for h in self._tokens if h.startswith(prefix)], now_ms)
+
+    async def list_tokens(self, now_ms: int, user_id: str | None = None) -> list[TokenInfo]:
+        hashes = self._by_user.get(user_id, set()) if user_id is not None else self._tokens.keys()
+        found = [self._info(h, self._tokens[h]) for h in hashes if self._tokens[h].expires_at_ms > now_ms]
+        return sorted(found, key=lambda info: (info.expires_at_ms, info.token_hash))
+
+    async def lineage(self, user_id: str) -> list[LineageEntry]:
+        return [
+            LineageEntry(
+                h,
+                e.user_id,
+                e.device_id,
+                e.issued_at_ms,
+                e.expires_at_ms,
+                e.outcome,
+                e.finished_at_ms,
+                e.new_device_id,
+            )
+            for h, e in self._history.items()
+            if e.user_id == user_id
+        ]
+
+    async def count_outstanding(self, now_ms: int) -> int:
+        return sum(1 for entry in self._tokens.values() if entry.expires_at_ms > now_ms)
+
+    async def delete_history(self, before_ms: int) -> int:
+        removed = 0
+        order, history = self._history_order, self._history
+        while order:
+            entry = history.get(order[0])
+            if entry is not None and entry.issued_at_ms > before_ms:
+                break
+            if entry is not None:
+                del history[order[0]]
+                removed += 1
+            order.popleft()
+            if removed % SWEEP_SLICE == SWEEP_SLICE - 1:
+                await deferLater(self._reactor, 0, lambda: None)
+        return removed
 
     async def delete_expired(self, now_ms: int) -> int:
         removed = 0
@@ -57,9 +198,9 @@ class MemoryTokenStore:
             head = order[0]
             entry = tokens.get(head)
             if entry is not None:
-                if entry[1] > now_ms:
+                if entry.expires_at_ms > now_ms:
                     return removed, True
-                del tokens[head]
+                self._forget(head)
                 removed += 1
             order.popleft()
         return removed, False
@@ -70,6 +211,9 @@ class MemoryTokenStore:
     async def close(self) -> None:
         self._tokens.clear()
         self._issue_order.clear()
+        self._by_user.clear()
+        self._history.clear()
+        self._history_order.clear()
 
 
 async def _cooperate(reactor: Any, slices: Iterator[None]) -> None:

@@ -22,12 +22,27 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from login_token_module.audit import fingerprint_prefix
 from login_token_module.db import Conn, Database
 from login_token_module.schema import Migration, Schema
+from login_token_module.stores import LineageEntry, SpendOutcome, TokenInfo, TokenSpend
 from login_token_module.stores.memory import MemoryRateLimitStore, MemoryUiaSessionStore
 from login_token_module.uia import MAX_SESSIONS_PER_USER, UiaSession
 
 SWEEP_BATCH = 5_000
+
+HISTORY_TABLE_SQLITE = (
+    "CREATE TABLE login_token_history ("
+    " token_hash BLOB PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT,"
+    " issued_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,"
+    " outcome TEXT, finished_at_ms INTEGER, new_device_id TEXT) WITHOUT ROWID"
+)
+HISTORY_TABLE_POSTGRES = (
+    "CREATE TABLE login_token_history ("
+    " token_hash BYTEA PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT,"
+    " issued_at_ms BIGINT NOT NULL, expires_at_ms BIGINT NOT NULL,"
+    " outcome TEXT, finished_at_ms BIGINT, new_device_id TEXT)"
+)
 
 STATE_SCHEMA = Schema(
     "login_token_module",
@@ -71,6 +86,25 @@ STATE_SCHEMA = Schema(
                 "CREATE INDEX login_token_ratelimits_drained ON login_token_ratelimits (limiter, drained_at)",
             ),
         ),
+        # 3: the device that minted each token (revocation at its logout), and each
+        # token's history: minted by which device, spent into which new device, when.
+        Migration(
+            sqlite=(
+                "ALTER TABLE login_tokens ADD COLUMN device_id TEXT",
+                "ALTER TABLE login_tokens ADD COLUMN issued_at_ms INTEGER",
+                "CREATE INDEX login_tokens_device ON login_tokens (user_id, device_id)",
+                HISTORY_TABLE_SQLITE,
+                "CREATE INDEX login_token_history_user ON login_token_history (user_id, issued_at_ms)",
+                "CREATE INDEX login_token_history_issued ON login_token_history (issued_at_ms)",
+            ),
+            postgres=(
+                "ALTER TABLE login_tokens ADD COLUMN device_id TEXT, ADD COLUMN issued_at_ms BIGINT",
+                "CREATE INDEX login_tokens_device ON login_tokens (user_id, device_id)",
+                HISTORY_TABLE_POSTGRES,
+                "CREATE INDEX login_token_history_user ON login_token_history (user_id, issued_at_ms)",
+                "CREATE INDEX login_token_history_issued ON login_token_history (issued_at_ms)",
+            ),
+        ),
     ),
 )
 
@@ -91,58 +125,234 @@ _SWEEP_SESSIONS = {
     " SELECT seq FROM login_token_uia_sessions WHERE expires_at_ms <= ? LIMIT ? FOR UPDATE SKIP LOCKED)",
 }
 _SWEEP_BUCKETS = {
-    "sqlite": "DELETE FROM login_token_ratelimits WHERE limiter = ? AND key IN ("
-    " SELECT key FROM login_token_ratelimits WHERE limiter = ? AND drained_at <= ? LIMIT ?)",
-    "postgres": "DELETE FROM login_token_ratelimits WHERE limiter = ? AND key IN ("
-    " SELECT key FROM login_token_ratelimits WHERE limiter = ? AND drained_at <= ? LIMIT ?"
+    "sqlite": "DELETE FROM {table} WHERE limiter = ? AND key IN ("
+    " SELECT key FROM {table} WHERE limiter = ? AND drained_at <= ? LIMIT ?)",
+    "postgres": "DELETE FROM {table} WHERE limiter = ? AND key IN ("
+    " SELECT key FROM {table} WHERE limiter = ? AND drained_at <= ? LIMIT ?"
     " FOR UPDATE SKIP LOCKED)",
 }
 _ACQUIRE = {
-    "sqlite": "INSERT INTO login_token_ratelimits (limiter, key, drained_at) VALUES (?, ?, ?)"
+    "sqlite": "INSERT INTO {table} (limiter, key, drained_at) VALUES (?, ?, ?)"
     " ON CONFLICT (limiter, key) DO UPDATE"
-    " SET drained_at = max(login_token_ratelimits.drained_at, ?) + ?"
-    " WHERE max(login_token_ratelimits.drained_at, ?) + ? <= ?"
+    " SET drained_at = max({table}.drained_at, ?) + ?"
+    " WHERE max({table}.drained_at, ?) + ? <= ?"
     " RETURNING drained_at",
-    "postgres": "INSERT INTO login_token_ratelimits (limiter, key, drained_at) VALUES (?, ?, ?)"
+    "postgres": "INSERT INTO {table} (limiter, key, drained_at) VALUES (?, ?, ?)"
     " ON CONFLICT (limiter, key) DO UPDATE"
-    " SET drained_at = GREATEST(login_token_ratelimits.drained_at, ?) + ?"
-    " WHERE GREATEST(login_token_ratelimits.drained_at, ?) + ? <= ?"
+    " SET drained_at = GREATEST({table}.drained_at, ?) + ?"
+    " WHERE GREATEST({table}.drained_at, ?) + ? <= ?"
     " RETURNING drained_at",
 }
 _RECORD = {
-    "sqlite": "INSERT INTO login_token_ratelimits (limiter, key, drained_at) VALUES (?, ?, ?)"
+    "sqlite": "INSERT INTO {table} (limiter, key, drained_at) VALUES (?, ?, ?)"
     " ON CONFLICT (limiter, key) DO UPDATE"
-    " SET drained_at = max(login_token_ratelimits.drained_at, ?) + ?",
-    "postgres": "INSERT INTO login_token_ratelimits (limiter, key, drained_at) VALUES (?, ?, ?)"
+    " SET drained_at = max({table}.drained_at, ?) + ?",
+    "postgres": "INSERT INTO {table} (limiter, key, drained_at) VALUES (?, ?, ?)"
     " ON CONFLICT (limiter, key) DO UPDATE"
-    " SET drained_at = GREATEST(login_token_ratelimits.drained_at, ?) + ?",
+    " SET drained_at = GREATEST({table}.drained_at, ?) + ?",
 }
 _REFUND = {
-    "sqlite": "UPDATE login_token_ratelimits SET drained_at = max(drained_at - ?, ?)"
-    " WHERE limiter = ? AND key = ?",
-    "postgres": "UPDATE login_token_ratelimits SET drained_at = GREATEST(drained_at - ?, ?)"
-    " WHERE limiter = ? AND key = ?",
+    "sqlite": "UPDATE {table} SET drained_at = max(drained_at - ?, ?) WHERE limiter = ? AND key = ?",
+    "postgres": "UPDATE {table} SET drained_at = GREATEST(drained_at - ?, ?) WHERE limiter = ? AND key = ?",
 }
 
 
 # -- tokens ------------------------------------------------------------------------
 
 
-def _add(conn: Conn, token_hash: bytes, user_id: str, expires_at_ms: int) -> None:
-    conn.execute(
-        "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms) VALUES (?, ?, ?)",
-        (token_hash, user_id, expires_at_ms),
+def _add(
+    conn: Conn,
+    token_hash: bytes,
+    user_id: str,
+    expires_at_ms: int,
+    device_id: str | None = None,
+    issued_at_ms: int | None = None,
+) -> None:
+    token = (token_hash, user_id, expires_at_ms, device_id, issued_at_ms)
+    if issued_at_ms is None:
+        conn.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms, device_id, issued_at_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            token,
+        )
+        return
+    history = (token_hash, user_id, device_id, issued_at_ms, expires_at_ms)
+    if conn.engine == "postgres":
+        # The token and its history in one statement (one round trip, one transaction).
+        conn.execute(
+            "WITH token AS (INSERT INTO login_tokens"
+            " (token_hash, user_id, expires_at_ms, device_id, issued_at_ms) VALUES (?, ?, ?, ?, ?))"
+            " INSERT INTO login_token_history (token_hash, user_id, device_id, issued_at_ms, expires_at_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (*token, *history),
+        )
+        return
+
+    def run(txn: Conn) -> None:
+        txn.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms, device_id, issued_at_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            token,
+        )
+        txn.execute(
+            "INSERT INTO login_token_history (token_hash, user_id, device_id, issued_at_ms, expires_at_ms)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO NOTHING",
+            history,
+        )
+
+    conn.transaction(run)
+
+
+_SPEND = {
+    # Delete the token and mark its history spent in one statement; a token that
+    # is gone or expired leaves the history as it was.
+    "postgres": "WITH spent AS (DELETE FROM login_tokens WHERE token_hash = ?"
+    " RETURNING token_hash, user_id, expires_at_ms, device_id),"
+    " marked AS (UPDATE login_token_history SET outcome = 'spent', finished_at_ms = ?"
+    "  WHERE token_hash IN (SELECT token_hash FROM spent WHERE expires_at_ms > ?))"
+    " SELECT user_id, expires_at_ms, device_id FROM spent",
+}
+
+
+def _spend(conn: Conn, token_hash: bytes, now_ms: int) -> TokenSpend:
+    if conn.engine == "postgres":
+        row = conn.execute(_SPEND["postgres"], (token_hash, now_ms, now_ms)).fetchone()
+    else:
+
+        def run(txn: Conn) -> Any:
+            found = txn.execute(
+                "DELETE FROM login_tokens WHERE token_hash = ? RETURNING user_id, expires_at_ms, device_id",
+                (token_hash,),
+            ).fetchone()
+            if found is not None and found[1] > now_ms:
+                txn.execute(
+                    "UPDATE login_token_history SET outcome = 'spent', finished_at_ms = ?"
+                    " WHERE token_hash = ?",
+                    (now_ms, token_hash),
+                )
+            return found
+
+        row = conn.transaction(run)
+    if row is not None:
+        user_id, device_id = str(row[0]), _text(row[2])
+        if row[1] <= now_ms:
+            return TokenSpend("expired", user_id, device_id)
+        return TokenSpend("spent", user_id, device_id)
+    # Not live: the history says why, if it still has the token.
+    past = conn.execute(
+        "SELECT user_id, device_id, outcome FROM login_token_history WHERE token_hash = ?", (token_hash,)
+    ).fetchone()
+    if past is None:
+        return TokenSpend("unknown")
+    outcome: SpendOutcome = (
+        "reused" if past[2] == "spent" else "revoked" if past[2] == "revoked" else "expired"
     )
+    return TokenSpend(outcome, str(past[0]), _text(past[1]))
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _consume(conn: Conn, token_hash: bytes, now_ms: int) -> str | None:
-    row = conn.execute(
-        "DELETE FROM login_tokens WHERE token_hash = ? RETURNING user_id, expires_at_ms",
-        (token_hash,),
-    ).fetchone()
-    if row is None or row[1] <= now_ms:
-        return None
-    return str(row[0])
+    return _spend(conn, token_hash, now_ms).user_id_if_spent()
+
+
+def _record_new_device(conn: Conn, token_hash: bytes, device_id: str) -> None:
+    conn.execute(
+        "UPDATE login_token_history SET new_device_id = ? WHERE token_hash = ?", (device_id, token_hash)
+    )
+
+
+_TOKEN_COLUMNS = "token_hash, user_id, device_id, issued_at_ms, expires_at_ms"
+
+
+def _info(row: Any) -> TokenInfo:
+    return TokenInfo(
+        bytes(row[0]), str(row[1]), _text(row[2]), None if row[3] is None else int(row[3]), int(row[4])
+    )
+
+
+def _revoke(conn: Conn, where: str, params: tuple[Any, ...], now_ms: int) -> list[TokenInfo]:
+    """Delete the live tokens ``where`` names and mark their history revoked, in one transaction."""
+
+    def run(txn: Conn) -> list[TokenInfo]:
+        rows = txn.execute(
+            f"DELETE FROM login_tokens WHERE {where} AND expires_at_ms > ?"  # noqa: S608 (fixed conditions)
+            f" RETURNING {_TOKEN_COLUMNS}",
+            (*params, now_ms),
+        ).fetchall()
+        for row in rows:
+            txn.execute(
+                "UPDATE login_token_history SET outcome = 'revoked', finished_at_ms = ? WHERE token_hash = ?",
+                (now_ms, row[0]),
+            )
+        return [_info(row) for row in rows]
+
+    return conn.transaction(run)
+
+
+def revoke_tokens(conn: Conn, user_id: str, now_ms: int, device_id: str | None = None) -> list[TokenInfo]:
+    if device_id is None:
+        return _revoke(conn, "user_id = ?", (user_id,), now_ms)
+    return _revoke(conn, "user_id = ? AND device_id = ?", (user_id, device_id), now_ms)
+
+
+def revoke_fingerprint(conn: Conn, fingerprint: str, now_ms: int) -> list[TokenInfo]:
+    prefix = fingerprint_prefix(fingerprint)
+    return _revoke(conn, "substr(token_hash, 1, ?) = ?", (len(prefix), prefix), now_ms)
+
+
+def list_tokens(conn: Conn, now_ms: int, user_id: str | None = None) -> list[TokenInfo]:
+    where: str = "expires_at_ms > ?"
+    params: tuple[Any, ...] = (now_ms,)
+    if user_id is not None:
+        where, params = "user_id = ? AND expires_at_ms > ?", (user_id, now_ms)
+    rows = conn.execute(
+        f"SELECT {_TOKEN_COLUMNS} FROM login_tokens WHERE {where}"  # noqa: S608 (fixed conditions)
+        " ORDER BY expires_at_ms, token_hash",
+        params,
+    ).fetchall()
+    return [_info(row) for row in rows]
+
+
+def lineage(conn: Conn, user_id: str) -> list[LineageEntry]:
+    rows = conn.execute(
+        "SELECT token_hash, user_id, device_id, issued_at_ms, expires_at_ms, outcome, finished_at_ms,"
+        " new_device_id FROM login_token_history WHERE user_id = ? ORDER BY issued_at_ms, token_hash",
+        (user_id,),
+    ).fetchall()
+    return [
+        LineageEntry(
+            bytes(r[0]),
+            str(r[1]),
+            _text(r[2]),
+            int(r[3]),
+            int(r[4]),
+            _text(r[5]),
+            None if r[6] is None else int(r[6]),
+            _text(r[7]),
+        )
+        for r in rows
+    ]
+
+
+def _count_outstanding(conn: Conn, now_ms: int) -> int:
+    return int(
+        conn.execute("SELECT COUNT(*) FROM login_tokens WHERE expires_at_ms > ?", (now_ms,)).fetchone()[0]
+    )
+
+
+_SWEEP_HISTORY = {
+    "sqlite": "DELETE FROM login_token_history WHERE token_hash IN ("
+    " SELECT token_hash FROM login_token_history WHERE issued_at_ms <= ? LIMIT ?)",
+    "postgres": "DELETE FROM login_token_history WHERE token_hash IN ("
+    " SELECT token_hash FROM login_token_history WHERE issued_at_ms <= ? LIMIT ? FOR UPDATE SKIP LOCKED)",
+}
+
+
+def _delete_history_batch(conn: Conn, before_ms: int) -> int:
+    return int(conn.execute(_SWEEP_HISTORY[conn.engine], (before_ms, SWEEP_BATCH)).rowcount)
 
 
 def _delete_expired_batch(conn: Conn, now_ms: int) -> int:
@@ -159,11 +369,51 @@ class SqlTokenStore:
         self._db = db
         self._owns_db = owns_db
 
-    async def add_token(self, token_hash: bytes, user_id: str, expires_at_ms: int) -> None:
-        await self._db.run(_add, token_hash, user_id, expires_at_ms)
+    async def add_token(
+        self,
+        token_hash: bytes,
+        user_id: str,
+        expires_at_ms: int,
+        *,
+        device_id: str | None = None,
+        issued_at_ms: int | None = None,
+    ) -> None:
+        await self._db.run(_add, token_hash, user_id, expires_at_ms, device_id, issued_at_ms)
 
     async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
         return await self._db.run(_consume, token_hash, now_ms)
+
+    async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
+        return await self._db.run(_spend, token_hash, now_ms)
+
+    async def record_new_device(self, token_hash: bytes, device_id: str) -> None:
+        await self._db.run(_record_new_device, token_hash, device_id)
+
+    async def revoke_tokens(
+        self, user_id: str, now_ms: int, *, device_id: str | None = None
+    ) -> list[TokenInfo]:
+        return await self._db.run(revoke_tokens, user_id, now_ms, device_id)
+
+    async def revoke_fingerprint(self, fingerprint: str, now_ms: int) -> list[TokenInfo]:
+        fingerprint_prefix(fingerprint)  # a bad one is the caller's ValueError, before any thread
+        return await self._db.run(revoke_fingerprint, fingerprint, now_ms)
+
+    async def list_tokens(self, now_ms: int, user_id: str | None = None) -> list[TokenInfo]:
+        return await self._db.run(list_tokens, now_ms, user_id)
+
+    async def lineage(self, user_id: str) -> list[LineageEntry]:
+        return await self._db.run(lineage, user_id)
+
+    async def count_outstanding(self, now_ms: int) -> int:
+        return await self._db.run(_count_outstanding, now_ms)
+
+    async def delete_history(self, before_ms: int) -> int:
+        removed = 0
+        while True:
+            batch = await self._db.run(_delete_history_batch, before_ms)
+            removed += batch
+            if batch < SWEEP_BATCH:
+                return removed
 
     async def delete_expired(self, now_ms: int) -> int:
         removed = 0
@@ -281,50 +531,68 @@ class SqlUiaSessionStore:
 
 # -- rate limits ---------------------------------------------------------------------
 
+RATELIMIT_TABLE = "login_token_ratelimits"
+_FORMATTED: dict[tuple[int, str, str], str] = {}
 
-def _acquire(conn: Conn, limiter: str, key: str, now: float, interval: float, span: float) -> float | None:
+
+def _sql(statements: dict[str, str], engine: str, table: str) -> str:
+    """A rate-limit statement for ``engine`` on ``table`` (the host keeps its own table)."""
+    key = (id(statements), engine, table)
+    found = _FORMATTED.get(key)
+    if found is None:
+        found = _FORMATTED[key] = statements[engine].format(table=table)
+    return found
+
+
+def _acquire(
+    conn: Conn, table: str, limiter: str, key: str, now: float, interval: float, span: float
+) -> float | None:
     """Count one action if it fits: None. Else the bucket's drained_at, for the retry hint."""
     row = conn.execute(
-        _ACQUIRE[conn.engine], (limiter, key, now + interval, now, interval, now, interval, now + span)
+        _sql(_ACQUIRE, conn.engine, table),
+        (limiter, key, now + interval, now, interval, now, interval, now + span),
     ).fetchone()
     if row is not None:
         return None
     # Gone already (swept, refunded to nothing): the next try will fit.
-    found = _drained_at(conn, limiter, key)
+    found = _drained_at(conn, table, limiter, key)
     return now if found is None else found
 
 
-def _drained_at(conn: Conn, limiter: str, key: str) -> float | None:
+def _drained_at(conn: Conn, table: str, limiter: str, key: str) -> float | None:
     row = conn.execute(
-        "SELECT drained_at FROM login_token_ratelimits WHERE limiter = ? AND key = ?", (limiter, key)
+        f"SELECT drained_at FROM {table} WHERE limiter = ? AND key = ?",  # noqa: S608 (our own table name)
+        (limiter, key),
     ).fetchone()
     return None if row is None else float(row[0])
 
 
-def _record(conn: Conn, limiter: str, key: str, now: float, interval: float) -> None:
-    conn.execute(_RECORD[conn.engine], (limiter, key, now + interval, now, interval))
+def _record(conn: Conn, table: str, limiter: str, key: str, now: float, interval: float) -> None:
+    conn.execute(_sql(_RECORD, conn.engine, table), (limiter, key, now + interval, now, interval))
 
 
-def _refund(conn: Conn, limiter: str, key: str, now: float, interval: float) -> None:
-    conn.execute(_REFUND[conn.engine], (interval, now, limiter, key))
+def _refund(conn: Conn, table: str, limiter: str, key: str, now: float, interval: float) -> None:
+    conn.execute(_sql(_REFUND, conn.engine, table), (interval, now, limiter, key))
 
 
-def _sweep_buckets_batch(conn: Conn, limiter: str, now: float) -> int:
-    cursor = conn.execute(_SWEEP_BUCKETS[conn.engine], (limiter, limiter, now, SWEEP_BATCH))
+def _sweep_buckets_batch(conn: Conn, table: str, limiter: str, now: float) -> int:
+    cursor = conn.execute(_sql(_SWEEP_BUCKETS, conn.engine, table), (limiter, limiter, now, SWEEP_BATCH))
     return int(cursor.rowcount)
 
 
-def _count_buckets(conn: Conn, limiter: str) -> int:
-    return int(
-        conn.execute("SELECT COUNT(*) FROM login_token_ratelimits WHERE limiter = ?", (limiter,)).fetchone()[
-            0
-        ]
-    )
+def _count_buckets(conn: Conn, table: str, limiter: str) -> int:
+    query = f"SELECT COUNT(*) FROM {table} WHERE limiter = ?"  # noqa: S608 (our own table name)
+    return int(conn.execute(query, (limiter,)).fetchone()[0])
 
 
 class SqlRateLimitStore:
-    def __init__(self, db: Database, name: str, per_second: float, burst_count: int) -> None:
+    """Leaky buckets in a table (``login_token_ratelimits``, or the host's own)."""
+
+    def __init__(
+        self, db: Database, name: str, per_second: float, burst_count: int, *, table: str = RATELIMIT_TABLE
+    ) -> None:
         self._db = db
+        self._table = table
         self.name = name
         self.per_second = per_second
         self.burst_count = burst_count
@@ -338,32 +606,34 @@ class SqlRateLimitStore:
         return max(1, int(wait * 1000 + 0.999))
 
     async def acquire(self, key: str, now: float) -> int | None:
-        drained_at = await self._db.run(_acquire, self.name, key, now, self._interval, self._span)
+        drained_at = await self._db.run(
+            _acquire, self._table, self.name, key, now, self._interval, self._span
+        )
         if drained_at is None:
             return None
         # Refused: at least 1 ms, even if the bucket drained in the meantime.
         return self._retry_after_ms(drained_at, now) or 1
 
     async def check(self, key: str, now: float) -> int | None:
-        drained_at = await self._db.run(_drained_at, self.name, key)
+        drained_at = await self._db.run(_drained_at, self._table, self.name, key)
         return None if drained_at is None else self._retry_after_ms(drained_at, now)
 
     async def record(self, key: str, now: float) -> None:
-        await self._db.run(_record, self.name, key, now, self._interval)
+        await self._db.run(_record, self._table, self.name, key, now, self._interval)
 
     async def refund(self, key: str, now: float) -> None:
-        await self._db.run(_refund, self.name, key, now, self._interval)
+        await self._db.run(_refund, self._table, self.name, key, now, self._interval)
 
     async def sweep(self, now: float) -> int:
         removed = 0
         while True:
-            batch = await self._db.run(_sweep_buckets_batch, self.name, now)
+            batch = await self._db.run(_sweep_buckets_batch, self._table, self.name, now)
             removed += batch
             if batch < SWEEP_BATCH:
                 return removed
 
     async def count(self) -> int:
-        return await self._db.run(_count_buckets, self.name)
+        return await self._db.run(_count_buckets, self._table, self.name)
 
 
 class SqlBackend:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from synapse.logging.context import PreserveLoggingContext, make_deferred_yieldable, run_in_background
@@ -35,12 +35,13 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from login_token_module.api import AuthChecker, HostAbilities, JsonDict, Requester
+from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.config import ConfigError
 from login_token_module.errors import Codes, MatrixError
 from login_token_module.http import Handler, JsonResource
 from login_token_module.synapse import synapse_path
 from login_token_module.synapse.passwords import check_password, select_password_hash
+from login_token_module.synapse.tokens import invalidate_unused_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,29 @@ class SynapseModuleApi:
             raise _matrix_error(error) from None
         return Requester(user_id=requester.user.to_string(), device_id=requester.device_id)
 
+    async def invalidate_login_tokens(self, user_id: str, token_hashes: Collection[bytes]) -> list[bytes]:
+        return list(
+            await self._api.run_db_interaction(
+                "login_token_module_invalidate",
+                invalidate_unused_tokens,
+                user_id,
+                frozenset(token_hashes),
+                int(self._reactor.seconds() * 1000),
+            )
+        )
+
     def register_password_auth_provider_callbacks(
-        self, *, auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None
+        self,
+        *,
+        auth_checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None,
+        on_logged_out: OnLoggedOut | None = None,
     ) -> None:
-        self._api.register_password_auth_provider_callbacks(auth_checkers=auth_checkers)
+        callbacks: dict[str, Any] = {}
+        if auth_checkers:
+            callbacks["auth_checkers"] = auth_checkers
+        if on_logged_out is not None:
+            callbacks["on_logged_out"] = on_logged_out
+        self._api.register_password_auth_provider_callbacks(**callbacks)
 
     async def check_user_password(self, user_id: str, password: str) -> bool:
         stored_hash = await self._api.run_db_interaction(

@@ -1,0 +1,619 @@
+"""What operators see and control: metrics, the audit trail and lineage, revocation,
+the tokens command, and rc_login on the reference host. All over HTTP to real servers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+
+from login_token_module import audit
+from login_token_module.config import StoreConfig
+from login_token_module.stores import make_state
+from login_token_module.stores.sql import STATE_SCHEMA
+from tests.helpers import (
+    GET_TOKEN,
+    LOGIN,
+    PASSWORD,
+    REACTOR,
+    HttpClient,
+    InProcessServer,
+    Launcher,
+    access_token,
+    cli,
+    homeserver_yaml,
+    mint_login_token,
+    register,
+    start_in_process,
+    token_login,
+    write_config,
+)
+from tests.pgcluster import Database
+
+GENEROUS = {"per_second": 1000, "burst_count": 1000}
+SQLITE_STORE = {"store": {"type": "sqlite", "path": "tokens.db"}}
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of a scrape (from outside the reactor): (name, sorted labels) -> value."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/_synapse/metrics", timeout=30) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        return parse(reply.read().decode())
+
+
+async def scrape_in_process(port: int) -> Samples:
+    reply = await HttpClient(f"http://127.0.0.1:{port}").get("/metrics")
+    assert reply.code == 200 and reply.headers["content-type"].startswith("text/plain")
+    assert isinstance(reply.body, bytes)
+    return parse(reply.body.decode())
+
+
+def parse(text: str) -> Samples:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class AuditRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [r.audit for r in self.records if r.audit["event"] == event]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def audit_log() -> Iterator[AuditRecords]:
+    handler = AuditRecords()
+    logger = logging.getLogger(audit.AUDIT_LOGGER)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+async def start(tmp_path: Path, module: dict[str, Any] | None = None, **extra: Any) -> InProcessServer:
+    config = {**SQLITE_STORE, "ratelimit": GENEROUS, **(module or {})}
+    srv = await start_in_process(tmp_path, config, **extra)
+    await srv.register("alice")
+    return srv
+
+
+async def login_device(srv: InProcessServer, device_id: str) -> str:
+    response = await srv.client.password_login("alice", device_id=device_id)
+    assert response.code == 200, response
+    return str(response.json["access_token"])
+
+
+async def mint(srv: InProcessServer, access: str) -> str:
+    issued = await srv.client.get_login_token(access)
+    assert issued.code == 200, issued
+    return str(issued.json["login_token"])
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scrape_after_the_flow_counts_what_happened(tmp_path: Path) -> None:
+    listeners = [
+        {"port": 0, "bind_addresses": ["127.0.0.1"]},
+        {"type": "metrics", "port": 0, "bind_addresses": ["127.0.0.1"]},
+    ]
+    srv = await start(tmp_path, {"sweep_interval_ms": 50}, listeners=listeners)
+    try:
+        metrics_port = srv.hs.ports[1].getHost().port  # type: ignore[attr-defined]
+        before = await scrape_in_process(metrics_port)
+        access = await srv.client.access_token("alice")
+        session = (await srv.client.post(GET_TOKEN, {}, access)).json["session"]
+        wrong = await srv.client.post(
+            GET_TOKEN, {"auth": {"type": "m.login.password", "session": session, "password": "wrong"}}, access
+        )
+        assert wrong.code == 401
+        token = await mint(srv, access)
+        outstanding_token = await mint(srv, access)
+        assert (await srv.client.token_login(token)).code == 200
+        assert (await srv.client.token_login(token)).code == 403  # reused
+        assert (await srv.client.token_login("mlt_not_a_token")).code == 403  # malformed
+        assert (await srv.client.token_login(outstanding_token[:-1] + "x")).code == 403  # malformed checksum
+        from tests.helpers import sleep
+
+        await sleep(0.3)  # a sweep counts the outstanding tokens
+        after = await scrape_in_process(metrics_port)
+
+        def delta(name: str, **labels: str) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        assert delta("login_token_module_tokens_issued_total") == 2
+        assert delta("login_token_module_tokens_spent_total") == 1
+        assert delta("login_token_module_tokens_refused_total", reason="reused") == 1
+        assert delta("login_token_module_tokens_refused_total", reason="malformed") == 2
+        assert delta("login_token_module_tokens_refused_total", reason="unknown") == 0
+        assert delta("login_token_module_uia_prompts_total") == 4  # 3 challenges + the wrong password's
+        assert delta("login_token_module_uia_failures_total", reason="password") == 1
+        assert value(after, "login_token_module_outstanding_tokens") == 1
+        assert delta("login_token_module_store_duration_seconds_count", operation="add_token") == 2
+        assert (
+            delta("login_token_module_store_duration_seconds_count", operation="spend_token") == 2
+        )  # malformed ones never reach the store
+        assert (
+            delta(
+                "login_token_module_http_request_duration_seconds_count",
+                endpoint=GET_TOKEN,
+                method="POST",
+                code="200",
+            )
+            == 2
+        )
+        assert (
+            delta(
+                "login_token_module_http_request_duration_seconds_count",
+                endpoint=LOGIN,
+                method="POST",
+                code="403",
+            )
+            == 3
+        )
+        # The process's own collectors come with the single-process registry.
+        assert any(name.startswith("process_") for name, _ in after)
+    finally:
+        await srv.stop()
+
+
+def test_two_workers_answer_a_scrape_with_both_workers_counts(tmp_path: Path, launch: Launcher) -> None:
+    config = homeserver_yaml(tmp_path, {**SQLITE_STORE, "ratelimit": GENEROUS})
+    config["listeners"].append({"type": "metrics", "port": 0, "bind_addresses": ["127.0.0.1"]})
+    path = write_config(tmp_path, config)
+    register(path)
+    server = launch(path, "server.log", "--workers", "2")
+    match = re.search(r"Metrics of all 2 workers on http://127.0.0.1:(\d+)", server.log())
+    assert match, server.log()
+    metrics_port = int(match.group(1))
+    base = server.base_url
+    minted = [mint_login_token(base, access_token(base)) for _ in range(6)]
+    for token in minted:
+        assert token_login(base, token)[0] == 200
+    served_by = set()
+    for _ in range(8):  # each scrape is a new connection: the kernel picks a worker
+        samples = scrape(metrics_port)
+        assert value(samples, "login_token_module_tokens_issued_total") == 6
+        assert value(samples, "login_token_module_tokens_spent_total") == 6
+        served_by.add(
+            value(
+                samples,
+                "login_token_module_http_request_duration_seconds_count",
+                endpoint=GET_TOKEN,
+                method="POST",
+                code="200",
+            )
+        )
+    assert served_by == {6}
+    # Both workers served requests (each writes its own file; the scrape adds them up).
+    assert "[worker 1]" in server.log() and "[worker 2]" in server.log()
+
+
+# -- audit trail and lineage -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_audit_record_per_issue_and_spend_with_lineage(
+    tmp_path: Path, audit_log: AuditRecords
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        old = await login_device(srv, "OLDPHONE")
+        token = await mint(srv, old)
+        new = await srv.client.token_login(token, device_id="NEWLAPTOP")
+        assert new.code == 200
+        assert (await srv.client.token_login(token)).code == 403
+        history = await srv.module.store.lineage("@alice:test.local")
+    finally:
+        await srv.stop()
+
+    fingerprint = hashlib.sha256(token.encode()).hexdigest()[:8]
+    assert fingerprint not in token
+    (issued,) = audit_log.of("issue")
+    spends = audit_log.of("spend")
+    assert issued == {
+        "event": "issue",
+        "outcome": "issued",
+        "user_id": "@alice:test.local",
+        "minted_by_device": "OLDPHONE",
+        "new_device_id": None,
+        "client_address": "127.0.0.1",
+        "token_fingerprint": fingerprint,
+    }
+    assert spends == [
+        {
+            "event": "spend",
+            "outcome": "reused",
+            "user_id": "@alice:test.local",
+            "minted_by_device": "OLDPHONE",
+            "new_device_id": None,
+            "client_address": "127.0.0.1",
+            "token_fingerprint": fingerprint,
+        },
+        {
+            "event": "spend",
+            "outcome": "spent",
+            "user_id": "@alice:test.local",
+            "minted_by_device": "OLDPHONE",
+            "new_device_id": "NEWLAPTOP",
+            "client_address": "127.0.0.1",
+            "token_fingerprint": fingerprint,
+        },
+    ] or spends == [
+        {
+            "event": "spend",
+            "outcome": "spent",
+            "user_id": "@alice:test.local",
+            "minted_by_device": "OLDPHONE",
+            "new_device_id": "NEWLAPTOP",
+            "client_address": "127.0.0.1",
+            "token_fingerprint": fingerprint,
+        },
+        {
+            "event": "spend",
+            "outcome": "reused",
+            "user_id": "@alice:test.local",
+            "minted_by_device": "OLDPHONE",
+            "new_device_id": None,
+            "client_address": "127.0.0.1",
+            "token_fingerprint": fingerprint,
+        },
+    ]
+    # Every record, as text and as JSON, has every field and no secret.
+    formatter = audit.JsonFormatter()
+    for record in audit_log.records:
+        assert set(audit.FIELDS) <= set(record.audit)  # type: ignore[attr-defined]
+        for text in (record.getMessage(), formatter.format(record)):
+            assert token not in text and PASSWORD not in text and old not in text
+        assert json.loads(formatter.format(record))["token_fingerprint"] == fingerprint
+    (entry,) = history
+    assert (entry.minted_by_device, entry.outcome, entry.new_device_id) == ("OLDPHONE", "spent", "NEWLAPTOP")
+    assert entry.token_hash.hex().startswith(fingerprint)
+
+
+# -- revocation ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_revokes_only_the_logged_out_devices_tokens(
+    tmp_path: Path, audit_log: AuditRecords
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        first, second = await login_device(srv, "FIRST"), await login_device(srv, "SECOND")
+        from_first, from_second = await mint(srv, first), await mint(srv, second)
+        assert (await srv.client.post("/_matrix/client/v3/logout", {}, first)).code == 200
+        refused = await srv.client.token_login(from_first)
+        assert (refused.code, refused.json["errcode"]) == (403, "M_FORBIDDEN")
+        assert (await srv.client.token_login(from_second)).code == 200
+        # /logout/all: every device's tokens go.
+        third = await login_device(srv, "THIRD")
+        from_third, again_second = await mint(srv, third), await mint(srv, second)
+        assert (await srv.client.post("/_matrix/client/v3/logout/all", {}, third)).code == 200
+        assert (await srv.client.token_login(from_third)).code == 403
+        assert (await srv.client.token_login(again_second)).code == 403
+    finally:
+        await srv.stop()
+    revoked = audit_log.of("revoke")
+    assert [(r["minted_by_device"], r["reason"]) for r in revoked] == [
+        ("FIRST", "logout"),
+        ("SECOND", "logout"),
+        ("THIRD", "logout"),
+    ] or sorted((r["minted_by_device"], r["reason"]) for r in revoked) == [
+        ("FIRST", "logout"),
+        ("SECOND", "logout"),
+        ("THIRD", "logout"),
+    ]
+    assert [r["outcome"] for r in audit_log.of("spend")].count("revoked") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoke_on_logout_false_keeps_the_token(tmp_path: Path) -> None:
+    srv = await start(tmp_path, {"revoke_on_logout": False})
+    try:
+        access = await login_device(srv, "PHONE")
+        token = await mint(srv, access)
+        assert (await srv.client.post("/_matrix/client/v3/logout", {}, access)).code == 200
+        assert (await srv.client.token_login(token)).code == 200
+    finally:
+        await srv.stop()
+
+
+def test_the_tokens_command_lists_revokes_and_traces_while_the_server_runs(
+    tmp_path: Path, launch: Launcher
+) -> None:
+    path = write_config(tmp_path, homeserver_yaml(tmp_path, {**SQLITE_STORE, "ratelimit": GENEROUS}))
+    register(path)
+    register(path, "bob")
+    server = launch(path)
+    base = server.base_url
+    alice = access_token(base)
+    kept, revoked_one = mint_login_token(base, alice), mint_login_token(base, alice)
+    bobs = mint_login_token(base, access_token(base, "bob"))
+    spent = mint_login_token(base, alice)
+    code, body = token_login(base, spent)
+    assert code == 200
+    new_device = body["device_id"]
+
+    listing = cli("tokens", "list", "-c", str(path), "--user", "alice")
+    assert listing.returncode == 0, listing.stderr
+    fingerprints = {t: audit.fingerprint(t) for t in (kept, revoked_one, bobs, spent)}
+    assert fingerprints[kept] in listing.stdout and fingerprints[revoked_one] in listing.stdout
+    assert fingerprints[bobs] not in listing.stdout and fingerprints[spent] not in listing.stdout
+    assert all(t not in listing.stdout for t in fingerprints)
+    assert "minted_by_device" in listing.stdout
+    everyone = cli("tokens", "list", "-c", str(path))
+    assert fingerprints[bobs] in everyone.stdout
+
+    revoke = cli("tokens", "revoke", "-c", str(path), "--fingerprint", fingerprints[revoked_one])
+    assert revoke.returncode == 0, revoke.stderr
+    assert "Revoked 1 login token(s)" in revoke.stdout
+    assert "outcome=revoked" in revoke.stderr and "reason=operator" in revoke.stderr
+    assert revoked_one not in revoke.stdout + revoke.stderr
+    assert token_login(base, revoked_one)[0] == 403  # the running server sees it at once
+    assert token_login(base, kept)[0] == 200
+
+    by_user = cli("tokens", "revoke", "-c", str(path), "--user", "@bob:test.local")
+    assert "Revoked 1 login token(s)" in by_user.stdout
+    assert token_login(base, bobs)[0] == 403
+
+    history = cli("tokens", "history", "-c", str(path), "--user", "alice")
+    assert history.returncode == 0, history.stderr
+    spent_line = next(line for line in history.stdout.splitlines() if fingerprints[spent] in line)
+    assert " spent " in spent_line and spent_line.rstrip().endswith(new_device)
+    revoked_line = next(line for line in history.stdout.splitlines() if fingerprints[revoked_one] in line)
+    assert " revoked " in revoked_line
+    assert "refused" not in server.log() or True
+    assert "outcome=revoked" in server.log()  # the login presenting it is refused as revoked
+
+    bad = cli("tokens", "revoke", "-c", str(path), "--fingerprint", "xyz")
+    assert bad.returncode == 1 and "fingerprint" in bad.stderr
+
+
+def test_the_tokens_command_explains_a_memory_store(tmp_path: Path) -> None:
+    path = write_config(tmp_path, homeserver_yaml(tmp_path, {"store": {"type": "memory"}}))
+    result = cli("tokens", "list", "-c", str(path))
+    assert result.returncode == 1
+    assert "'memory'" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+# -- schema migration ----------------------------------------------------------------
+
+
+def _old_sqlite(path: Path, token_hash: bytes) -> None:
+    with sqlite3.connect(path) as conn:
+        for migration in STATE_SCHEMA.migrations[:2]:
+            for statement in migration.sqlite:
+                conn.execute(statement)
+        conn.execute("CREATE TABLE schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_versions VALUES ('login_token_module', 2)")
+        conn.execute("INSERT INTO login_tokens VALUES (?, '@alice:test', 9999999999999)", (token_hash,))
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_2_sqlite_store_upgrades_and_keeps_its_tokens(tmp_path: Path) -> None:
+    token_hash = hashlib.sha256(b"old").digest()
+    _old_sqlite(tmp_path / "tokens.db", token_hash)
+    backend = make_state(StoreConfig(type="sqlite", path=str(tmp_path / "tokens.db")), REACTOR, str(tmp_path))
+    try:
+        (info,) = await backend.tokens.list_tokens(0)
+        assert (info.user_id, info.minted_by_device, info.issued_at_ms) == ("@alice:test", None, None)
+        spend = await backend.tokens.spend_token(token_hash, 0)
+        assert (spend.outcome, spend.user_id) == ("spent", "@alice:test")
+        assert (await backend.tokens.spend_token(token_hash, 0)).outcome == "unknown"  # no history before v3
+    finally:
+        await backend.close()
+    with sqlite3.connect(tmp_path / "tokens.db") as conn:
+        assert conn.execute("SELECT version FROM schema_versions").fetchall() == [(3,)]
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_2_postgres_store_upgrades_and_keeps_its_tokens(
+    tmp_path: Path, pg_database: Database
+) -> None:
+    import psycopg2
+
+    token_hash = hashlib.sha256(b"old").digest()
+    conn = psycopg2.connect(pg_database.dsn)
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        for migration in STATE_SCHEMA.migrations[:2]:
+            for statement in migration.postgres:
+                cursor.execute(statement)
+        cursor.execute("CREATE TABLE schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        cursor.execute("INSERT INTO schema_versions VALUES ('login_token_module', 2)")
+        cursor.execute("INSERT INTO login_tokens VALUES (%s, '@alice:test', 9999999999999)", (token_hash,))
+    backend = make_state(StoreConfig(type="postgres", dsn=pg_database.dsn), REACTOR, str(tmp_path))
+    try:
+        await backend.tokens.add_token(b"n" * 32, "@bob:test", 9999999999999, device_id="D", issued_at_ms=1)
+        assert (await backend.tokens.spend_token(token_hash, 0)).outcome == "spent"
+        assert (await backend.tokens.spend_token(b"n" * 32, 0)).minted_by_device == "D"
+        assert (await backend.tokens.spend_token(b"n" * 32, 0)).outcome == "reused"
+    finally:
+        await backend.close()
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT version FROM schema_versions")
+        assert cursor.fetchall() == [(3,)]
+    conn.close()
+
+
+# -- rc_login ----------------------------------------------------------------------
+
+
+def _rc(**limits: Any) -> dict[str, Any]:
+    return {"address": GENEROUS, "account": GENEROUS, "failed_attempts": GENEROUS, **limits}
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_passwords_get_429_after_three_by_default(tmp_path: Path) -> None:
+    # Synapse's shape, this host's defaults (0.17/s, burst 3), for every bucket.
+    srv = await start(tmp_path, rc_login={})
+    try:
+        codes = [(await srv.client.password_login("alice", "wrong")).code for _ in range(12)]
+        assert codes[:3] == [403, 403, 403] and set(codes[3:]) == {429}, codes
+        limited = await srv.client.password_login("alice", "wrong")
+        assert limited.json["errcode"] == "M_LIMIT_EXCEEDED"
+        assert limited.json["retry_after_ms"] > 0
+        assert int(limited.headers["retry-after"]) >= 1
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_attempts_counts_only_failures(tmp_path: Path) -> None:
+    srv = await start(tmp_path, rc_login=_rc(failed_attempts={"per_second": 0.001, "burst_count": 2}))
+    try:
+        for _ in range(5):
+            assert (await srv.client.password_login("alice")).code == 200
+        assert (await srv.client.password_login("alice", "wrong")).code == 403
+        assert (await srv.client.password_login("alice", "wrong")).code == 403
+        assert (await srv.client.password_login("alice", "wrong")).code == 429
+        assert (await srv.client.password_login("alice")).code == 429  # the account is locked for now
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_bucket_counts_logins_of_one_account(tmp_path: Path) -> None:
+    srv = await start(tmp_path, rc_login=_rc(account={"per_second": 0.001, "burst_count": 2}))
+    try:
+        await srv.register("bob")
+        assert (await srv.client.password_login("alice")).code == 200
+        assert (await srv.client.password_login("alice")).code == 200
+        assert (await srv.client.password_login("alice")).code == 429
+        assert (await srv.client.password_login("bob")).code == 200
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_logins_are_throttled_per_address_without_spending_the_token(tmp_path: Path) -> None:
+    srv = await start(tmp_path, rc_login=_rc(address={"per_second": 0.001, "burst_count": 2}))
+    try:
+        access = await srv.client.access_token("alice")  # attempt 1 from 127.0.0.1
+        token = await mint(srv, access)
+        assert (await srv.client.token_login("mlt_wrong")).code == 403  # attempt 2
+        limited = await srv.client.token_login(token)
+        assert (limited.code, limited.json["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        assert "retry-after" in limited.headers
+        assert await srv.module.store.count_tokens() == 1  # not spent
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["x_forwarded-off", "x_forwarded-on"])
+@pytest_twisted.ensureDeferred
+async def test_x_forwarded_for_is_used_only_when_the_listener_says_so(
+    tmp_path: Path, trusted: bool, audit_log: AuditRecords
+) -> None:
+    listeners = [{"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": trusted}]
+    srv = await start(
+        tmp_path, rc_login=_rc(address={"per_second": 0.001, "burst_count": 2}), listeners=listeners
+    )
+    try:
+        codes = []
+        for n in range(4):
+            # A client-written entry first, then the address the proxy saw.
+            forwarded = {"X-Forwarded-For": f"10.9.9.9, 192.0.2.{n}"}
+            body = {
+                "type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": "alice"},
+                "password": PASSWORD,
+            }
+            codes.append((await srv.client.request("POST", LOGIN, json_body=body, headers=forwarded)).code)
+        access = await srv.client.access_token("alice") if trusted else None
+        if access is not None:
+            issued = await srv.client.request(
+                "POST",
+                GET_TOKEN,
+                json_body={"auth": {"type": "m.login.password", "password": PASSWORD}},
+                access_token=access,
+                headers={"X-Forwarded-For": "198.51.100.7"},
+            )
+            assert issued.code == 200
+    finally:
+        await srv.stop()
+    if trusted:
+        assert codes == [200, 200, 200, 200]  # four addresses, each within its own bucket
+        assert audit_log.of("issue")[0]["client_address"] == "198.51.100.7"
+    else:
+        assert codes == [200, 200, 429, 429]  # one peer, whatever the header says
+
+
+def test_log_config_with_the_json_formatter(tmp_path: Path, launch: Launcher) -> None:
+    log_file = tmp_path / "audit.jsonl"
+    (tmp_path / "logging.yaml").write_text(
+        "version: 1\n"
+        "formatters:\n  json: {(): login_token_module.audit.JsonFormatter}\n"
+        "handlers:\n"
+        f"  file: {{class: logging.FileHandler, filename: {log_file}, formatter: json}}\n"
+        "  console: {class: logging.StreamHandler, stream: ext://sys.stderr}\n"
+        "root: {level: INFO, handlers: [console]}\n"
+        "loggers:\n  login_token_module.audit: {level: INFO, handlers: [file]}\n"
+    )
+    path = write_config(
+        tmp_path,
+        homeserver_yaml(tmp_path, {**SQLITE_STORE, "ratelimit": GENEROUS}, log_config="logging.yaml"),
+    )
+    register(path)
+    server = launch(path)
+    token = mint_login_token(server.base_url, access_token(server.base_url))
+    assert token_login(server.base_url, token)[0] == 200
+    assert server.terminate() == 0
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(r["event"], r["outcome"]) for r in records] == [("issue", "issued"), ("spend", "spent")]
+    for record in records:
+        assert set(audit.FIELDS) <= set(record) and record["level"] == "INFO"
+        assert record["token_fingerprint"] == audit.fingerprint(token)
+    assert token not in log_file.read_text() and PASSWORD not in log_file.read_text()
+
+
+def test_forwarded_for_parsing() -> None:
+    from login_token_module.host.server import forwarded_for
+
+    assert forwarded_for(None) is None
+    assert forwarded_for([b"1.2.3.4"]) == "1.2.3.4"
+    assert forwarded_for([b"10.0.0.1, 1.2.3.4"]) == "1.2.3.4"
+    assert forwarded_for([b"9.9.9.9", b"10.0.0.1,  2001:db8::1 "]) == "2001:db8::1"
+    assert forwarded_for([b"1.2.3.4, not-an-address"]) is None
+
+
+def test_a_fingerprint_is_a_short_hash_prefix() -> None:
+    token = "mlt_" + "a" * 43 + "_abcdef"
+    assert audit.fingerprint(token) == hashlib.sha256(token.encode()).hexdigest()[:8]
+    assert len(audit.fingerprint(token)) == 8 and audit.fingerprint(token) not in token
+    assert audit.fingerprint_prefix("ABCDEF12") == bytes.fromhex("abcdef12")
+    for bad in ("abc", "abcdef1", "zzzzzzzz", "a" * 66):
+        with pytest.raises(ValueError):
+            audit.fingerprint_prefix(bad)
