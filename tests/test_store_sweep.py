@@ -16,7 +16,7 @@ from twisted.internet import defer
 
 from login_token_module import tokens
 from login_token_module.config import StoreConfig
-from login_token_module.stores import TokenStore, make_state
+from login_token_module.stores import StateBackend, TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
 from login_token_module.stores.sqlite import SWEEP_BATCH, SqliteTokenStore
 from tests.helpers import REACTOR
@@ -109,3 +109,48 @@ async def test_spent_tokens_do_not_stop_the_memory_sweep() -> None:
     assert await store.count_tokens() == 1
     assert await store.consume_token(live[0], NOW) == "@old:test"
     await store.close()
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateBackend]:
+    if request.param == "memory":
+        config = StoreConfig(type="memory")
+    elif request.param == "sqlite":
+        config = StoreConfig(type="sqlite", path=str(tmp_path / "state.db"), shared_state=True)
+    else:
+        database: Database = request.getfixturevalue("pg_database")
+        config = StoreConfig(type="postgres", dsn=database.dsn)
+    opened = make_state(config, REACTOR, str(tmp_path))
+    yield opened
+    await opened.close()
+
+
+SECONDS = NOW / 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_removes_every_expired_uia_session_past_one_batch(backend: StateBackend) -> None:
+    sessions = backend.uia_sessions(60.0)
+    # One session per user, so the per-user cap pushes none out.
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(sessions.create(f"@user{i}:test", "/get_token", SECONDS))
+            for i in range(SWEEP_BATCH + 1)
+        ]
+    )
+    late = await sessions.create("@late:test", "/get_token", SECONDS + 60)
+    assert await sessions.sweep(SECONDS + 60) == SWEEP_BATCH + 1
+    assert await sessions.count() == 1
+    assert await sessions.get(late.session_id, SECONDS + 60) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_removes_every_drained_rate_limit_past_one_batch(backend: StateBackend) -> None:
+    limiter = backend.rate_limiter("sweep-test", per_second=1.0, burst_count=1)
+    await defer.gatherResults(
+        [defer.ensureDeferred(limiter.record(f"user{i}", SECONDS)) for i in range(SWEEP_BATCH + 1)]
+    )
+    await limiter.record("late", SECONDS + 5)
+    assert await limiter.sweep(SECONDS + 5) == SWEEP_BATCH + 1
+    assert await limiter.count() == 1
+    assert await limiter.check("late", SECONDS + 5) == 1000
