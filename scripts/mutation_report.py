@@ -75,6 +75,7 @@ def main() -> int:
     rows: list[dict[str, object]] = []
     new_survivors: list[tuple[str, str]] = []
     seen_survivors: set[str] = set()
+    not_run_names: set[str] = set()
     header = (
         f"{'file':44} {'mutants':>7} {'killed':>7} {'survived':>8} {'accepted':>8} {'new':>5}"
         f" {'not run':>7} {'score':>7}"
@@ -90,6 +91,7 @@ def main() -> int:
         counts = Counter(results.values())
         detected = sum(counts[status] for status in DETECTED)
         not_run = counts["not run"]
+        not_run_names.update(name for name, status in results.items() if status == "not run")
         missed = {
             name: status for name, status in results.items() if status not in DETECTED and status != "not run"
         }
@@ -127,7 +129,8 @@ def main() -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
-    stale = sorted(accepted - seen_survivors)
+    # Accepted mutants that were run and killed, or that no longer exist (an edit renumbered them).
+    stale = sorted(accepted - seen_survivors - not_run_names)
     if stale:
         print(
             f"\n{len(stale)} mutant(s) in docs/mutation.md no longer survive (killed, or renamed by edits):"
