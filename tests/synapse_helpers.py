@@ -199,6 +199,22 @@ class Synapse:
     def log(self) -> str:
         return (self.directory / "synapse.log").read_text(errors="replace")
 
+    def log_once_it_shows(self, *lines: str, timeout: float = 20) -> str:
+        """The log, once every one of ``lines`` is in it.
+
+        Synapse's generated log config writes through a buffer that flushes every
+        few seconds (or every few records), so a line logged during a request
+        may reach the file only after the response.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            missing = [line for line in lines if line not in log]
+            if not missing:
+                return log
+            assert time.monotonic() < deadline, f"not in Synapse's log after {timeout} s: {missing}"
+            time.sleep(0.2)
+
     def stop(self) -> None:
         self.server.stop()
 

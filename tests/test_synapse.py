@@ -386,8 +386,7 @@ def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synaps
     assert client.answer(access, None, "wrong").code in (401, 429)
     assert client.token_login(token).code == 200
     time.sleep(1.2)  # a couple of background sweeps
-    log = synapse.log()
-    assert "login token event=issue outcome=issued" in log
+    log = synapse.log_once_it_shows("login token event=issue outcome=issued")
     assert "login_token_module" in log and "Loaded module" in log
     trouble = [line for line in log.splitlines() if LOGCONTEXT_TROUBLE.search(line)]
     assert not trouble, "\n".join(trouble[:10])
@@ -446,7 +445,8 @@ def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, cl
     assert new.code == 200, new
     revoked = ("login_token_module_tokens_revoked_total", (("reason", "logout"),))
     assert synapse_metrics(synapse)[revoked] - before.get(revoked, 0) == 1
-    log = synapse.log()
     user_id = f"@{localpart}:{SERVER_NAME}"
-    assert f"event=revoke outcome=revoked user_id={user_id} minted_by_device={first['device_id']}" in log
+    log = synapse.log_once_it_shows(
+        f"event=revoke outcome=revoked user_id={user_id} minted_by_device={first['device_id']}"
+    )
     assert from_first not in log and from_second not in log
