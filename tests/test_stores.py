@@ -94,6 +94,44 @@ async def test_sweep_removes_only_expired_tokens(store: TokenStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_outstanding_tokens_leave_out_spent_and_expired_ones(store: TokenStore) -> None:
+    # Issued in expiry order, as the module issues them (one lifetime for all).
+    early, spent, late = _hash(), _hash(), _hash()
+    for token_hash, expires in ((early, NOW + 100), (spent, NOW + 200), (late, NOW + 300)):
+        await store.add_token(token_hash, "@alice:test", expires, device_id="OLD", issued_at_ms=NOW)
+    assert await store.count_outstanding(NOW) == 3
+    assert await store.consume_token(spent, NOW) == "@alice:test"
+    assert await store.count_outstanding(NOW) == 2
+    assert await store.count_outstanding(NOW + 100) == 1  # early has expired (exclusive)
+    assert await store.count_outstanding(NOW + 300) == 0
+    assert await store.count_tokens() == 2  # expired but not swept yet
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_one_device_leaves_the_users_other_tokens(store: TokenStore) -> None:
+    """A user with one token, and one with tokens from two devices (and a second from one)."""
+    bob = _hash()
+    await store.add_token(bob, "@bob:test", NOW + 1000, device_id="PHONE", issued_at_ms=NOW)
+    phone, laptop, phone_again = _hash(), _hash(), _hash()
+    for token_hash, device in ((phone, "PHONE"), (laptop, "LAPTOP"), (phone_again, "PHONE")):
+        await store.add_token(token_hash, "@alice:test", NOW + 1000, device_id=device, issued_at_ms=NOW)
+
+    revoked = await store.revoke_tokens("@alice:test", NOW, device_id="PHONE")
+    assert sorted(info.token_hash for info in revoked) == sorted([phone, phone_again])
+    assert [info.token_hash for info in await store.list_tokens(NOW, "@alice:test")] == [laptop]
+    assert [info.token_hash for info in await store.list_tokens(NOW, "@bob:test")] == [bob]
+    assert await store.consume_token(phone, NOW) is None
+    assert await store.revoke_tokens("@bob:test", NOW, device_id="LAPTOP") == []
+
+    revoked = await store.revoke_tokens("@bob:test", NOW)
+    assert [info.token_hash for info in revoked] == [bob]
+    assert await store.list_tokens(NOW, "@bob:test") == []
+    assert await store.consume_token(laptop, NOW) == "@alice:test"
+    assert await store.list_tokens(NOW, "@alice:test") == []
+    assert await store.count_outstanding(NOW) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_memory_sweep_hands_the_reactor_back_between_slices() -> None:
     store = MemoryTokenStore(REACTOR)
     for _ in range(3 * SWEEP_SLICE):

@@ -49,8 +49,10 @@ class MemoryTokenStore:
         self._reactor = reactor
         self._tokens: dict[bytes, _Token] = {}
         self._issue_order: deque[bytes] = deque()
-        # Live token hashes per user, so a logout revokes without a scan.
-        self._by_user: dict[str, set[bytes]] = {}
+        # Live token hashes per user, so a logout revokes without a scan. A user
+        # nearly always holds one token (get_token is rate limited), kept bare;
+        # a set is made only for a second one (it costs more than the token itself).
+        self._by_user: dict[str, bytes | set[bytes]] = {}
         # Token history (lineage), in issue order for the retention sweep.
         self._history: dict[bytes, _History] = {}
         self._history_order: deque[bytes] = deque()
@@ -67,7 +69,13 @@ class MemoryTokenStore:
         self._forget(token_hash)
         self._tokens[token_hash] = _Token(user_id, expires_at_ms, device_id, issued_at_ms)
         self._issue_order.append(token_hash)
-        self._by_user.setdefault(user_id, set()).add(token_hash)
+        mine = self._by_user.get(user_id)
+        if mine is None:
+            self._by_user[user_id] = token_hash
+        elif isinstance(mine, bytes):
+            self._by_user[user_id] = {mine, token_hash}
+        else:
+            mine.add(token_hash)
         if issued_at_ms is not None:
             self._history[token_hash] = _History(user_id, device_id, issued_at_ms, expires_at_ms)
             self._history_order.append(token_hash)
@@ -76,11 +84,20 @@ class MemoryTokenStore:
         entry = self._tokens.pop(token_hash, None)
         if entry is not None:
             mine = self._by_user.get(entry.user_id)
-            if mine is not None:
+            if mine == token_hash:
+                del self._by_user[entry.user_id]
+            elif isinstance(mine, set):
                 mine.discard(token_hash)
                 if not mine:
                     del self._by_user[entry.user_id]
         return entry
+
+    def _hashes_of(self, user_id: str) -> list[bytes]:
+        """The hashes of the tokens ``user_id`` holds."""
+        mine = self._by_user.get(user_id)
+        if mine is None:
+            return []
+        return [mine] if isinstance(mine, bytes) else list(mine)
 
     async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
         return (await self.spend_token(token_hash, now_ms)).user_id_if_spent()
@@ -132,7 +149,7 @@ class MemoryTokenStore:
     ) -> list[TokenInfo]:
         hashes = [
             token_hash
-            for token_hash in self._by_user.get(user_id, ())
+            for token_hash in self._hashes_of(user_id)
             if device_id is None or self._tokens[token_hash].device_id == device_id
         ]
         return self._revoke(hashes, now_ms)
@@ -142,7 +159,7 @@ class MemoryTokenStore:
         return self._revoke([h for h in self._tokens if h.startswith(prefix)], now_ms)
 
     async def list_tokens(self, now_ms: int, user_id: str | None = None) -> list[TokenInfo]:
-        hashes = self._by_user.get(user_id, set()) if user_id is not None else self._tokens.keys()
+        hashes = self._hashes_of(user_id) if user_id is not None else self._tokens.keys()
         found = [self._info(h, self._tokens[h]) for h in hashes if self._tokens[h].expires_at_ms > now_ms]
         return sorted(found, key=lambda info: (info.expires_at_ms, info.token_hash))
 
@@ -163,7 +180,17 @@ class MemoryTokenStore:
         ]
 
     async def count_outstanding(self, now_ms: int) -> int:
-        return sum(1 for entry in self._tokens.values() if entry.expires_at_ms > now_ms)
+        # Tokens expire in issue order (see the module docstring), so the expired
+        # ones are a prefix of the issue order: count them, not every token held.
+        expired = 0
+        for token_hash in self._issue_order:
+            entry = self._tokens.get(token_hash)
+            if entry is None:
+                continue
+            if entry.expires_at_ms > now_ms:
+                break
+            expired += 1
+        return len(self._tokens) - expired
 
     async def delete_history(self, before_ms: int) -> int:
         removed = 0
