@@ -111,6 +111,66 @@ async def test_spent_tokens_do_not_stop_the_memory_sweep() -> None:
     await store.close()
 
 
+async def add_issued(
+    store: TokenStore, first: int, count: int, issued_at_ms: int, user_id: str
+) -> set[bytes]:
+    """``count`` tokens issued at ``issued_at_ms`` (so with history), live for a minute after."""
+    hashes = [_hash(i) for i in range(first, first + count)]
+    await defer.gatherResults(
+        [
+            defer.ensureDeferred(
+                store.add_token(h, user_id, issued_at_ms + 60_000, device_id="OLD", issued_at_ms=issued_at_ms)
+            )
+            for h in hashes
+        ]
+    )
+    return set(hashes)
+
+
+async def history_of(store: TokenStore, user_id: str) -> set[bytes]:
+    return {entry.token_hash for entry in await store.lineage(user_id)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_history_sweep_forgets_every_old_record_past_one_batch(store: TokenStore) -> None:
+    """More old records than one SQL batch (and than several memory slices): all of them go."""
+    await add_issued(store, 0, SWEEP_BATCH + 1, NOW - 10, "@old:test")
+    young = await add_issued(store, SWEEP_BATCH + 1, 2, NOW + 1, "@young:test")
+    assert len(await history_of(store, "@old:test")) == SWEEP_BATCH + 1
+
+    assert await store.delete_history(NOW) == SWEEP_BATCH + 1
+    assert await history_of(store, "@old:test") == set()
+    assert await history_of(store, "@young:test") == young
+    assert await store.delete_history(NOW) == 0
+    # Only the history goes: the tokens themselves are the token sweep's business.
+    assert await store.count_tokens() == SWEEP_BATCH + 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_history_sweep_takes_records_issued_at_the_cut_keeps_later_ones(
+    store: TokenStore,
+) -> None:
+    at_cut = await add_issued(store, 0, 2, NOW, "@alice:test")
+    later = await add_issued(store, 2, 1, NOW + 1, "@alice:test")
+    assert await history_of(store, "@alice:test") == at_cut | later
+
+    assert await store.delete_history(NOW - 1) == 0
+    assert await history_of(store, "@alice:test") == at_cut | later
+    assert await store.delete_history(NOW) == 2
+    assert await history_of(store, "@alice:test") == later
+    (entry,) = await store.lineage("@alice:test")
+    assert (entry.user_id, entry.minted_by_device, entry.issued_at_ms) == ("@alice:test", "OLD", NOW + 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_history_sweep_of_an_empty_store_is_nothing(store: TokenStore) -> None:
+    assert await store.delete_history(NOW) == 0
+    await store.add_token(_hash(0), "@alice:test", NOW + 60_000)  # no issue time: no history
+    assert await store.delete_history(NOW + 1) == 0
+    assert await store.lineage("@alice:test") == []
+    assert await store.consume_token(_hash(0), NOW) == "@alice:test"
+
+
 @pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "postgres"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateBackend]:
     if request.param == "memory":

@@ -112,3 +112,32 @@ async def test_the_background_loop_runs_the_sweep(tmp_path: Path) -> None:
         while await server.module.store.count_tokens() and REACTOR.seconds() < deadline:
             await sleep(0.05)
         assert await server.module.store.count_tokens() == 0
+
+
+@pytest.mark.parametrize("store_type", BACKENDS)
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_forgets_token_history_once_its_retention_has_passed(
+    tmp_path: Path, store_type: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """history_retention_ms after a token was issued its history goes, and not a millisecond before.
+
+    The module's clock is driven (a minute is the shortest retention), so no tick decides it.
+    """
+    config = {
+        "store": store_config(store_type, request),
+        "history_retention_ms": 60_000,
+        "sweep_interval_ms": HOUR_MS,
+    }
+    async with running(tmp_path, config) as server:
+        access = await server.client.access_token("alice")
+        issued = await server.client.get_login_token(access)
+        assert issued.code == 200, issued
+        module = server.module
+        (entry,) = await module.store.lineage("@alice:test.local")
+        kept_until = entry.issued_at_ms + 60_000 - 1  # the half millisecond keeps float rounding out
+        monkeypatch.setattr(module, "_now", lambda: (kept_until + 0.5) / 1000)
+        await module.sweep()
+        assert [e.token_hash for e in await module.store.lineage("@alice:test.local")] == [entry.token_hash]
+        monkeypatch.setattr(module, "_now", lambda: (kept_until + 1.5) / 1000)
+        await module.sweep()
+        assert await module.store.lineage("@alice:test.local") == []
