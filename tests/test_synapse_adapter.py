@@ -8,9 +8,11 @@ checks the same against a real Synapse's stored hashes.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import subprocess
 import sys
+import types
 import unicodedata
 
 import bcrypt
@@ -18,6 +20,7 @@ import pytest
 
 from login_token_module.synapse import SYNAPSE_PREFIX, as_module_api, is_synapse_module_api, synapse_path
 from login_token_module.synapse.passwords import bcrypt_input, check_password, select_password_hash
+from login_token_module.synapse.tokens import invalidate_unused_tokens
 
 PEPPER = "pepper"
 
@@ -107,6 +110,59 @@ def test_spec_paths_move_under_synapse_client(spec: str, served: str) -> None:
 def test_other_paths_are_not_mapped(bad: str) -> None:
     with pytest.raises(ValueError):
         synapse_path(bad)
+
+
+def sha256(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def test_revoking_deletes_only_the_users_unused_live_tokens_with_a_given_hash() -> None:
+    """Synapse's login_tokens table as its schema has it; the module knows only hashes."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE login_tokens (token TEXT PRIMARY KEY, user_id TEXT NOT NULL,"
+        " expiry_ts BIGINT NOT NULL, used_ts BIGINT, auth_provider_id TEXT,"
+        " auth_provider_session_id TEXT)"
+    )
+    now = 1_700_000_000_000
+    rows = {
+        "syl_live_a": ("@a:hs", now + 1, None),
+        "syl_live_b": ("@a:hs", now + 60_000, None),
+        "syl_not_asked": ("@a:hs", now + 60_000, None),
+        "syl_used": ("@a:hs", now + 60_000, now - 5),
+        "syl_expired_now": ("@a:hs", now, None),
+        "syl_other_user": ("@b:hs", now + 60_000, None),
+    }
+    conn.executemany(
+        "INSERT INTO login_tokens (token, user_id, expiry_ts, used_ts) VALUES (?, ?, ?, ?)",
+        [(token, *row) for token, row in rows.items()],
+    )
+    asked = {sha256(t) for t in ("syl_live_a", "syl_live_b", "syl_used", "syl_expired_now", "syl_other_user")}
+
+    found = invalidate_unused_tokens(conn.cursor(), "@a:hs", frozenset(asked), now)
+
+    assert sorted(found) == sorted([sha256("syl_live_a"), sha256("syl_live_b")])
+    left = {row[0] for row in conn.execute("SELECT token FROM login_tokens")}
+    assert left == set(rows) - {"syl_live_a", "syl_live_b"}
+    # Nothing left to revoke: a second call finds nothing and deletes nothing.
+    assert invalidate_unused_tokens(conn.cursor(), "@a:hs", frozenset(asked), now) == []
+    assert {row[0] for row in conn.execute("SELECT token FROM login_tokens")} == left
+
+
+def test_a_synapse_module_api_is_recognised_by_its_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only an instance of synapse.module_api.ModuleApi, once that module is loaded, counts."""
+    fake = types.ModuleType("synapse.module_api")
+
+    class ModuleApi:
+        pass
+
+    fake.ModuleApi = ModuleApi  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "synapse.module_api", fake)
+    assert is_synapse_module_api(ModuleApi())
+    assert not is_synapse_module_api(object())
+    assert not is_synapse_module_api(ModuleApi)
+    fake.ModuleApi = "not a class"  # type: ignore[attr-defined]
+    assert not is_synapse_module_api("not a class")
 
 
 def test_a_non_synapse_api_passes_through() -> None:
