@@ -311,6 +311,38 @@ async def challenge(srv: InProcessServer, access_token: str, path: str = GET_TOK
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def call(
+    base_url: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    access_token: str | None = None,
+    *,
+    raw_body: bytes | None = None,
+) -> Response:
+    """One blocking request with urllib, for tests that run without the reactor.
+
+    ``body`` is sent as JSON (``None``: no body); ``raw_body`` as given bytes.
+    The answer's body is parsed JSON if it parses, else the raw bytes.
+    """
+    data = raw_body if raw_body is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base_url + path, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if access_token is not None:
+        request.add_header("Authorization", f"Bearer {access_token}")
+    try:
+        with _OPENER.open(request, timeout=60) as reply:
+            code, raw, headers = reply.status, reply.read(), reply.headers
+    except urllib.error.HTTPError as error:
+        with error:
+            code, raw, headers = error.code, error.read(), error.headers
+    parsed: Any = raw
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(raw)
+    return Response(code, parsed, {name.lower(): value for name, value in headers.items()})
+
+
 def sync_call(
     base_url: str,
     method: str,
@@ -320,22 +352,9 @@ def sync_call(
     *,
     raw_body: bytes | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """One request with urllib, for tests that run without the reactor.
-
-    ``body`` is sent as JSON (``None``: no body); ``raw_body`` as given bytes.
-    """
-    data = raw_body if raw_body is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base_url + path, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if access_token is not None:
-        request.add_header("Authorization", f"Bearer {access_token}")
-    try:
-        with _OPENER.open(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
+    """:func:`call` for answers that must be a JSON object: (status, body)."""
+    response = call(base_url, method, path, body, access_token, raw_body=raw_body)
+    return response.code, response.json
 
 
 # -- synchronous helpers for child-process tests (urllib, no reactor) ------------------

@@ -14,11 +14,9 @@ elsewhere the test is skipped with a message saying what is missing.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import hashlib
 import hmac
-import json
 import os
 import re
 import shutil
@@ -26,8 +24,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +34,7 @@ import yaml
 
 from benchmarks import servers
 from tests.external import missing
-from tests.helpers import Response
+from tests.helpers import Response, call
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_NAME = servers.SERVER_NAME
@@ -83,37 +79,6 @@ def _template() -> Path:
 
 
 # -- HTTP ------------------------------------------------------------------------
-
-# Loopback requests must never go through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def call(
-    base_url: str,
-    method: str,
-    path: str,
-    body: Any = None,
-    access_token: str | None = None,
-    *,
-    raw_body: bytes | None = None,
-) -> Response:
-    """One blocking request; the body is JSON if it parses, else the raw bytes."""
-    data = raw_body if raw_body is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base_url + path, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if access_token is not None:
-        request.add_header("Authorization", f"Bearer {access_token}")
-    try:
-        with _OPENER.open(request, timeout=60) as reply:
-            code, raw, headers = reply.status, reply.read(), reply.headers
-    except urllib.error.HTTPError as error:
-        with error:
-            code, raw, headers = error.code, error.read(), error.headers
-    parsed: Any = raw
-    with contextlib.suppress(ValueError):
-        parsed = json.loads(raw)
-    return Response(code, parsed, {name.lower(): value for name, value in headers.items()})
 
 
 @dataclass

@@ -24,6 +24,7 @@ import nio
 import pytest
 
 from benchmarks import servers
+from tests.helpers import call
 from tests.synapse_helpers import (
     CAPABILITIES,
     LOGIN,
@@ -37,7 +38,6 @@ from tests.synapse_helpers import (
     Client,
     Proxy,
     Synapse,
-    call,
     readme_block,
     start_caddy,
     start_nginx,
