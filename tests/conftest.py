@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -8,7 +9,8 @@ from typing import NoReturn
 import pytest
 import pytest_twisted
 
-from tests.helpers import ChildServer, InProcessServer, Launcher, start_child, start_in_process
+from login_token_module import audit
+from tests.helpers import AuditRecords, ChildServer, InProcessServer, Launcher, start_child, start_in_process
 from tests.pgcluster import ClusterUnavailableError, Database, PostgresCluster, driver_missing_reason
 
 
@@ -75,3 +77,16 @@ def own_pg_cluster() -> Iterator[PostgresCluster]:
     cluster = new_cluster()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture
+def audit_log() -> Iterator[AuditRecords]:
+    """Every audit record the module writes during the test."""
+    handler = AuditRecords()
+    logger = logging.getLogger(audit.AUDIT_LOGGER)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -427,3 +428,17 @@ def recreate_token_table(db_path: Path) -> None:
             for statement in migration.sqlite:
                 if re.search(r"\blogin_tokens\b", statement):
                     conn.execute(statement)
+
+
+class AuditRecords(logging.Handler):
+    """The audit trail's records, as a test sees them (install with the audit_log fixture)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [r.audit for r in self.records if r.audit["event"] == event]  # type: ignore[attr-defined]

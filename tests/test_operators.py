@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import sqlite3
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from tests.helpers import (
     LOGIN,
     PASSWORD,
     REACTOR,
+    AuditRecords,
     HttpClient,
     InProcessServer,
     Launcher,
@@ -72,30 +71,6 @@ def parse(text: str) -> Samples:
 
 def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-class AuditRecords(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def of(self, event: str) -> list[dict[str, Any]]:
-        return [r.audit for r in self.records if r.audit["event"] == event]  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def audit_log() -> Iterator[AuditRecords]:
-    handler = AuditRecords()
-    logger = logging.getLogger(audit.AUDIT_LOGGER)
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 async def start(tmp_path: Path, module: dict[str, Any] | None = None, **extra: Any) -> InProcessServer:

@@ -1,0 +1,247 @@
+"""The module in a host that mints, spends and advertises login tokens itself, as Synapse does.
+
+Synapse runs the module in its own process (``test_synapse.py``), out of reach of
+in-process checks. Here the reference homeserver is given a ModuleApi whose
+``abilities`` say the host mints the tokens: ``create_login_token`` keeps them
+in a table of the host's own, and ``invalidate_login_tokens`` deletes from it
+the unused ones whose hashes it is given. Everything else (HTTP, accounts,
+passwords, logout) is the reference host as it is, so the module's side of
+that contract is exercised over HTTP: it asks the host for the token, keeps
+only its hash with the device that asked, revokes through the host at logout,
+sweeps what it keeps, and neither advertises nor spends tokens itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from login_token_module.api import HostAbilities
+from login_token_module.config import ConfigError
+from login_token_module.host import server as host_server
+from login_token_module.host.module_api import HostModuleApi
+from tests.helpers import REACTOR, AuditRecords, InProcessServer, start_in_process
+from tests.test_operators import login_device, mint
+
+USER = "@alice:test.local"
+LIFETIME_MS = 90_000
+LOGOUT = "/_matrix/client/v3/logout"
+
+
+@dataclass
+class HostToken:
+    user_id: str
+    expires_at_ms: int
+    used: bool = False
+
+
+class MintingHostApi(HostModuleApi):
+    """The reference host's ModuleApi, but the host keeps the login tokens (as Synapse does)."""
+
+    tokens: dict[str, HostToken]
+    lifetimes: list[int]
+    invalidations: list[tuple[str, frozenset[bytes]]]
+
+    @property
+    def abilities(self) -> HostAbilities:
+        return HostAbilities(mints_login_tokens=True, advertises_get_login_token=True)
+
+    async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
+        token = "syl_" + secrets.token_urlsafe(15)
+        self.lifetimes.append(duration_in_ms)
+        self.tokens[token] = HostToken(user_id, int(REACTOR.seconds() * 1000) + duration_in_ms)
+        return token
+
+    async def invalidate_login_tokens(self, user_id: str, token_hashes: Collection[bytes]) -> list[bytes]:
+        self.invalidations.append((user_id, frozenset(token_hashes)))
+        found = []
+        for token, held in list(self.tokens.items()):
+            token_hash = hashlib.sha256(token.encode()).digest()
+            if held.user_id == user_id and not held.used and token_hash in token_hashes:
+                del self.tokens[token]
+                found.append(token_hash)
+        return found
+
+
+@pytest.fixture
+def host_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[MintingHostApi]]:
+    """Every ModuleApi the host makes is a MintingHostApi; the list holds them."""
+    made: list[MintingHostApi] = []
+
+    def make(hs: Any, name: str) -> MintingHostApi:
+        api = MintingHostApi(hs, name)
+        api.tokens, api.lifetimes, api.invalidations = {}, [], []
+        made.append(api)
+        return api
+
+    monkeypatch.setattr(host_server, "HostModuleApi", make)
+    yield made
+
+
+async def start(tmp_path: Path, **module_config: Any) -> InProcessServer:
+    srv = await start_in_process(
+        tmp_path,
+        {
+            "token_lifetime_ms": LIFETIME_MS,
+            "ratelimit": {"per_second": 100, "burst_count": 100},
+            **module_config,
+        },
+    )
+    await srv.register("alice")
+    return srv
+
+
+def fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_token_is_the_hosts_and_the_module_keeps_only_its_hash(
+    tmp_path: Path, host_api: list[MintingHostApi], audit_log: AuditRecords
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        (api,) = host_api
+        phone = await login_device(srv, "PHONE")
+        issued = await srv.client.get_login_token(phone)
+        assert issued.code == 200, issued
+        token = issued.json["login_token"]
+        assert issued.json["expires_in_ms"] == LIFETIME_MS
+        assert list(api.tokens) == [token]
+        assert api.tokens[token].user_id == USER
+        assert api.lifetimes == [LIFETIME_MS]
+        module = srv.module
+        (entry,) = await module.minted.lineage(USER)
+        assert entry.token_hash == hashlib.sha256(token.encode()).digest()
+        assert entry.minted_by_device == "PHONE"
+        assert entry.expires_at_ms - entry.issued_at_ms == LIFETIME_MS
+        assert await module.minted.count_outstanding(entry.issued_at_ms) == 1
+        # The module has no token store of its own in this host.
+        assert not hasattr(module, "store")
+    finally:
+        await srv.stop()
+    (record,) = audit_log.of("issue")
+    assert (record["user_id"], record["minted_by_device"]) == (USER, "PHONE")
+    assert record["token_fingerprint"] == fingerprint(token)
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_asks_the_host_to_revoke_only_that_devices_unused_tokens(
+    tmp_path: Path, host_api: list[MintingHostApi], audit_log: AuditRecords
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        (api,) = host_api
+        phone, laptop = await login_device(srv, "PHONE"), await login_device(srv, "LAPTOP")
+        first, spent = await mint(srv, phone), await mint(srv, phone)
+        kept = await mint(srv, laptop)
+        api.tokens[spent].used = True  # the host's own login spent this one
+
+        assert (await srv.client.post(LOGOUT, {}, phone)).code == 200
+
+        (asked,) = api.invalidations
+        hashes = {hashlib.sha256(t.encode()).digest() for t in (first, spent)}
+        assert asked == (USER, frozenset(hashes))
+        assert set(api.tokens) == {spent, kept}
+        # The laptop's token is still the module's to revoke later.
+        (left,) = await srv.module.minted.list_tokens(0, USER)
+        assert left.minted_by_device == "LAPTOP"
+    finally:
+        await srv.stop()
+    # Only the token the host still had is recorded as revoked.
+    (revoked,) = audit_log.of("revoke")
+    assert (revoked["minted_by_device"], revoked["reason"]) == ("PHONE", "logout")
+    assert revoked["token_fingerprint"] == fingerprint(first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_logout_with_nothing_minted_does_not_ask_the_host(
+    tmp_path: Path, host_api: list[MintingHostApi], audit_log: AuditRecords
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        (api,) = host_api
+        phone, laptop = await login_device(srv, "PHONE"), await login_device(srv, "LAPTOP")
+        await mint(srv, laptop)
+        assert (await srv.client.post(LOGOUT, {}, phone)).code == 200
+        assert api.invalidations == []
+        assert len(api.tokens) == 1
+    finally:
+        await srv.stop()
+    assert audit_log.of("revoke") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoke_on_logout_false_leaves_the_hosts_tokens(
+    tmp_path: Path, host_api: list[MintingHostApi]
+) -> None:
+    srv = await start(tmp_path, revoke_on_logout=False)
+    try:
+        (api,) = host_api
+        phone = await login_device(srv, "PHONE")
+        token = await mint(srv, phone)
+        assert (await srv.client.post(LOGOUT, {}, phone)).code == 200
+        assert api.invalidations == []
+        assert list(api.tokens) == [token]
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sweep_forgets_the_hashes_of_expired_host_tokens(
+    tmp_path: Path, host_api: list[MintingHostApi], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = await start(tmp_path, sweep_interval_ms=3_600_000)
+    try:
+        module = srv.module
+        await mint(srv, await login_device(srv, "PHONE"))
+        (entry,) = await module.minted.list_tokens(0, USER)
+        monkeypatch.setattr(module, "_now", lambda: (entry.expires_at_ms - 0.5) / 1000)
+        await module.sweep()
+        assert await module.minted.count_tokens() == 1
+        monkeypatch.setattr(module, "_now", lambda: (entry.expires_at_ms + 0.5) / 1000)
+        await module.sweep()
+        assert await module.minted.count_tokens() == 0
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_module_leaves_advertising_and_token_login_to_the_host(
+    tmp_path: Path, host_api: list[MintingHostApi]
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        access = await login_device(srv, "PHONE")
+        flows = (await srv.client.get("/_matrix/client/v3/login")).json["flows"]
+        assert all("get_login_token" not in flow for flow in flows), flows
+        assert "m.login.token" not in [flow["type"] for flow in flows]
+        capabilities = (await srv.client.get("/_matrix/client/v3/capabilities", access)).json["capabilities"]
+        assert "m.get_login_token" not in capabilities
+        assert "org.matrix.msc3882.get_login_token" not in capabilities
+        features = (await srv.client.get("/_matrix/client/versions")).json.get("unstable_features", {})
+        assert "org.matrix.msc3882" not in features and "org.matrix.msc3882.r1" not in features
+        # No m.login.token checker of the module's: this host's login does not know the type.
+        token = await mint(srv, access)
+        refused = await srv.client.token_login(token)
+        assert refused.code == 400, refused
+        assert refused.json["errcode"] == "M_UNKNOWN"
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_in_the_config_is_refused_where_the_host_keeps_tokens(
+    tmp_path: Path, host_api: list[MintingHostApi]
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        await start_in_process(tmp_path, {"store": {"type": "memory"}})
+    assert raised.value.path == ["modules", 0, "config", "store"]
+    assert "remove 'store'" in str(raised.value)
