@@ -14,8 +14,9 @@ import pytest_twisted
 from twisted.internet import defer
 
 from login_token_module import tokens
+from login_token_module.audit import fingerprint_of_hash
 from login_token_module.config import StoreConfig
-from login_token_module.stores import TokenStore, make_state
+from login_token_module.stores import TokenInfo, TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
 from login_token_module.stores.sql import SWEEP_BATCH
 from login_token_module.stores.sqlite import SqliteTokenStore, _consume
@@ -129,6 +130,69 @@ async def test_revoking_one_device_leaves_the_users_other_tokens(store: TokenSto
     assert await store.consume_token(laptop, NOW) == "@alice:test"
     assert await store.list_tokens(NOW, "@alice:test") == []
     assert await store.count_outstanding(NOW) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_operators_list_every_live_token_in_expiry_order_with_what_is_known(store: TokenStore) -> None:
+    """What `tokens list` shows: live tokens only, soonest to expire first, ties by hash."""
+    tied = sorted([_hash(), _hash()])
+    await store.add_token(tied[1], "@alice:test", NOW + 300, device_id="PHONE", issued_at_ms=NOW - 5)
+    await store.add_token(_hash(), "@alice:test", NOW, device_id="PHONE", issued_at_ms=NOW - 9)  # dead at NOW
+    await store.add_token(tied[0], "@bob:test", NOW + 300, device_id="TABLET", issued_at_ms=NOW - 7)
+    legacy = _hash()  # from before lineage: no device, no issue time
+    await store.add_token(legacy, "@alice:test", NOW + 100)
+
+    listed = await store.list_tokens(NOW)
+    assert listed == [
+        TokenInfo(legacy, "@alice:test", None, None, NOW + 100),
+        TokenInfo(tied[0], "@bob:test", "TABLET", NOW - 7, NOW + 300),
+        TokenInfo(tied[1], "@alice:test", "PHONE", NOW - 5, NOW + 300),
+    ]
+    assert await store.list_tokens(NOW, "@alice:test") == [listed[0], listed[2]]
+    assert await store.list_tokens(NOW, "@carol:test") == []
+    assert await store.list_tokens(NOW + 100) == listed[1:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_by_fingerprint_takes_only_live_matches_and_records_it(store: TokenStore) -> None:
+    """`tokens revoke FINGERPRINT`: the named live token goes, its history says revoked, at that time."""
+    target, other, dead = _hash(), _hash(), _hash()
+    await store.add_token(dead, "@alice:test", NOW, device_id="PHONE", issued_at_ms=NOW - 10)
+    await store.add_token(target, "@alice:test", NOW + 500, device_id="PHONE", issued_at_ms=NOW - 1)
+    await store.add_token(other, "@alice:test", NOW + 500, device_id="PHONE", issued_at_ms=NOW - 1)
+
+    assert await store.revoke_fingerprint(fingerprint_of_hash(dead), NOW) == []
+    revoked = await store.revoke_fingerprint(fingerprint_of_hash(target).upper(), NOW)
+    assert revoked == [TokenInfo(target, "@alice:test", "PHONE", NOW - 1, NOW + 500)]
+    assert await store.revoke_fingerprint(fingerprint_of_hash(target), NOW) == []
+    assert await store.revoke_fingerprint(target.hex(), NOW) == []  # all 64 digits name it too
+    assert [info.token_hash for info in await store.list_tokens(NOW)] == [other]
+    assert await store.consume_token(target, NOW) is None
+    assert (await store.spend_token(target, NOW)).outcome == "revoked"
+
+    history = {entry.token_hash: entry for entry in await store.lineage("@alice:test")}
+    assert (history[target].outcome, history[target].finished_at_ms) == ("revoked", NOW)
+    assert (history[other].outcome, history[other].finished_at_ms) == (None, None)
+    assert (history[dead].outcome, history[dead].finished_at_ms) == (None, None)
+    # A longer fingerprint narrows the match; the token it names still goes.
+    assert [i.token_hash for i in await store.revoke_fingerprint(other[:8].hex(), NOW)] == [other]
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_a_device_skips_its_expired_tokens_and_goes_on(store: TokenStore) -> None:
+    """An expired token (dead at exactly now) among a device's tokens is left for the sweep."""
+    # Several of each, so that whatever order a store visits them in, some dead one
+    # comes before some live one.
+    dead, live = [_hash() for _ in range(6)], [_hash() for _ in range(6)]
+    for token_hash in dead:
+        await store.add_token(token_hash, "@alice:test", NOW, device_id="PHONE", issued_at_ms=NOW - 10)
+    for token_hash in live:
+        await store.add_token(token_hash, "@alice:test", NOW + 1, device_id="PHONE", issued_at_ms=NOW - 10)
+    revoked = await store.revoke_tokens("@alice:test", NOW, device_id="PHONE")
+    assert sorted(info.token_hash for info in revoked) == sorted(live)
+    history = {entry.token_hash: entry.outcome for entry in await store.lineage("@alice:test")}
+    assert history == {**dict.fromkeys(dead), **dict.fromkeys(live, "revoked")}
+    assert await store.count_tokens() == len(dead)  # left for the sweep
 
 
 @pytest_twisted.ensureDeferred
