@@ -173,6 +173,7 @@ async def test_burst_then_refused_with_the_exact_wait(backend: StateBackend) -> 
     assert await limiter.acquire("@alice:test", T0) == 2000
     assert await limiter.acquire("@alice:test", T0 + 0.5) == 1500
     assert await limiter.acquire("@alice:test", T0 + 1.99) == 10
+    assert await limiter.acquire("@alice:test", T0 + 1.9995) == 1  # half a millisecond, rounded up
     assert await limiter.acquire("@alice:test", T0 + 2) is None
     # A refused acquire counted nothing: after the wait exactly one more fits.
     assert await limiter.acquire("@alice:test", T0 + 2) == 2000

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from login_token_module import tokens
 from login_token_module.audit import fingerprint_of_hash
 from login_token_module.config import StoreConfig
-from login_token_module.stores import TokenInfo, TokenStore, make_state
+from login_token_module.stores import LineageEntry, TokenInfo, TokenSpend, TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
 from login_token_module.stores.sql import SWEEP_BATCH
 from login_token_module.stores.sqlite import SqliteTokenStore, _consume
@@ -130,6 +130,44 @@ async def test_revoking_one_device_leaves_the_users_other_tokens(store: TokenSto
     assert await store.consume_token(laptop, NOW) == "@alice:test"
     assert await store.list_tokens(NOW, "@alice:test") == []
     assert await store.count_outstanding(NOW) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_spend_says_why_and_whose_the_token_was(store: TokenStore) -> None:
+    """The outcomes metrics and the audit trail report, from the token's history."""
+    alice = "@alice:test"
+    spent, revoked, dead = _hash(), _hash(), _hash()
+    for token_hash in (spent, revoked):
+        await store.add_token(token_hash, alice, NOW + 100, device_id="PHONE", issued_at_ms=NOW - 1)
+    await store.add_token(dead, alice, NOW, device_id="LAPTOP", issued_at_ms=NOW - 2)
+    no_history = _hash()  # a token from before lineage: no issue time, so no history
+    await store.add_token(no_history, alice, NOW + 100, device_id="TABLET")
+
+    assert await store.spend_token(spent, NOW) == TokenSpend("spent", alice, "PHONE")
+    assert await store.spend_token(spent, NOW) == TokenSpend("reused", alice, "PHONE")
+    await store.revoke_tokens(alice, NOW, device_id="PHONE")
+    assert await store.spend_token(revoked, NOW) == TokenSpend("revoked", alice, "PHONE")
+    assert await store.spend_token(dead, NOW) == TokenSpend("expired", alice, "LAPTOP")
+    assert await store.spend_token(dead, NOW) == TokenSpend("expired", alice, "LAPTOP")
+    assert await store.spend_token(no_history, NOW) == TokenSpend("spent", alice, "TABLET")
+    assert await store.spend_token(no_history, NOW) == TokenSpend("unknown")
+    assert await store.spend_token(_hash(), NOW) == TokenSpend("unknown")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lineage_records_the_device_a_token_signed_in(store: TokenStore) -> None:
+    alice = "@alice:test"
+    used, unused = _hash(), _hash()
+    await store.add_token(used, alice, NOW + 100, device_id="PHONE", issued_at_ms=NOW - 3)
+    await store.add_token(unused, alice, NOW + 200, device_id="PHONE", issued_at_ms=NOW - 2)
+    assert (await store.spend_token(used, NOW + 5)).outcome == "spent"
+    await store.record_new_device(used, "NEWPHONE")
+    await store.record_new_device(_hash(), "NOBODY")  # unknown: nothing to record, no error
+    assert await store.lineage(alice) == [
+        LineageEntry(used, alice, "PHONE", NOW - 3, NOW + 100, "spent", NOW + 5, "NEWPHONE"),
+        LineageEntry(unused, alice, "PHONE", NOW - 2, NOW + 200, None, None, None),
+    ]
+    assert await store.lineage("@bob:test") == []
 
 
 @pytest_twisted.ensureDeferred
