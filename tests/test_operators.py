@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from login_token_module import audit
+from login_token_module import audit, tokens
 from login_token_module.config import StoreConfig
 from login_token_module.stores import make_state
 from login_token_module.stores.sql import STATE_SCHEMA
@@ -309,6 +310,44 @@ async def test_logout_revokes_only_the_logged_out_devices_tokens(
         ("THIRD", "logout"),
     ]
     assert [r["outcome"] for r in audit_log.of("spend")].count("revoked") == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_counts_and_records_each_revocation_and_leaves_expired_tokens(
+    tmp_path: Path, audit_log: AuditRecords, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One audit record and one count per token revoked; a token already expired (not yet
+    swept) at logout is not revoked, since it can no longer sign anyone in."""
+
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    srv = await start(tmp_path)
+    try:
+        module = srv.module
+        access = await login_device(srv, "PHONE")
+        stale = await mint(srv, access)
+        later = module._now() + module._config.token_lifetime_ms / 1000 + 1
+        monkeypatch.setattr(module, "_now", lambda: later)
+        live = await mint(srv, access)
+        counted = sample("login_token_module_tokens_revoked_total", {"reason": "logout"})
+        timed = sample("login_token_module_store_duration_seconds_count", {"operation": "revoke"})
+        assert (await srv.client.post("/_matrix/client/v3/logout", {}, access)).code == 200
+        assert sample("login_token_module_tokens_revoked_total", {"reason": "logout"}) == counted + 1
+        assert sample("login_token_module_store_duration_seconds_count", {"operation": "revoke"}) == timed + 1
+        outcomes = {e.token_hash: e.outcome for e in await module.store.lineage("@alice:test.local")}
+        assert outcomes == {tokens.hash_token(stale): None, tokens.hash_token(live): "revoked"}
+    finally:
+        await srv.stop()
+    (record,) = audit_log.of("revoke")
+    fields = ("outcome", "user_id", "minted_by_device", "reason", "token_fingerprint")
+    assert {k: record[k] for k in fields} == {
+        "outcome": "revoked",
+        "user_id": "@alice:test.local",
+        "minted_by_device": "PHONE",
+        "reason": "logout",
+        "token_fingerprint": audit.fingerprint(live),
+    }
 
 
 @pytest_twisted.ensureDeferred
