@@ -69,6 +69,7 @@ async def test_a_session_is_found_until_it_expires(backend: StateBackend) -> Non
     assert len(created.session_id) >= 32
     found = await sessions.get(created.session_id, T0 + LIFETIME - 1)
     assert found is not None
+    assert found.session_id == created.session_id
     assert (found.user_id, found.endpoint) == ("@alice:test", "/get_token")
     assert found.expires_at == pytest.approx(T0 + LIFETIME)
     assert await sessions.get(created.session_id, T0 + LIFETIME) is None

@@ -234,8 +234,9 @@ async def test_revoking_a_device_skips_its_expired_tokens_and_goes_on(store: Tok
 
 
 @pytest_twisted.ensureDeferred
-async def test_memory_sweep_hands_the_reactor_back_between_slices() -> None:
-    store = MemoryTokenStore(REACTOR)
+async def test_memory_sweep_hands_the_reactor_back_between_slices(tmp_path: Path) -> None:
+    backend = make_state(StoreConfig(type="memory"), REACTOR, str(tmp_path))
+    store = backend.tokens
     for _ in range(3 * SWEEP_SLICE):
         await store.add_token(_hash(), "@old:test", NOW - 1)
     ticks = 0
@@ -250,6 +251,28 @@ async def test_memory_sweep_hands_the_reactor_back_between_slices() -> None:
     assert not sweep.called, "a sweep of three slices finished without yielding"
     assert await sweep == 3 * SWEEP_SLICE
     assert ticks == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_history_sweep_hands_the_reactor_back_between_slices(tmp_path: Path) -> None:
+    store = make_state(StoreConfig(type="memory"), REACTOR, str(tmp_path)).tokens
+    for _ in range(3 * SWEEP_SLICE):
+        token_hash = _hash()
+        await store.add_token(token_hash, "@old:test", NOW - 1, device_id="D", issued_at_ms=NOW - 10)
+        await store.spend_token(token_hash, NOW - 5)
+    await store.delete_expired(NOW)
+    ticks = 0
+
+    def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+
+    REACTOR.callLater(0, tick)
+    sweep = defer.ensureDeferred(store.delete_history(NOW - 10))
+    assert not sweep.called, "a history sweep of three slices finished without yielding"
+    assert await sweep == 3 * SWEEP_SLICE
+    assert ticks == 1
+    assert await store.lineage("@old:test") == []
 
 
 @pytest_twisted.ensureDeferred
