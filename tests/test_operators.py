@@ -276,6 +276,49 @@ async def test_one_audit_record_per_issue_and_spend_with_lineage(
     assert entry.token_hash.hex().startswith(fingerprint)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_token_is_audited_with_its_address_and_no_fingerprint(
+    tmp_path: Path, audit_log: AuditRecords
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        assert (await srv.client.token_login("mlt_not_a_token")).code == 403
+    finally:
+        await srv.stop()
+    (record,) = audit_log.of("spend")
+    fields = ("outcome", "user_id", "minted_by_device", "client_address", "token_fingerprint")
+    assert {k: record[k] for k in fields} == {
+        "outcome": "malformed",
+        "user_id": None,
+        "minted_by_device": None,
+        "client_address": "127.0.0.1",
+        "token_fingerprint": None,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_part_of_the_sweep_is_timed_under_its_own_name(tmp_path: Path) -> None:
+    operations = ("sweep_tokens", "sweep_history", "sweep_uia", "count_outstanding")
+
+    def counts() -> dict[str, float]:
+        name = "login_token_module_store_duration_seconds_count"
+        return {
+            op: REGISTRY.get_sample_value(name, {"operation": op}) or 0.0
+            for op in (*operations, "sweep_ratelimits")
+        }
+
+    srv = await start(tmp_path, {"sweep_interval_ms": 3_600_000})
+    try:
+        before = counts()
+        await srv.module.sweep()
+        after = counts()
+    finally:
+        await srv.stop()
+    # Two rate limiters (get_token, failed passwords): two timings under one name.
+    expected = {**dict.fromkeys(operations, 1.0), "sweep_ratelimits": 2.0}
+    assert {op: after[op] - before[op] for op in after} == expected
+
+
 # -- revocation ----------------------------------------------------------------------
 
 

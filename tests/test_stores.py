@@ -329,6 +329,16 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_closing_a_sqlite_store_closes_its_file(tmp_path: Path) -> None:
+    store = SqliteTokenStore(REACTOR, str(tmp_path / "tokens.db"))
+    await store.add_token(_hash(), "@alice:test", NOW + 1000)
+    assert (tmp_path / "tokens.db-wal").exists()
+    await store.close()
+    # The last connection closed: SQLite folded the write-ahead log back in.
+    assert not (tmp_path / "tokens.db-wal").exists()
+
+
+@pytest_twisted.ensureDeferred
 async def test_stopping_the_server_closes_the_token_database(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
