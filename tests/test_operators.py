@@ -319,6 +319,24 @@ async def test_each_part_of_the_sweep_is_timed_under_its_own_name(tmp_path: Path
     assert {op: after[op] - before[op] for op in after} == expected
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_token_login_times_its_spend_and_the_record_of_the_new_device(tmp_path: Path) -> None:
+    def counts() -> dict[str, float]:
+        name = "login_token_module_store_duration_seconds_count"
+        ops = ("spend_token", "record_new_device")
+        return {op: REGISTRY.get_sample_value(name, {"operation": op}) or 0.0 for op in ops}
+
+    srv = await start(tmp_path)
+    try:
+        token = await mint(srv, await login_device(srv, "PHONE"))
+        before = counts()
+        assert (await srv.client.token_login(token)).code == 200
+        after = counts()
+    finally:
+        await srv.stop()
+    assert {op: after[op] - before[op] for op in after} == {"spend_token": 1.0, "record_new_device": 1.0}
+
+
 # -- revocation ----------------------------------------------------------------------
 
 
