@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client import REGISTRY
 
 from login_token_module.api import HostAbilities
 from login_token_module.config import ConfigError
@@ -98,6 +99,12 @@ async def start(tmp_path: Path, **module_config: Any) -> InProcessServer:
     return srv
 
 
+def store_timings(operation: str) -> float:
+    """How many times the module has timed ``operation`` (its store-duration histogram's count)."""
+    name = "login_token_module_store_duration_seconds_count"
+    return REGISTRY.get_sample_value(name, {"operation": operation}) or 0.0
+
+
 def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:8]
 
@@ -110,8 +117,10 @@ async def test_the_token_is_the_hosts_and_the_module_keeps_only_its_hash(
     try:
         (api,) = host_api
         phone = await login_device(srv, "PHONE")
+        minted = store_timings("mint")
         issued = await srv.client.get_login_token(phone)
         assert issued.code == 200, issued
+        assert store_timings("mint") == minted + 1  # the host's minting is timed as the store's calls are
         token = issued.json["login_token"]
         assert issued.json["expires_in_ms"] == LIFETIME_MS
         assert list(api.tokens) == [token]
@@ -144,7 +153,9 @@ async def test_logout_asks_the_host_to_revoke_only_that_devices_unused_tokens(
         kept = await mint(srv, laptop)
         api.tokens[spent].used = True  # the host's own login spent this one
 
+        revocations = store_timings("revoke")
         assert (await srv.client.post(LOGOUT, {}, phone)).code == 200
+        assert store_timings("revoke") == revocations + 1
 
         (asked,) = api.invalidations
         hashes = {hashlib.sha256(t.encode()).digest() for t in (first, spent)}
