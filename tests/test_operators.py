@@ -337,6 +337,50 @@ async def test_a_token_login_times_its_spend_and_the_record_of_the_new_device(tm
     assert {op: after[op] - before[op] for op in after} == {"spend_token": 1.0, "record_new_device": 1.0}
 
 
+@pytest_twisted.ensureDeferred
+async def test_each_uia_step_is_counted_and_timed_under_its_own_name(tmp_path: Path) -> None:
+    """The names operators alert on: a failure's reason, and each state call's timing."""
+    failures = ("password", "session", "user")
+    timings = ("uia_get", "uia_spend", "ratelimit_check", "ratelimit_record", "ratelimit_acquire")
+
+    def samples() -> dict[str, float]:
+        found = {
+            reason: REGISTRY.get_sample_value("login_token_module_uia_failures_total", {"reason": reason})
+            for reason in failures
+        }
+        for op in timings:
+            name = "login_token_module_store_duration_seconds_count"
+            found[op] = REGISTRY.get_sample_value(name, {"operation": op})
+        return {key: value or 0.0 for key, value in found.items()}
+
+    srv = await start(tmp_path)
+    try:
+        access = await login_device(srv, "PHONE")
+        before = samples()
+        session = (await srv.client.post(GET_TOKEN, {}, access)).json["session"]
+        wrong = {"type": "m.login.password", "password": "wrong", "session": session}
+        assert (await srv.client.post(GET_TOKEN, {"auth": wrong}, access)).code == 401
+        unknown = {"type": "m.login.password", "password": PASSWORD, "session": "no-such-session"}
+        assert (await srv.client.post(GET_TOKEN, {"auth": unknown}, access)).code == 401
+        other = {**wrong, "password": PASSWORD, "identifier": {"type": "m.id.user", "user": "bob"}}
+        assert (await srv.client.post(GET_TOKEN, {"auth": other}, access)).code == 401
+        right = {**wrong, "password": PASSWORD}
+        assert (await srv.client.post(GET_TOKEN, {"auth": right}, access)).code == 200
+        after = samples()
+    finally:
+        await srv.stop()
+    assert {key: after[key] - before[key] for key in after} == {
+        "password": 1.0,
+        "session": 1.0,
+        "user": 1.0,
+        "uia_get": 4.0,  # every request that named a session
+        "uia_spend": 1.0,
+        "ratelimit_check": 2.0,  # every password checked
+        "ratelimit_record": 1.0,  # the wrong one
+        "ratelimit_acquire": 1.0,  # the token issued
+    }
+
+
 # -- revocation ----------------------------------------------------------------------
 
 

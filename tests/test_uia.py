@@ -60,6 +60,15 @@ async def test_empty_request_gets_a_challenge(server: InProcessServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_empty_auth_gets_a_challenge_whose_session_works(server: InProcessServer) -> None:
+    """`"auth": {}` (no session, no stage) is asked again, and the session it is given completes."""
+    access = await server.client.access_token("alice")
+    response = await server.client.post(GET_TOKEN, {"auth": {}}, access)
+    assert_challenge(response)
+    assert_token(await server.client.post(GET_TOKEN, password_auth(response.json["session"]), access))
+
+
+@pytest_twisted.ensureDeferred
 async def test_each_challenge_has_a_fresh_session(server: InProcessServer) -> None:
     access = await server.client.access_token("alice")
     assert await challenge(server, access) != await challenge(server, access)
