@@ -594,8 +594,6 @@ class SqlRateLimitStore:
         self._db = db
         self._table = table
         self.name = name
-        self.per_second = per_second
-        self.burst_count = burst_count
         self._interval = 1 / per_second
         self._span = burst_count / per_second
 
