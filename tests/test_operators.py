@@ -381,6 +381,27 @@ async def test_each_uia_step_is_counted_and_timed_under_its_own_name(tmp_path: P
     }
 
 
+@pytest_twisted.ensureDeferred
+async def test_each_limiter_counts_its_refusals_under_its_own_name(tmp_path: Path) -> None:
+    def refused(limiter: str) -> float:
+        name = "login_token_module_ratelimited_total"
+        return REGISTRY.get_sample_value(name, {"limiter": limiter}) or 0.0
+
+    srv = await start(tmp_path, {"ratelimit": {"per_second": 0.001, "burst_count": 1}})
+    try:
+        access = await login_device(srv, "PHONE")
+        before = {limiter: refused(limiter) for limiter in ("get_token", "get_token_failed_auth")}
+        await mint(srv, access)
+        assert (await srv.client.get_login_token(access)).code == 429
+        assert refused("get_token") == before["get_token"] + 1
+        # Three wrong passwords fill the failed-attempts bucket (burst 3); the fourth try is refused.
+        codes = [(await srv.client.get_login_token(access, password="wrong")).code for _ in range(4)]
+        assert codes == [401, 401, 401, 429]
+        assert refused("get_token_failed_auth") == before["get_token_failed_auth"] + 1
+    finally:
+        await srv.stop()
+
+
 # -- revocation ----------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 
 from login_token_module.stores.sqlite import SCHEMA as STORE_SCHEMA
@@ -157,6 +158,27 @@ async def test_a_failed_store_gives_back_one_action_not_more(tmp_path: Path) -> 
             assert issued.code == 200, issued
         assert_limited(await srv.client.get_login_token(access))
         assert await srv.module.store.count_tokens() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_session_spend_gives_back_the_allowance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The UIA session store failing after the allowance was counted: the 500 costs nothing."""
+    async with running(tmp_path, {"ratelimit": {"per_second": 0.001, "burst_count": 1}}) as srv:
+        access = await srv.client.access_token("alice")
+        sessions = srv.module._uia
+
+        async def broken(session_id: str) -> None:
+            raise RuntimeError("the session store is down")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(sessions, "spend", broken)
+            failed = await srv.client.get_login_token(access)
+        assert failed.code == 500, failed
+        assert (await srv.client.get_login_token(access)).code == 200
+        assert_limited(await srv.client.get_login_token(access))
+        assert await srv.module.store.count_tokens() == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -69,6 +69,14 @@ async def test_an_empty_auth_gets_a_challenge_whose_session_works(server: InProc
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_one_shot_auth_naming_another_user_gets_a_session_that_works(server: InProcessServer) -> None:
+    access = await server.client.access_token("alice")
+    other = password_auth(identifier={"type": "m.id.user", "user": "bob"})
+    session = assert_failed_stage(await server.client.post(GET_TOKEN, other, access))
+    assert_token(await server.client.post(GET_TOKEN, password_auth(session), access))
+
+
+@pytest_twisted.ensureDeferred
 async def test_each_challenge_has_a_fresh_session(server: InProcessServer) -> None:
     access = await server.client.access_token("alice")
     assert await challenge(server, access) != await challenge(server, access)
