@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from login_token_module.uia import MAX_SESSIONS_PER_USER
@@ -190,6 +191,22 @@ async def test_session_expires(tmp_path: Path) -> None:
         # A fresh session, used promptly, still works.
         fresh = await challenge(srv, access)
         assert_token(await srv.client.post(GET_TOKEN, password_auth(fresh), access))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_lives_exactly_its_configured_lifetime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Driven by the module's clock: usable 5 ms before the end of its 10 s, gone at the end."""
+    async with running(tmp_path, {"ui_auth_session_lifetime_ms": 10_000}) as srv:
+        access = await srv.client.access_token("alice")
+        start = srv.module._now()
+        monkeypatch.setattr(srv.module, "_now", lambda: start)
+        early, late = await challenge(srv, access), await challenge(srv, access)
+        monkeypatch.setattr(srv.module, "_now", lambda: start + 9.995)
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(early), access))
+        monkeypatch.setattr(srv.module, "_now", lambda: start + 10.0)
+        assert assert_failed_stage(await srv.client.post(GET_TOKEN, password_auth(late), access)) != late
 
 
 # -- the per-user cap on live sessions ---------------------------------------
