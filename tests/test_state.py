@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from login_token_module.config import StoreConfig
+from login_token_module.config import ConfigError, StoreConfig
 from login_token_module.stores import StateBackend, make_state
 from login_token_module.uia import MAX_SESSIONS_PER_USER
 from tests.helpers import REACTOR
@@ -274,3 +274,23 @@ async def test_two_processes_count_one_bucket(open_shared_backend: BackendFactor
     finally:
         await first.close()
         await second.close()
+
+
+# -- what several workers need -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("store", "path", "words"),
+    [
+        (StoreConfig(type="memory"), ["store", "type"], "several worker processes"),
+        (StoreConfig(type="sqlite", shared_state=False), ["store", "shared_state"], "must be true"),
+    ],
+    ids=["memory", "sqlite_not_shared"],
+)
+def test_state_one_process_keeps_is_refused_under_workers(
+    tmp_path: Path, store: StoreConfig, path: list[str], words: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        make_state(store, REACTOR, str(tmp_path), multiple_workers=True)
+    assert refused.value.path == path
+    assert words in refused.value.reason
