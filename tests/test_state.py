@@ -294,3 +294,34 @@ def test_state_one_process_keeps_is_refused_under_workers(
         make_state(store, REACTOR, str(tmp_path), multiple_workers=True)
     assert refused.value.path == path
     assert words in refused.value.reason
+
+
+def test_an_unreachable_postgres_is_refused_at_start_up_naming_the_dsn(tmp_path: Path) -> None:
+    # Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    store = StoreConfig(type="postgres", dsn="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    with pytest.raises(ConfigError) as refused:
+        make_state(store, REACTOR, str(tmp_path))
+    assert refused.value.path == ["store", "dsn"]
+    assert refused.value.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_connections_name_the_module_to_the_server(
+    pg_database: Database, tmp_path: Path
+) -> None:
+    """What a DBA sees in pg_stat_activity: the pool's connections say whose they are."""
+    backend = make_state(StoreConfig(type="postgres", dsn=pg_database.dsn), REACTOR, str(tmp_path))
+    try:
+        await backend.tokens.count_tokens()  # the pool has a connection open now
+        import psycopg2  # only where PostgreSQL is (pg_database skips or fails without it)
+
+        with psycopg2.connect(pg_database.dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT application_name FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (pg_database.name,),
+            )
+            names = {row[0] for row in cur.fetchall()}
+        assert names == {"login_token_module"}
+    finally:
+        await backend.close()
