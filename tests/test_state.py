@@ -284,8 +284,9 @@ async def test_two_processes_count_one_bucket(open_shared_backend: BackendFactor
     [
         (StoreConfig(type="memory"), ["store", "type"], "several worker processes"),
         (StoreConfig(type="sqlite", shared_state=False), ["store", "shared_state"], "must be true"),
+        (StoreConfig(type="sqlite", path=":memory:"), ["store", "path"], "':memory:' cannot be shared"),
     ],
-    ids=["memory", "sqlite_not_shared"],
+    ids=["memory", "sqlite_not_shared", "sqlite_in_memory"],
 )
 def test_state_one_process_keeps_is_refused_under_workers(
     tmp_path: Path, store: StoreConfig, path: list[str], words: str
@@ -294,6 +295,17 @@ def test_state_one_process_keeps_is_refused_under_workers(
         make_state(store, REACTOR, str(tmp_path), multiple_workers=True)
     assert refused.value.path == path
     assert words in refused.value.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sqlite_file_is_shared_state_under_workers(tmp_path: Path) -> None:
+    backend = make_state(StoreConfig(type="sqlite", path="state.db"), REACTOR, str(tmp_path), multiple_workers=True)
+    try:
+        assert backend.shared
+        assert await backend.tokens.count_tokens() == 0
+    finally:
+        await backend.close()
+    assert (tmp_path / "state.db").exists()
 
 
 def test_an_unreachable_postgres_is_refused_at_start_up_naming_the_dsn(tmp_path: Path) -> None:
