@@ -299,7 +299,8 @@ def test_state_one_process_keeps_is_refused_under_workers(
 
 @pytest_twisted.ensureDeferred
 async def test_a_sqlite_file_is_shared_state_under_workers(tmp_path: Path) -> None:
-    backend = make_state(StoreConfig(type="sqlite", path="state.db"), REACTOR, str(tmp_path), multiple_workers=True)
+    store = StoreConfig(type="sqlite", path="state.db")
+    backend = make_state(store, REACTOR, str(tmp_path), multiple_workers=True)
     try:
         assert backend.shared
         assert await backend.tokens.count_tokens() == 0
