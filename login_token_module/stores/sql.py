@@ -20,6 +20,7 @@ sweeping at once neither wait for nor fight each other.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from login_token_module.audit import fingerprint_prefix
@@ -364,6 +365,19 @@ def _count(conn: Conn) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM login_tokens").fetchone()[0])
 
 
+async def _in_batches(db: Database, batch: Callable[..., int], *args: Any) -> int:
+    """Run a sweep's ``batch`` (deleting at most SWEEP_BATCH rows) until one comes up short.
+
+    One batch per thread job, so other queries get their turn between batches.
+    """
+    removed = 0
+    while True:
+        count = await db.run(batch, *args)
+        removed += count
+        if count < SWEEP_BATCH:
+            return removed
+
+
 class SqlTokenStore:
     def __init__(self, db: Database, *, owns_db: bool = False) -> None:
         self._db = db
@@ -408,20 +422,10 @@ class SqlTokenStore:
         return await self._db.run(_count_outstanding, now_ms)
 
     async def delete_history(self, before_ms: int) -> int:
-        removed = 0
-        while True:
-            batch = await self._db.run(_delete_history_batch, before_ms)
-            removed += batch
-            if batch < SWEEP_BATCH:
-                return removed
+        return await _in_batches(self._db, _delete_history_batch, before_ms)
 
     async def delete_expired(self, now_ms: int) -> int:
-        removed = 0
-        while True:
-            batch = await self._db.run(_delete_expired_batch, now_ms)
-            removed += batch
-            if batch < SWEEP_BATCH:
-                return removed
+        return await _in_batches(self._db, _delete_expired_batch, now_ms)
 
     async def count_tokens(self) -> int:
         return await self._db.run(_count)
@@ -518,12 +522,7 @@ class SqlUiaSessionStore:
         await self._db.run(_hold_session, session)
 
     async def sweep(self, now: float) -> int:
-        removed = 0
-        while True:
-            batch = await self._db.run(_sweep_sessions_batch, now * 1000)
-            removed += batch
-            if batch < SWEEP_BATCH:
-                return removed
+        return await _in_batches(self._db, _sweep_sessions_batch, now * 1000)
 
     async def count(self) -> int:
         return await self._db.run(_count_sessions)
@@ -623,12 +622,7 @@ class SqlRateLimitStore:
         await self._db.run(_refund, self._table, self.name, key, now, self._interval)
 
     async def sweep(self, now: float) -> int:
-        removed = 0
-        while True:
-            batch = await self._db.run(_sweep_buckets_batch, self._table, self.name, now)
-            removed += batch
-            if batch < SWEEP_BATCH:
-                return removed
+        return await _in_batches(self._db, _sweep_buckets_batch, self._table, self.name, now)
 
     async def count(self) -> int:
         return await self._db.run(_count_buckets, self._table, self.name)
