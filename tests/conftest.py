@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -10,7 +10,17 @@ import pytest
 import pytest_twisted
 
 from login_token_module import audit
-from tests.helpers import AuditRecords, ChildServer, InProcessServer, Launcher, start_child, start_in_process
+from login_token_module.config import StoreConfig
+from login_token_module.stores import StateBackend, make_state
+from tests.helpers import (
+    REACTOR,
+    AuditRecords,
+    ChildServer,
+    InProcessServer,
+    Launcher,
+    start_child,
+    start_in_process,
+)
 from tests.pgcluster import ClusterUnavailableError, Database, PostgresCluster, driver_missing_reason
 
 
@@ -90,3 +100,40 @@ def audit_log() -> Iterator[AuditRecords]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(old_level)
+
+
+# -- state backends, for the tests of the state Protocols ---------------------------
+
+
+BackendFactory = Callable[[], StateBackend]
+
+
+def _state_opener(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
+    if request.param == "memory":
+        config = StoreConfig(type="memory")
+    elif request.param == "sqlite":
+        config = StoreConfig(type="sqlite", path=str(tmp_path / "state.db"), shared_state=True)
+    else:
+        database: Database = request.getfixturevalue("pg_database")
+        config = StoreConfig(type="postgres", dsn=database.dsn)
+    return lambda: make_state(config, REACTOR, str(tmp_path))
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
+    """Opens backends on one place (each call: another process's view of it)."""
+    return _state_opener(request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
+    """The backends whose state other processes see."""
+    return _state_opener(request, tmp_path)
+
+
+@pytest_twisted.async_yield_fixture
+async def backend(open_backend: BackendFactory) -> AsyncIterator[StateBackend]:
+    """A state backend of each kind: memory, SQLite (a real file, shared state), PostgreSQL."""
+    opened = open_backend()
+    yield opened
+    await opened.close()

@@ -10,7 +10,6 @@ calls from many threads give the atomic answer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -20,44 +19,12 @@ from twisted.internet import defer
 from login_token_module.config import ConfigError, StoreConfig
 from login_token_module.stores import StateBackend, make_state
 from login_token_module.uia import MAX_SESSIONS_PER_USER
+from tests.conftest import BackendFactory
 from tests.helpers import REACTOR
 from tests.pgcluster import Database
 
 T0 = 1_700_000_000.0
 LIFETIME = 300.0
-
-BackendFactory = Callable[[], StateBackend]
-
-
-def _opener(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
-    if request.param == "memory":
-        config = StoreConfig(type="memory")
-    elif request.param == "sqlite":
-        config = StoreConfig(type="sqlite", path=str(tmp_path / "state.db"), shared_state=True)
-    else:
-        database: Database = request.getfixturevalue("pg_database")
-        config = StoreConfig(type="postgres", dsn=database.dsn)
-    return lambda: make_state(config, REACTOR, str(tmp_path))
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
-    """Opens backends on one place (each call: another process's view of it)."""
-    return _opener(request, tmp_path)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
-    """The backends whose state other processes see."""
-    return _opener(request, tmp_path)
-
-
-@pytest_twisted.async_yield_fixture
-async def backend(open_backend: BackendFactory) -> AsyncIterator[StateBackend]:
-    opened = open_backend()
-    yield opened
-    await opened.close()
-
 
 # -- UIA sessions ------------------------------------------------------------------
 

@@ -171,20 +171,6 @@ async def test_a_history_sweep_of_an_empty_store_is_nothing(store: TokenStore) -
     assert await store.consume_token(_hash(0), NOW) == "@alice:test"
 
 
-@pytest_twisted.async_yield_fixture(params=["memory", "sqlite", "postgres"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateBackend]:
-    if request.param == "memory":
-        config = StoreConfig(type="memory")
-    elif request.param == "sqlite":
-        config = StoreConfig(type="sqlite", path=str(tmp_path / "state.db"), shared_state=True)
-    else:
-        database: Database = request.getfixturevalue("pg_database")
-        config = StoreConfig(type="postgres", dsn=database.dsn)
-    opened = make_state(config, REACTOR, str(tmp_path))
-    yield opened
-    await opened.close()
-
-
 SECONDS = NOW / 1000
 
 
