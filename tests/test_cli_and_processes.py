@@ -27,6 +27,7 @@ from tests.helpers import (
     PASSWORD,
     Launcher,
     access_token,
+    call,
     cli,
     homeserver_yaml,
     mint_login_token,
@@ -388,8 +389,6 @@ def test_config_written_as_yaml_is_what_serve_reads(tmp_path: Path, launch: Laun
 
 
 def sync_call_text(base_url: str, path: str) -> tuple[int, str]:
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(base_url + path, timeout=30) as reply:
-        return reply.status, reply.read().decode()
+    reply = call(base_url, "GET", path)
+    assert isinstance(reply.body, bytes), reply
+    return reply.code, reply.body.decode()

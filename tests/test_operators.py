@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import sqlite3
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tests.helpers import (
     InProcessServer,
     Launcher,
     access_token,
+    call,
     cli,
     homeserver_yaml,
     mint_login_token,
@@ -49,10 +49,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def scrape(port: int) -> Samples:
     """Every sample of a scrape (from outside the reactor): (name, sorted labels) -> value."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/_synapse/metrics", timeout=30) as reply:
-        assert reply.headers["Content-Type"].startswith("text/plain")
-        return parse(reply.read().decode())
+    reply = call(f"http://127.0.0.1:{port}", "GET", "/_synapse/metrics")
+    assert reply.code == 200 and reply.headers["content-type"].startswith("text/plain")
+    assert isinstance(reply.body, bytes)
+    return parse(reply.body.decode())
 
 
 async def scrape_in_process(port: int) -> Samples:
