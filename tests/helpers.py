@@ -47,6 +47,11 @@ async def sleep(seconds: float) -> None:
     await deferLater(REACTOR, seconds, lambda: None)
 
 
+def flip_last(token: str) -> str:
+    """``token`` with its last character changed: always another string, whose checksum fails."""
+    return token[:-1] + ("B" if token[-1] == "A" else "A")
+
+
 def password_auth(session: str | None = None, password: str = PASSWORD, **extra: Any) -> dict[str, Any]:
     """A get_token body answering the password stage (in ``session``, if given)."""
     auth: dict[str, Any] = {"type": "m.login.password", "password": password, **extra}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest_twisted
 
 from login_token_module.tokens import generate_token, is_well_formed
-from tests.helpers import LOGIN, InProcessServer, Response, recreate_token_table, running, sleep
+from tests.helpers import LOGIN, InProcessServer, Response, flip_last, recreate_token_table, running, sleep
 
 WHOAMI = "/_matrix/client/v3/account/whoami"
 # Enough allowance to mint several tokens for one user within a test.
@@ -55,10 +55,6 @@ def assert_logged_in(response: Response, user_id: str = "@alice:test.local") -> 
     assert response.json["user_id"] == user_id
     assert isinstance(response.json["access_token"], str) and response.json["access_token"]
     assert isinstance(response.json["device_id"], str) and response.json["device_id"]
-
-
-def flip_last(token: str) -> str:
-    return token[:-1] + ("B" if token[-1] == "A" else "A")
 
 
 BASE62 = string.digits + string.ascii_letters
