@@ -5,7 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -13,7 +14,16 @@ from urllib.parse import quote, urlsplit
 import pytest_twisted
 from twisted.internet import threads
 
-from tests.helpers import GET_TOKEN, LOGIN, PASSWORD, InProcessServer, Response, start_in_process
+from tests.helpers import (
+    GET_TOKEN,
+    LOGIN,
+    PASSWORD,
+    InProcessServer,
+    Response,
+    homeserver_yaml,
+    start_in_process,
+)
+from tests.probe_module import PROBE_LOGIN, PROBE_MODULE, ProbeModule
 
 VERSIONS = "/_matrix/client/versions"
 CAPABILITIES = "/_matrix/client/v3/capabilities"
@@ -386,3 +396,89 @@ async def test_a_form_content_type_is_not_parsed_as_a_form(server: InProcessServ
         "POST", GET_TOKEN, raw_body=f"access_token={token}".encode(), headers=form
     )
     assert (as_form.code, as_form.json["errcode"]) == (401, "M_MISSING_TOKEN")
+
+
+# -- a second module: the host's side of the module contract -----------------
+# tests/probe_module.py registers a login type of its own and an on_logged_out
+# callback, as a third-party module would, and records what the host hands it.
+
+
+@asynccontextmanager
+async def probed(tmp_path: Path) -> AsyncIterator[tuple[InProcessServer, ProbeModule]]:
+    """Our module (SQLite store) and the probe module, with one user, alice."""
+    ours = homeserver_yaml(tmp_path)["modules"][0]
+    srv = await start_in_process(tmp_path, modules=[ours, {"module": PROBE_MODULE, "config": {}}])
+    try:
+        await srv.register("alice")
+        probe = srv.hs.modules[1]
+        assert isinstance(probe, ProbeModule)
+        yield srv, probe
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_flows_list_a_module_login_type_that_has_no_flow_fields(tmp_path: Path) -> None:
+    async with probed(tmp_path) as (srv, _):
+        response = await srv.client.get(LOGIN)
+        assert response.code == 200, response
+        assert response.json["flows"] == [
+            {"type": "m.login.password"},
+            {"type": "m.login.token", "get_login_token": True},
+            {"type": PROBE_LOGIN},
+        ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_module_login_missing_a_required_field_is_400_and_never_asks_the_module(
+    tmp_path: Path,
+) -> None:
+    async with probed(tmp_path) as (srv, probe):
+        probe.answer = ("alice", None)
+        response = await srv.client.post(LOGIN, {"type": PROBE_LOGIN})
+        assert_error(response, 400, "M_MISSING_PARAM")
+        assert probe.checked == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_module_login_the_module_refuses_is_403_forbidden(tmp_path: Path) -> None:
+    async with probed(tmp_path) as (srv, probe):
+        body = {"type": PROBE_LOGIN, "secret": "wrong"}
+        response = await srv.client.post(LOGIN, body)
+        assert_error(response, 403, "M_FORBIDDEN")
+        # The checker is told which of its login types this is (Synapse's contract).
+        assert probe.checked == [(None, PROBE_LOGIN, body)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_module_login_answering_a_localpart_signs_in_that_user_of_this_server(
+    tmp_path: Path,
+) -> None:
+    async with probed(tmp_path) as (srv, probe):
+        probe.answer = ("alice", None)
+        response = await srv.client.post(LOGIN, {"type": PROBE_LOGIN, "secret": "s", "device_id": "PROBE"})
+        assert response.code == 200, response
+        assert response.json["user_id"] == "@alice:test.local"
+        whoami = await srv.client.get(WHOAMI, response.json["access_token"])
+        assert (whoami.code, whoami.json["user_id"], whoami.json["device_id"]) == (
+            200,
+            "@alice:test.local",
+            "PROBE",
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_module_login_answering_a_full_user_id_keeps_it_as_given(tmp_path: Path) -> None:
+    """The checker's answer is the canonical user id: the host does not rewrite it.
+
+    An account from before user ids had to be lower case (``@Legacy:...``) signs in
+    as itself, not as a lower-cased account that does not exist.
+    """
+    async with probed(tmp_path) as (srv, probe):
+        legacy = await srv.register("Legacy")
+        probe.answer = (legacy, None)
+        response = await srv.client.post(LOGIN, {"type": PROBE_LOGIN, "secret": "s"})
+        assert response.code == 200, response
+        assert response.json["user_id"] == "@Legacy:test.local"
+        whoami = await srv.client.get(WHOAMI, response.json["access_token"])
+        assert (whoami.code, whoami.json["user_id"]) == (200, "@Legacy:test.local")
