@@ -482,3 +482,33 @@ async def test_a_module_login_answering_a_full_user_id_keeps_it_as_given(tmp_pat
         assert response.json["user_id"] == "@Legacy:test.local"
         whoami = await srv.client.get(WHOAMI, response.json["access_token"])
         assert (whoami.code, whoami.json["user_id"]) == (200, "@Legacy:test.local")
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_tells_modules_the_device_and_its_access_token(tmp_path: Path) -> None:
+    async with probed(tmp_path) as (srv, probe):
+        token = (await srv.client.password_login("alice", device_id="DESK")).json["access_token"]
+        other = (await srv.client.password_login("alice", device_id="LAPTOP")).json["access_token"]
+        assert (await srv.client.post(LOGOUT, {}, token)).code == 200
+        assert probe.logged_out == [("@alice:test.local", "DESK", token)]
+        # By the query parameter too.
+        assert (await srv.client.post(f"{LOGOUT}?access_token={quote(other)}", {})).code == 200
+        assert probe.logged_out[1:] == [("@alice:test.local", "LAPTOP", other)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_all_gives_modules_the_callers_token_and_empty_for_the_others(
+    tmp_path: Path,
+) -> None:
+    """Only the caller's access token is known in full; the host keeps hashes of the rest."""
+    async with probed(tmp_path) as (srv, probe):
+        tokens = {}
+        for device in ("ONE", "TWO", "THREE"):
+            login = await srv.client.password_login("alice", device_id=device)
+            tokens[device] = login.json["access_token"]
+        assert (await srv.client.post(LOGOUT_ALL, {}, tokens["TWO"])).code == 200
+        assert sorted(probe.logged_out) == [
+            ("@alice:test.local", "ONE", ""),
+            ("@alice:test.local", "THREE", ""),
+            ("@alice:test.local", "TWO", tokens["TWO"]),
+        ]
