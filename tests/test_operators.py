@@ -3,10 +3,14 @@ the tokens command, and rc_login on the reference host. All over HTTP to real se
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import io
 import json
+import logging
 import re
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +299,74 @@ async def test_a_malformed_token_is_audited_with_its_address_and_no_fingerprint(
         "client_address": "127.0.0.1",
         "token_fingerprint": None,
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_json_formatter_writes_each_audit_record_as_one_line_of_named_fields(
+    tmp_path: Path, audit_log: AuditRecords
+) -> None:
+    # What a log shipper reads: the formatter on the audit logger, records from a real flow.
+    lines = io.StringIO()
+    shipper = logging.StreamHandler(lines)
+    shipper.setFormatter(audit.JsonFormatter())
+    logging.getLogger(audit.AUDIT_LOGGER).addHandler(shipper)
+    before = datetime.datetime.now(datetime.UTC)
+    srv = await start(tmp_path)
+    try:
+        old = await login_device(srv, "OLDPHONE")
+        token = await mint(srv, old)
+        assert (await srv.client.token_login(token, device_id="NEWLAPTOP")).code == 200
+    finally:
+        await srv.stop()
+        logging.getLogger(audit.AUDIT_LOGGER).removeHandler(shipper)
+    after = datetime.datetime.now(datetime.UTC)
+
+    text = lines.getvalue()
+    assert token not in text and PASSWORD not in text and old not in text
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert [(e["event"], e["outcome"]) for e in entries] == [("issue", "issued"), ("spend", "spent")]
+    for entry, record in zip(entries, audit_log.records, strict=True):
+        # Exactly these keys: no "process" outside a worker, no "exception" without one.
+        assert set(entry) == {"time", "level", "logger", "message", *audit.FIELDS}
+        assert entry["level"] == "INFO" and entry["logger"] == "login_token_module.audit"
+        assert entry["message"] == record.getMessage()
+        assert entry["message"].startswith(f"login token event={entry['event']} ")
+        # UTC, to the millisecond, with its offset.
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", entry["time"]), entry["time"]
+        when = datetime.datetime.fromisoformat(entry["time"])
+        assert before - datetime.timedelta(milliseconds=1) <= when <= after
+        assert abs(when.timestamp() - record.created) < 0.001
+    assert entries[1]["new_device_id"] == "NEWLAPTOP"
+    assert entries[1]["token_fingerprint"] == audit.fingerprint(token)
+
+
+def test_the_json_formatter_names_the_worker_and_writes_any_record(
+    audit_log: AuditRecords, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    formatter = audit.JsonFormatter()
+    # A worker of `serve --workers N` says which one wrote the record.
+    monkeypatch.setattr(audit, "PROCESS_NAME", "worker 1")
+    audit.record("revoke", "revoked", user_id='@bob "the\nbuilder" \u00e9:hs', reason="operator")
+    line = formatter.format(audit_log.records[-1])
+    assert "\n" not in line  # one record, one line, whatever a field holds
+    entry = json.loads(line)
+    assert entry["process"] == "worker 1" and entry["reason"] == "operator"
+    assert entry["user_id"] == '@bob "the\nbuilder" \u00e9:hs'
+    # A field that is not JSON is written as its text, not dropped with the record.
+    audit.record("revoke", "revoked", user_id="@bob:hs", reason=Path("/x"))
+    assert json.loads(formatter.format(audit_log.records[-1]))["reason"] == "/x"
+    monkeypatch.setattr(audit, "PROCESS_NAME", None)
+    # The formatter may sit on the root logger: records that are not audit records,
+    # and records with a traceback, come out too.
+    plain = logging.LogRecord("twisted", logging.WARNING, __file__, 1, "plain %s", ("text",), None)
+    assert set(json.loads(formatter.format(plain))) == {"time", "level", "logger", "message"}
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        failed = logging.LogRecord("twisted", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
+    entry = json.loads(formatter.format(failed))
+    assert (entry["level"], entry["logger"], entry["message"]) == ("ERROR", "twisted", "boom")
+    assert entry["exception"].startswith("Traceback") and "ZeroDivisionError" in entry["exception"]
 
 
 @pytest_twisted.ensureDeferred
