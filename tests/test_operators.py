@@ -827,6 +827,10 @@ def test_a_fingerprint_is_a_short_hash_prefix() -> None:
     assert audit.fingerprint(token) == hashlib.sha256(token.encode()).hexdigest()[:8]
     assert len(audit.fingerprint(token)) == 8 and audit.fingerprint(token) not in token
     assert audit.fingerprint_prefix("ABCDEF12") == bytes.fromhex("abcdef12")
-    for bad in ("abc", "abcdef1", "zzzzzzzz", "a" * 66):
-        with pytest.raises(ValueError):
+    assert audit.fingerprint_prefix(" 0123456789abcdef\n") == bytes.fromhex("0123456789abcdef")
+    assert audit.fingerprint_prefix("f" * 64) == b"\xff" * 32
+    # "\ufb00" (the ff ligature) is not a hex digit, though its upper case is "FF".
+    bad_ones = ("abc", "abcdef1", "abcdef1g", "zzzzzzzz", "a" * 65, "a" * 66, "\ufb00abcdef", "\ufb00abcdef0")
+    for bad in bad_ones:
+        with pytest.raises(ValueError, match="hex digits"):  # the refusal says what a fingerprint is
             audit.fingerprint_prefix(bad)
