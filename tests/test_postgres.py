@@ -1,0 +1,340 @@
+"""The PostgreSQL pool (``login_token_module/postgres.py``) in the test process.
+
+Against real servers: the session's cluster where the server stays up, and a
+cluster of the test's own where it is stopped and started again. What is
+checked is what the pool promises: a server that goes away is a
+``StorageUnavailableError`` (a 503 for the client) and changes nothing, the
+same pool serves again once the server is back with no restart, nothing is lost
+or spent twice, a statement's own error stays the caller's, one warning per
+outage says how many requests were refused, and work goes to the least busy
+connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+from twisted.logger import ILogObserver, globalLogPublisher
+
+from login_token_module import postgres, tokens
+from login_token_module.config import StoreConfig
+from login_token_module.db import Conn
+from login_token_module.errors import StorageUnavailableError
+from login_token_module.postgres import PostgresConn, PostgresDatabase, describe
+from login_token_module.stores import make_state
+from login_token_module.stores.sql import SqlBackend
+from tests.helpers import REACTOR
+from tests.pgcluster import Database, PostgresCluster
+
+NOW = 1_700_000_000_000
+STORE = "login-token-store"  # the pool's name, as make_state gives it
+APPLICATION = "login_token_module"  # the pool's application_name, as make_state gives it
+# Port 1 on loopback: nothing listens there, so a connection is refused at once.
+NOWHERE = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"
+
+
+def _hash() -> bytes:
+    return tokens.hash_token(tokens.generate_token())
+
+
+def open_backend(database: Database, tmp_path: Path, cp_min: int = 1, cp_max: int = 2) -> SqlBackend:
+    config = StoreConfig(type="postgres", dsn=database.dsn, cp_min=cp_min, cp_max=cp_max)
+    backend = make_state(config, REACTOR, str(tmp_path))
+    assert isinstance(backend, SqlBackend)
+    return backend
+
+
+def pool(backend: SqlBackend) -> PostgresDatabase:
+    assert isinstance(backend.db, PostgresDatabase)
+    return backend.db
+
+
+def backend_pid(conn: Conn) -> int:
+    return int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+
+
+def pool_connections(database: Database) -> list[int]:
+    """The server processes of the pool's connections to ``database``, as the server lists them."""
+    rows = database.cluster.query(
+        "postgres",
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+        (database.name, APPLICATION),
+    )
+    return sorted(row[0] for row in rows)
+
+
+def wait_for_connections(database: Database, count: int, timeout: float = 30) -> list[int]:
+    """Waits until the server lists exactly ``count`` of the pool's connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = pool_connections(database)
+        if len(pids) == count:
+            return pids
+        assert time.monotonic() < deadline, f"the server lists {len(pids)} pool connections, not {count}"
+        time.sleep(0.05)
+
+
+def cut_connections(database: Database) -> None:
+    """The server ends every connection of the pool (as a restart or a network cut would)."""
+    database.cluster.query(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+        (database.name, APPLICATION),
+    )
+    wait_for_connections(database, 0)
+
+
+@pytest.fixture
+def warnings(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """The pool's warnings, as ``pool_warnings(warnings)``."""
+    caplog.set_level(logging.WARNING, logger=postgres.__name__)
+    return caplog
+
+
+def pool_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == postgres.__name__ and r.levelno == logging.WARNING]
+
+
+def assert_unavailable_warning(record: logging.LogRecord, refused: int) -> None:
+    """One "unavailable" line: which database, how many requests refused since the last, why."""
+    assert record.args is not None and len(record.args) == 3, record.args
+    name, count, reason = record.args
+    assert (name, count) == (STORE, refused)
+    assert isinstance(reason, str) and reason and reason != "None"
+    message = record.getMessage()
+    assert "unavailable" in message and STORE in message and f" {refused} request(s)" in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_nothing(
+    own_pg_cluster: PostgresCluster,
+    tmp_path: Path,
+    warnings: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = own_pg_cluster.create_database()
+    backend = open_backend(database, tmp_path, cp_min=1, cp_max=2)
+    db = pool(backend)
+    store = backend.tokens
+    sessions = backend.uia_sessions(600)
+    kept, spent_before = _hash(), _hash()
+    try:
+        await store.add_token(kept, "@alice:test", NOW + 60_000)
+        await store.add_token(spent_before, "@alice:test", NOW + 60_000)
+        assert await store.consume_token(spent_before, NOW) == "@alice:test"
+        # Both connections open before the outage (two jobs at once take both).
+        assert len(set(await _both(db))) == 2
+
+        # One warning per outage however many requests fail (an hour apart at most here).
+        monkeypatch.setattr(postgres, "WARN_EVERY_SECONDS", 60.0)
+        await threads.deferToThread(own_pg_cluster.stop, "fast")
+
+        # The first request finds its connection dead, the rest cannot connect: all refused
+        # with the module's error, none with a driver error or anything else.
+        attempts: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.consume_token(kept, NOW),
+            lambda: store.consume_token(kept, NOW),
+            lambda: store.add_token(_hash(), "@alice:test", NOW + 60_000),
+            lambda: sessions.create("@alice:test", "/login/get_token", NOW / 1000),
+            lambda: store.count_tokens(),
+        ]
+        for attempt in attempts:
+            with pytest.raises(StorageUnavailableError) as refused:
+                await attempt()
+            assert str(refused.value)  # what failed, for the log
+            assert own_pg_cluster.password not in str(refused.value)
+        [warning] = pool_warnings(warnings)
+        assert_unavailable_warning(warning, 1)
+
+        # The next warning counts every request refused since the last one.
+        monkeypatch.setattr(postgres, "WARN_EVERY_SECONDS", 0.0)
+        with pytest.raises(StorageUnavailableError):
+            await store.consume_token(kept, NOW)
+        [_, second] = pool_warnings(warnings)
+        assert_unavailable_warning(second, len(attempts))
+        assert own_pg_cluster.password not in warnings.text
+
+        await threads.deferToThread(own_pg_cluster.start)
+        # Back: the very next requests succeed on both connections, with no restart of ours.
+        assert len(set(await _both(db))) == 2
+        # Nothing issued or spent while it was down, nothing lost, nothing spent twice.
+        assert await store.count_tokens() == 1
+        assert await store.consume_token(kept, NOW) == "@alice:test"
+        assert await store.consume_token(kept, NOW) is None
+        assert await store.consume_token(spent_before, NOW) is None
+        assert await sessions.create("@alice:test", "/login/get_token", NOW / 1000)
+        # The pool keeps only the connections in use: the dead ones are gone.
+        open_now = list(db._open)
+        assert len(open_now) == 2 and not any(conn.raw.closed for conn in open_now)
+    finally:
+        await backend.close()
+
+
+async def _both(db: PostgresDatabase) -> list[int]:
+    """Two jobs at once (so on both connections); the server process each ran on."""
+    first, second = db.run(backend_pid), db.run(backend_pid)
+    return [await first, await second]
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_each_cut_every_connection_is_opened_afresh(
+    pg_database: Database, tmp_path: Path
+) -> None:
+    """A connection another thread opened before a loss is never used after it: every
+    request once the server is back succeeds the first time, after any number of losses."""
+    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=2)
+    db = pool(backend)
+    try:
+        before = await _both(db)
+        assert len(set(before)) == 2
+        for _ in range(3):
+            await threads.deferToThread(cut_connections, pg_database)
+            # Only the first connection's job notices (the other thread is idle) ...
+            with pytest.raises(StorageUnavailableError):
+                await db.run(backend_pid)
+            # ... yet both threads connect afresh for the next jobs, which succeed.
+            after = await _both(db)
+            assert len(set(after)) == 2 and not set(after) & set(before)
+            before = after
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_statement_the_server_cancels_is_unavailable_and_its_connection_closed(
+    pg_database: Database, tmp_path: Path
+) -> None:
+    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
+    db = pool(backend)
+    used: list[PostgresConn] = []
+
+    def too_slow(conn: Conn) -> None:
+        assert isinstance(conn, PostgresConn)
+        used.append(conn)
+        conn.execute("SET statement_timeout = '10ms'")
+        conn.execute("SELECT pg_sleep(5)")
+
+    try:
+        with pytest.raises(StorageUnavailableError) as refused:
+            await db.run(too_slow)
+        assert "statement timeout" in str(refused.value)
+        # The connection is closed at once, not left open on the server until its next use ...
+        assert used[0].raw.closed
+        # ... and the next job gets a fresh one (the session setting went with the old one).
+        assert await db.run(lambda conn: conn.execute("SHOW statement_timeout").fetchone()[0]) == "0"
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_statements_own_error_is_the_callers_and_keeps_the_connection(
+    pg_database: Database, tmp_path: Path, warnings: pytest.LogCaptureFixture
+) -> None:
+    import psycopg2  # only where PostgreSQL is (pg_database skips or fails without it)
+
+    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
+    db = pool(backend)
+    try:
+        pid = await db.run(backend_pid)
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            await db.run(lambda conn: conn.execute("SELECT 1 / 0"))
+        token_hash = _hash()
+        await backend.tokens.add_token(token_hash, "@alice:test", NOW + 1000)
+        with pytest.raises(psycopg2.IntegrityError):
+            await backend.tokens.add_token(token_hash, "@alice:test", NOW + 1000)
+        # Not a lost server: the same connection goes on, and nothing was logged as unavailable.
+        assert await db.run(backend_pid) == pid
+        assert pool_warnings(warnings) == []
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_work_goes_to_the_least_busy_connection(pg_database: Database, tmp_path: Path) -> None:
+    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=3)
+    db = pool(backend)
+    try:
+        # Light load (one job at a time): one connection does everything.
+        one_at_a_time = {await db.run(backend_pid) for _ in range(4)}
+        assert len(one_at_a_time) == 1
+        # A burst: every connection takes an equal share.
+        burst = [db.run(backend_pid) for _ in range(6)]
+        shares = collections.Counter([await d for d in burst])
+        assert sorted(shares.values()) == [2, 2, 2], shares
+        # Light load again: back on the first connection.
+        assert {await db.run(backend_pid) for _ in range(3)} == one_at_a_time
+        # Arguments reach the job, by position and by name.
+        assert await db.run(_pair, 1, b=2) == (1, 2)
+    finally:
+        await backend.close()
+
+
+def _pair(conn: Conn, a: int, *, b: int) -> tuple[int, int]:
+    return a, b
+
+
+@pytest_twisted.ensureDeferred
+async def test_cp_min_connections_are_opened_before_any_request(
+    pg_database: Database, tmp_path: Path
+) -> None:
+    backend = open_backend(pg_database, tmp_path, cp_min=2, cp_max=3)
+    try:
+        # The server lists two of the pool's connections with no request made (and not three).
+        await threads.deferToThread(wait_for_connections, pg_database, 2)
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_down_when_the_pool_starts_only_fails_the_first_requests() -> None:
+    """The connections opened at start fail quietly (the first request tries again): no
+    unhandled error, no traceback in the log."""
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            failures.append(event)
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    try:
+        db = PostgresDatabase(REACTOR, dsn=NOWHERE, cp_min=1, cp_max=1)
+        # Queued behind the start's own job on the one connection, so answered after it.
+        with pytest.raises(StorageUnavailableError):
+            await db.run(backend_pid)
+        db.close()
+        del db
+        gc.collect()  # an unhandled failure is logged when its Deferred is collected
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_outside_the_pool_reaches_the_same_database(pg_database: Database) -> None:
+    db = PostgresDatabase(REACTOR, dsn=pg_database.dsn, args={"application_name": "a tool"}, cp_min=0)
+    try:
+        conn = db.connect()
+        try:
+            row = conn.execute("SELECT current_database(), current_setting('application_name')").fetchone()
+            assert tuple(row) == (pg_database.name, "a tool")
+        finally:
+            conn.close()
+    finally:
+        db.close()
+
+
+def test_describe_gives_the_first_line_of_a_driver_error_or_its_kind() -> None:
+    assert describe(ValueError("connection refused\n\tIs the server running?\n")) == "connection refused"
+    assert describe(ValueError("  one line  ")) == "one line"
+    assert describe(ConnectionError()) == "ConnectionError"
+    assert describe(ConnectionError("  \n ")) == "ConnectionError"
