@@ -32,8 +32,9 @@ from login_token_module.errors import StorageUnavailableError
 from login_token_module.postgres import PostgresConn, PostgresDatabase, describe
 from login_token_module.stores import make_state
 from login_token_module.stores.sql import SqlBackend
+from tests.conftest import postgres_unavailable
 from tests.helpers import REACTOR
-from tests.pgcluster import Database, PostgresCluster
+from tests.pgcluster import Database, PostgresCluster, driver_missing_reason
 
 NOW = 1_700_000_000_000
 STORE = "login-token-store"  # the pool's name, as make_state gives it
@@ -298,6 +299,9 @@ async def test_cp_min_connections_are_opened_before_any_request(
 async def test_a_server_down_when_the_pool_starts_only_fails_the_first_requests() -> None:
     """The connections opened at start fail quietly (the first request tries again): no
     unhandled error, no traceback in the log."""
+    reason = driver_missing_reason()
+    if reason is not None:
+        postgres_unavailable(reason)
     failures: list[dict[str, Any]] = []
 
     def observe(event: dict[str, Any]) -> None:
