@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 import pytest_twisted
 from twisted.internet import threads
 
+from login_token_module.host.resources import new_device_id
 from tests.helpers import (
     GET_TOKEN,
     LOGIN,
@@ -512,3 +513,120 @@ async def test_logout_all_gives_modules_the_callers_token_and_empty_for_the_othe
             ("@alice:test.local", "THREE", ""),
             ("@alice:test.local", "TWO", tokens["TWO"]),
         ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_module_login_is_told_which_user_the_client_named(tmp_path: Path) -> None:
+    async with probed(tmp_path) as (srv, probe):
+        probe.answer = ("alice", None)
+        named = {"type": "m.id.user", "user": "Alice"}
+        body = {"type": PROBE_LOGIN, "secret": "s", "identifier": named}
+        assert (await srv.client.post(LOGIN, body)).code == 200
+        # The name as a full user id of this server, as for a password login.
+        assert probe.checked == [("@alice:test.local", PROBE_LOGIN, body)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_module_login_for_a_user_that_does_not_exist_is_403_and_makes_no_device(
+    tmp_path: Path,
+) -> None:
+    async with probed(tmp_path) as (srv, probe):
+        probe.answer = ("@ghost:test.local", None)
+        response = await srv.client.post(LOGIN, {"type": PROBE_LOGIN, "secret": "s", "device_id": "GHOST"})
+        assert_error(response, 403, "M_FORBIDDEN")
+        assert "access_token" not in response.json
+        devices = await srv.hs.db.run(
+            lambda conn: conn.execute("SELECT count(*) FROM devices WHERE device_id = 'GHOST'").fetchone()[0]
+        )
+        assert devices == 0
+
+
+# -- bad login bodies: each gets its own Matrix error, and nobody is signed in --
+
+BAD_LOGINS: list[tuple[dict[str, Any], int, str]] = [
+    ({"type": 5, "password": PASSWORD}, 400, "M_BAD_JSON"),
+    ({"type": "m.login.password", "identifier": "alice", "password": PASSWORD}, 400, "M_BAD_JSON"),
+    (
+        {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.thirdparty", "medium": "email", "address": "alice@example.org"},
+            "password": PASSWORD,
+        },
+        400,
+        "M_INVALID_PARAM",
+    ),
+    (
+        {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": ""}, "password": PASSWORD},
+        400,
+        "M_BAD_JSON",
+    ),
+    (
+        {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": 5}, "password": PASSWORD},
+        400,
+        "M_BAD_JSON",
+    ),
+    ({"type": "m.login.password", "user": "", "password": PASSWORD}, 400, "M_BAD_JSON"),
+    (
+        {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}},
+        400,
+        "M_MISSING_PARAM",
+    ),
+    (
+        {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": 5},
+        400,
+        "M_BAD_JSON",
+    ),
+    (
+        {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "@alice:elsewhere.example"},
+            "password": PASSWORD,
+        },
+        403,
+        "M_FORBIDDEN",
+    ),
+    (
+        {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": "alice"},
+            "password": PASSWORD,
+            "device_id": "D" * 256,
+        },
+        400,
+        "M_INVALID_PARAM",
+    ),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_bad_login_body_gets_its_own_error_and_signs_nobody_in(server: InProcessServer) -> None:
+    for body, code, errcode in BAD_LOGINS:
+        response = await server.client.post(LOGIN, body)
+        assert_error(response, code, errcode)
+        assert "access_token" not in response.json, body
+    # The same request, well formed, signs alice in: the refusals above were about the body.
+    good = {
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": "alice"},
+        "password": PASSWORD,
+    }
+    assert (await server.client.post(LOGIN, good)).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_id_of_the_longest_allowed_length_is_kept(server: InProcessServer) -> None:
+    longest = "D" * 255
+    body = {"type": "m.login.password", "user": "alice", "password": PASSWORD, "device_id": longest}
+    response = await server.client.post(LOGIN, body)
+    assert response.code == 200, response
+    assert response.json["device_id"] == longest
+
+
+def test_new_device_ids_are_ten_capitals_drawn_afresh_in_every_place() -> None:
+    ids = [new_device_id() for _ in range(200)]
+    assert all(re.fullmatch(r"[A-Z]{10}", device_id) for device_id in ids)
+    assert len(set(ids)) == len(ids)
+    # Every one of the ten letters varies: none is fixed (a draw too small would
+    # leave the later letters always "A").
+    for place in range(10):
+        assert len({device_id[place] for device_id in ids}) > 10, place
