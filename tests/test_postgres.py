@@ -344,3 +344,30 @@ def test_describe_gives_the_first_line_of_a_driver_error_or_its_kind() -> None:
     assert describe(ValueError("  one line  ")) == "one line"
     assert describe(ConnectionError()) == "ConnectionError"
     assert describe(ConnectionError("  \n ")) == "ConnectionError"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_transaction_is_rolled_back_and_its_connection_serves_the_next_statement(
+    pg_database: Database, tmp_path: Path
+) -> None:
+    import psycopg2
+
+    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
+    db = pool(backend)
+
+    def half_then_fail(conn: Conn) -> None:
+        conn.execute("INSERT INTO rollback_probe (x) VALUES (1)")
+        conn.execute("SELECT 1 / 0")
+
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE rollback_probe (x INTEGER)"))
+        pid = await db.run(backend_pid)
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            await db.run(lambda conn: conn.transaction(half_then_fail))
+        # The insert before the error is undone, and the same connection (not one left
+        # inside an aborted transaction) answers the next statement.
+        count = await db.run(lambda conn: conn.execute("SELECT count(*) FROM rollback_probe").fetchone()[0])
+        assert count == 0
+        assert await db.run(backend_pid) == pid
+    finally:
+        await backend.close()
