@@ -371,3 +371,46 @@ async def test_a_failed_transaction_is_rolled_back_and_its_connection_serves_the
         assert await db.run(backend_pid) == pid
     finally:
         await backend.close()
+
+
+def _same_conn(conn: Conn) -> Conn:
+    time.sleep(0.2)  # keeps this connection busy, so a burst spreads over all of them
+    return conn
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_the_pool_closes_its_server_connections(pg_database: Database, tmp_path: Path) -> None:
+    backend = open_backend(pg_database, tmp_path, cp_min=2, cp_max=2)
+    db = pool(backend)
+    conns = {await d for d in [db.run(_same_conn), db.run(_same_conn)]}
+    assert len(conns) == 2
+    await threads.deferToThread(wait_for_connections, pg_database, 2)
+    await backend.close()
+    assert all(cast(PostgresConn, conn).raw.closed for conn in conns)
+    await threads.deferToThread(wait_for_connections, pg_database, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_one_connection_is_lost_the_others_are_closed_before_reconnecting(
+    pg_database: Database, tmp_path: Path
+) -> None:
+    backend = open_backend(pg_database, tmp_path, cp_min=2, cp_max=2)
+    db = pool(backend)
+
+    def too_slow(conn: Conn) -> None:
+        conn.execute("SET statement_timeout = '10ms'")
+        conn.execute("SELECT pg_sleep(5)")
+
+    try:
+        before = {await d for d in [db.run(_same_conn), db.run(_same_conn)]}
+        assert len(before) == 2
+        with pytest.raises(StorageUnavailableError):
+            await db.run(too_slow)
+        after = {await d for d in [db.run(_same_conn), db.run(_same_conn)]}
+        # Both threads reconnected, and the connections from before are closed, here and on
+        # the server (none left open until the pool closes).
+        assert len(after) == 2 and not after & before
+        assert all(cast(PostgresConn, conn).raw.closed for conn in before)
+        await threads.deferToThread(wait_for_connections, pg_database, 2)
+    finally:
+        await backend.close()
