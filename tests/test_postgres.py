@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import gc
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from login_token_module.db import Conn
 from login_token_module.errors import StorageUnavailableError
 from login_token_module.postgres import PostgresConn, PostgresDatabase, describe
 from login_token_module.stores import make_state
-from login_token_module.stores.sql import SqlBackend
+from login_token_module.stores.sql import STATE_SCHEMA, SqlBackend
 from tests.conftest import postgres_unavailable
 from tests.helpers import REACTOR
 from tests.pgcluster import Database, PostgresCluster, driver_missing_reason
@@ -414,3 +415,38 @@ async def test_after_one_connection_is_lost_the_others_are_closed_before_reconne
         await threads.deferToThread(wait_for_connections, pg_database, 2)
     finally:
         await backend.close()
+
+
+def test_start_up_names_the_real_reason_when_the_server_is_unreachable() -> None:
+    reason = driver_missing_reason()
+    if reason is not None:
+        postgres_unavailable(reason)
+    problem = postgres.start_up_problem(NOWHERE, {}, STATE_SCHEMA)
+    assert problem is not None
+    assert problem.startswith("cannot connect to PostgreSQL: ") and "Connection refused" in problem
+
+
+def test_start_up_names_the_real_reason_when_the_tables_cannot_be_made(pg_database: Database) -> None:
+    read_only = {"options": "-c default_transaction_read_only=on"}
+    problem = postgres.start_up_problem(pg_database.dsn, read_only, STATE_SCHEMA)
+    assert problem is not None
+    assert problem.startswith("cannot create the tables in PostgreSQL: ") and "read-only" in problem
+
+
+def test_start_up_refuses_a_database_written_by_a_newer_program(pg_database: Database) -> None:
+    assert postgres.start_up_problem(pg_database.dsn, {}, STATE_SCHEMA) is None
+    pg_database.cluster.query(
+        pg_database.name,
+        "UPDATE schema_versions SET version = version + 1 WHERE component = %s",
+        (STATE_SCHEMA.component,),
+    )
+    problem = postgres.start_up_problem(pg_database.dsn, {}, STATE_SCHEMA)
+    assert problem is not None
+    assert "newer than this program knows" in problem
+
+
+def test_start_up_without_psycopg2_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # ``import psycopg2`` now raises ImportError
+    problem = postgres.start_up_problem(NOWHERE, {}, STATE_SCHEMA)
+    assert problem is not None
+    assert "pip install 'login_token_module[postgres]'" in problem
