@@ -6,8 +6,9 @@ checked is what the pool promises: a server that goes away is a
 ``StorageUnavailableError`` (a 503 for the client) and changes nothing, the
 same pool serves again once the server is back with no restart, nothing is lost
 or spent twice, a statement's own error stays the caller's, one warning per
-outage says how many requests were refused, and work goes to the least busy
-connection.
+outage says how many requests were refused, work goes to the least busy
+connection, a failed transaction is rolled back, no server connection outlives
+the pool or a lost generation, and a start-up refusal names its real reason.
 """
 
 from __future__ import annotations
