@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 import pytest_twisted
@@ -36,20 +36,20 @@ from login_token_module.stores import make_state
 from login_token_module.stores.sql import STATE_SCHEMA, SqlBackend
 from tests.conftest import postgres_unavailable
 from tests.helpers import REACTOR
-from tests.pgcluster import Database, PostgresCluster, driver_missing_reason
+from tests.pgcluster import NOWHERE, Database, PostgresCluster, driver_missing_reason
 
+T = TypeVar("T")
 NOW = 1_700_000_000_000
 STORE = "login-token-store"  # the pool's name, as make_state gives it
 APPLICATION = "login_token_module"  # the pool's application_name, as make_state gives it
-# Port 1 on loopback: nothing listens there, so a connection is refused at once.
-NOWHERE = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"
 
 
 def _hash() -> bytes:
     return tokens.hash_token(tokens.generate_token())
 
 
-def open_backend(database: Database, tmp_path: Path, cp_min: int = 1, cp_max: int = 2) -> SqlBackend:
+def open_pg_backend(database: Database, tmp_path: Path, cp_min: int = 1, cp_max: int = 2) -> SqlBackend:
+    """A PostgreSQL state backend as make_state opens it (not the conftest fixture of every kind)."""
     config = StoreConfig(type="postgres", dsn=database.dsn, cp_min=cp_min, cp_max=cp_max)
     backend = make_state(config, REACTOR, str(tmp_path))
     assert isinstance(backend, SqlBackend)
@@ -125,7 +125,7 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     database = own_pg_cluster.create_database()
-    backend = open_backend(database, tmp_path, cp_min=1, cp_max=2)
+    backend = open_pg_backend(database, tmp_path, cp_min=1, cp_max=2)
     db = pool(backend)
     store = backend.tokens
     sessions = backend.uia_sessions(600)
@@ -135,7 +135,7 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
         await store.add_token(spent_before, "@alice:test", NOW + 60_000)
         assert await store.consume_token(spent_before, NOW) == "@alice:test"
         # Both connections open before the outage (two jobs at once take both).
-        assert len(set(await _both(db))) == 2
+        assert len(set(await _both(db, backend_pid))) == 2
 
         # One warning per outage however many requests fail (an hour apart at most here).
         monkeypatch.setattr(postgres, "WARN_EVERY_SECONDS", 60.0)
@@ -168,7 +168,7 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
 
         await threads.deferToThread(own_pg_cluster.start)
         # Back: the very next requests succeed on both connections, with no restart of ours.
-        assert len(set(await _both(db))) == 2
+        assert len(set(await _both(db, backend_pid))) == 2
         # Nothing issued or spent while it was down, nothing lost, nothing spent twice.
         assert await store.count_tokens() == 1
         assert await store.consume_token(kept, NOW) == "@alice:test"
@@ -182,10 +182,16 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
         await backend.close()
 
 
-async def _both(db: PostgresDatabase) -> list[int]:
-    """Two jobs at once (so on both connections); the server process each ran on."""
-    first, second = db.run(backend_pid), db.run(backend_pid)
+async def _both(db: PostgresDatabase, job: Callable[[Conn], T]) -> list[T]:
+    """``job`` twice at once (so on both connections); what each returned."""
+    first, second = db.run(job), db.run(job)
     return [await first, await second]
+
+
+def _too_slow(conn: Conn) -> None:
+    """A statement the server cancels: its timeout is far shorter than its sleep."""
+    conn.execute("SET statement_timeout = '10ms'")
+    conn.execute("SELECT pg_sleep(5)")
 
 
 @pytest_twisted.ensureDeferred
@@ -194,10 +200,10 @@ async def test_after_each_cut_every_connection_is_opened_afresh(
 ) -> None:
     """A connection another thread opened before a loss is never used after it: every
     request once the server is back succeeds the first time, after any number of losses."""
-    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=2)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=1, cp_max=2)
     db = pool(backend)
     try:
-        before = await _both(db)
+        before = await _both(db, backend_pid)
         assert len(set(before)) == 2
         for _ in range(3):
             await threads.deferToThread(cut_connections, pg_database)
@@ -205,7 +211,7 @@ async def test_after_each_cut_every_connection_is_opened_afresh(
             with pytest.raises(StorageUnavailableError):
                 await db.run(backend_pid)
             # ... yet both threads connect afresh for the next jobs, which succeed.
-            after = await _both(db)
+            after = await _both(db, backend_pid)
             assert len(set(after)) == 2 and not set(after) & set(before)
             before = after
     finally:
@@ -216,15 +222,14 @@ async def test_after_each_cut_every_connection_is_opened_afresh(
 async def test_a_statement_the_server_cancels_is_unavailable_and_its_connection_closed(
     pg_database: Database, tmp_path: Path
 ) -> None:
-    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
     db = pool(backend)
     used: list[PostgresConn] = []
 
     def too_slow(conn: Conn) -> None:
         assert isinstance(conn, PostgresConn)
         used.append(conn)
-        conn.execute("SET statement_timeout = '10ms'")
-        conn.execute("SELECT pg_sleep(5)")
+        _too_slow(conn)
 
     try:
         with pytest.raises(StorageUnavailableError) as refused:
@@ -244,7 +249,7 @@ async def test_a_statements_own_error_is_the_callers_and_keeps_the_connection(
 ) -> None:
     import psycopg2  # only where PostgreSQL is (pg_database skips or fails without it)
 
-    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
     db = pool(backend)
     try:
         pid = await db.run(backend_pid)
@@ -263,7 +268,7 @@ async def test_a_statements_own_error_is_the_callers_and_keeps_the_connection(
 
 @pytest_twisted.ensureDeferred
 async def test_work_goes_to_the_least_busy_connection(pg_database: Database, tmp_path: Path) -> None:
-    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=3)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=1, cp_max=3)
     db = pool(backend)
     try:
         # Light load (one job at a time): one connection does everything.
@@ -289,7 +294,7 @@ def _pair(conn: Conn, a: int, *, b: int) -> tuple[int, int]:
 async def test_cp_min_connections_are_opened_before_any_request(
     pg_database: Database, tmp_path: Path
 ) -> None:
-    backend = open_backend(pg_database, tmp_path, cp_min=2, cp_max=3)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=2, cp_max=3)
     try:
         # The server lists two of the pool's connections with no request made (and not three).
         await threads.deferToThread(wait_for_connections, pg_database, 2)
@@ -354,7 +359,7 @@ async def test_a_failed_transaction_is_rolled_back_and_its_connection_serves_the
 ) -> None:
     import psycopg2
 
-    backend = open_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=1, cp_max=1)
     db = pool(backend)
 
     def half_then_fail(conn: Conn) -> None:
@@ -382,9 +387,9 @@ def _same_conn(conn: Conn) -> Conn:
 
 @pytest_twisted.ensureDeferred
 async def test_closing_the_pool_closes_its_server_connections(pg_database: Database, tmp_path: Path) -> None:
-    backend = open_backend(pg_database, tmp_path, cp_min=2, cp_max=2)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=2, cp_max=2)
     db = pool(backend)
-    conns = {await d for d in [db.run(_same_conn), db.run(_same_conn)]}
+    conns = set(await _both(db, _same_conn))
     assert len(conns) == 2
     await threads.deferToThread(wait_for_connections, pg_database, 2)
     await backend.close()
@@ -396,19 +401,14 @@ async def test_closing_the_pool_closes_its_server_connections(pg_database: Datab
 async def test_after_one_connection_is_lost_the_others_are_closed_before_reconnecting(
     pg_database: Database, tmp_path: Path
 ) -> None:
-    backend = open_backend(pg_database, tmp_path, cp_min=2, cp_max=2)
+    backend = open_pg_backend(pg_database, tmp_path, cp_min=2, cp_max=2)
     db = pool(backend)
-
-    def too_slow(conn: Conn) -> None:
-        conn.execute("SET statement_timeout = '10ms'")
-        conn.execute("SELECT pg_sleep(5)")
-
     try:
-        before = {await d for d in [db.run(_same_conn), db.run(_same_conn)]}
+        before = set(await _both(db, _same_conn))
         assert len(before) == 2
         with pytest.raises(StorageUnavailableError):
-            await db.run(too_slow)
-        after = {await d for d in [db.run(_same_conn), db.run(_same_conn)]}
+            await db.run(_too_slow)
+        after = set(await _both(db, _same_conn))
         # Both threads reconnected, and the connections from before are closed, here and on
         # the server (none left open until the pool closes).
         assert len(after) == 2 and not after & before
