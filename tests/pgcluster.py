@@ -36,6 +36,11 @@ _NAMES = itertools.count(1)
 FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
+# A PostgreSQL that is not there: nothing listens on port 1 of loopback, so a
+# connection is refused at once.
+NOWHERE = "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"
+
+
 class ClusterUnavailableError(Exception):
     """PostgreSQL cannot be started here; the message says why and what to install."""
 

@@ -21,7 +21,7 @@ from login_token_module.stores import StateBackend, make_state
 from login_token_module.uia import MAX_SESSIONS_PER_USER
 from tests.conftest import BackendFactory
 from tests.helpers import REACTOR
-from tests.pgcluster import Database
+from tests.pgcluster import NOWHERE, Database
 
 T0 = 1_700_000_000.0
 LIFETIME = 300.0
@@ -277,8 +277,7 @@ async def test_a_sqlite_file_is_shared_state_under_workers(tmp_path: Path) -> No
 
 
 def test_an_unreachable_postgres_is_refused_at_start_up_naming_the_dsn(tmp_path: Path) -> None:
-    # Port 1 on loopback: nothing listens there, so the connection is refused at once.
-    store = StoreConfig(type="postgres", dsn="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    store = StoreConfig(type="postgres", dsn=NOWHERE)
     with pytest.raises(ConfigError) as refused:
         make_state(store, REACTOR, str(tmp_path))
     assert refused.value.path == ["store", "dsn"]
