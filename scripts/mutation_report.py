@@ -57,16 +57,10 @@ def target_files() -> list[str]:
     return list(config["only_mutate"])
 
 
-def accepted_mutants() -> set[str]:
-    if not ACCEPTED_DOC.exists():
-        return set()
-    return set(MUTANT_NAME.findall(ACCEPTED_DOC.read_text()))
-
-
-def elsewhere_prefixes() -> tuple[str, ...]:
-    if not ACCEPTED_DOC.exists():
-        return ()
-    return tuple(ELSEWHERE_GLOB.findall(ACCEPTED_DOC.read_text()))
+def read_accepted_doc() -> tuple[set[str], tuple[str, ...]]:
+    """The accepted mutants' names, and the "elsewhere" globs' prefixes, from docs/mutation.md."""
+    text = ACCEPTED_DOC.read_text() if ACCEPTED_DOC.exists() else ""
+    return set(MUTANT_NAME.findall(text)), tuple(ELSEWHERE_GLOB.findall(text))
 
 
 def load_results(path: str) -> dict[str, str]:
@@ -86,8 +80,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the per-file numbers to this file")
     args = parser.parse_args()
 
-    accepted = accepted_mutants()
-    elsewhere_prefix = elsewhere_prefixes()
+    accepted, elsewhere_prefix = read_accepted_doc()
     rows: list[dict[str, object]] = []
     new_survivors: list[tuple[str, str]] = []
     seen_survivors: set[str] = set()
