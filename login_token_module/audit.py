@@ -18,6 +18,8 @@ import json
 import logging
 from typing import Any
 
+from login_token_module.safe_text import logfmt_value
+
 AUDIT_LOGGER = "login_token_module.audit"
 FINGERPRINT_HEX_DIGITS = 8
 
@@ -51,7 +53,8 @@ def record(event: str, outcome: str, **fields: Any) -> None:
     data.update(fields)
     data["event"] = event
     data["outcome"] = outcome
-    text = " ".join(f"{key}={'-' if value is None else value}" for key, value in data.items())
+    # Quoted and escaped where needed (a device id is the client's choice): one event, one line.
+    text = " ".join(f"{key}={logfmt_value(value)}" for key, value in data.items())
     logger.info("login token %s", text, extra={"audit": data})
 
 

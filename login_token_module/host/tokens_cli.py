@@ -20,6 +20,7 @@ from login_token_module.config import ConfigError, LoginTokenConfig, parse_confi
 from login_token_module.db import Conn
 from login_token_module.host.config import HomeserverConfig
 from login_token_module.metrics import metrics
+from login_token_module.safe_text import escaped
 from login_token_module.stores import TokenInfo, resolve_sqlite_path
 from login_token_module.stores import sql as token_sql
 
@@ -87,6 +88,9 @@ def when(ms: int | None) -> str:
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    # Device ids are the clients' choice: control characters are shown escaped, never
+    # written to the operator's terminal, so one token is always one row.
+    rows = [tuple(escaped(cell) for cell in row) for row in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
