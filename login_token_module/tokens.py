@@ -47,7 +47,10 @@ def is_well_formed(token: str) -> bool:
     body, sep, checksum = token.rpartition("_")
     if sep != "_" or len(checksum) != _CHECKSUM_LEN:
         return False
-    if any(char not in _INDEX for char in body[len(PREFIX) :]):
+    # Every character base62, the checksum's too: compare_digest takes ASCII text only.
+    if any(char not in _INDEX for char in body[len(PREFIX) :]) or any(
+        char not in _INDEX for char in checksum
+    ):
         return False
     return secrets.compare_digest(checksum, _checksum(body))
 
