@@ -43,6 +43,18 @@ class StorageUnavailableError(Exception):
     """
 
 
+class ServerBusyError(Exception):
+    """Expensive work (a password check) was refused because its queue is full.
+
+    Answered at once as 429 ``M_LIMIT_EXCEEDED`` with ``retry_after_ms``, rather
+    than making the request wait behind everyone else's (an attacker's) work.
+    """
+
+    def __init__(self, retry_after_ms: int = 1000) -> None:
+        super().__init__("too much work queued")
+        self.retry_after_ms = retry_after_ms
+
+
 def storage_unavailable() -> MatrixError:
     return MatrixError(
         503,
@@ -71,14 +83,14 @@ class Codes:
     INVALID_USERNAME = "M_INVALID_USERNAME"
 
 
-def rate_limited(retry_after_ms: int) -> MatrixError:
+def rate_limited(retry_after_ms: int, message: str = "Too many requests") -> MatrixError:
     """A 429 with both the body field and the HTTP header clients look for."""
     retry_after_ms = max(0, int(retry_after_ms))
     seconds = max(1, -(-retry_after_ms // 1000))
     return MatrixError(
         429,
         Codes.LIMIT_EXCEEDED,
-        "Too many requests",
+        message,
         extra={"retry_after_ms": retry_after_ms},
         headers={"Retry-After": str(seconds)},
     )

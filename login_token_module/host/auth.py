@@ -11,6 +11,7 @@ from login_token_module.api import Requester
 from login_token_module.db import Database
 from login_token_module.errors import Codes, MatrixError
 from login_token_module.host import database
+from login_token_module.http import is_clean
 
 ACCESS_TOKEN_PREFIX = "mat_"
 
@@ -30,12 +31,18 @@ def access_token_from_request(request: Request) -> str | None:
         scheme, _, token = raw.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise MatrixError(401, Codes.MISSING_TOKEN, "Authorization header must be 'Bearer <token>'")
-        return token.strip()
+        return _checked(token.strip())
     values = (request.args or {}).get(b"access_token")
     if values:
         first: bytes = values[0]
-        return first.decode("utf-8", "replace")
+        return _checked(first.decode("utf-8", "replace"))
     return None
+
+
+def _checked(token: str) -> str:
+    if not is_clean(token):
+        raise MatrixError(400, Codes.INVALID_PARAM, "The access token holds a character not allowed (NUL)")
+    return token
 
 
 async def get_user_by_req(db: Database, request: Request) -> Requester:
