@@ -77,6 +77,14 @@ class HomeserverConfig:
     rc_login: RcLoginConfig = field(default_factory=RcLoginConfig)
     # A Python logging config (YAML, logging.config.dictConfig's shape), as Synapse's log_config.
     log_config: str | None = None
+    # A request must arrive whole (headers and body) within this, and an idle
+    # keep-alive connection is closed after it: a client that sends slowly, or not
+    # at all, cannot hold a connection (and a file descriptor) for long.
+    request_timeout_ms: int = 60_000
+    # Threads that run bcrypt (None: the cores less one, at least one), and how many
+    # password checks may wait for one before a request is refused with 429.
+    bcrypt_threads: int | None = None
+    bcrypt_max_queued: int = 16
 
     @property
     def database_path(self) -> str:
@@ -217,6 +225,9 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
             "max_request_body_size",
             "rc_login",
             "log_config",
+            "request_timeout_ms",
+            "bcrypt_threads",
+            "bcrypt_max_queued",
         },
         [],
     )
@@ -248,6 +259,15 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
         ),
         rc_login=_rc_login(raw.get("rc_login")),
         log_config=log_config,
+        request_timeout_ms=whole_number(
+            raw.get("request_timeout_ms", 60_000), ["request_timeout_ms"], 1_000, 3_600_000
+        ),
+        bcrypt_threads=(
+            None
+            if raw.get("bcrypt_threads") is None
+            else whole_number(raw.get("bcrypt_threads"), ["bcrypt_threads"], 1, 256)
+        ),
+        bcrypt_max_queued=whole_number(raw.get("bcrypt_max_queued", 16), ["bcrypt_max_queued"], 0, 100_000),
     )
 
 

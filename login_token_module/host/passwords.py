@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import bcrypt
 
-from login_token_module.threads import WorkerPool
+from login_token_module.threads import BoundedQueue, WorkerPool
 
 T = TypeVar("T")
 
@@ -43,15 +43,33 @@ def default_hashing_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+# Password checks allowed to wait for a bcrypt thread. At 12 rounds (about 0.25 s a
+# check on one core) 16 waiting is about 4 s of work: beyond it a request is refused
+# at once (429) instead of joining a queue an attacker keeps full.
+DEFAULT_MAX_QUEUED = 16
+
+
 class PasswordHasher:
-    def __init__(self, reactor: Any, rounds: int, threads: int | None = None) -> None:
+    """bcrypt in a bounded pool with a bounded queue.
+
+    ``threads`` run bcrypt; ``max_queued`` more may wait for one. A check beyond
+    that raises ServerBusyError at once, so a flood of password checks costs its
+    sender a 429 and everyone else nothing more than the queue's bounded wait.
+    """
+
+    def __init__(
+        self, reactor: Any, rounds: int, threads: int | None = None, max_queued: int = DEFAULT_MAX_QUEUED
+    ) -> None:
         self._reactor = reactor
         self._rounds = rounds
-        self._pool = WorkerPool(reactor, "bcrypt", maxthreads=threads or default_hashing_threads())
+        self.threads = threads or default_hashing_threads()
+        self.max_queued = max_queued
+        self._pool = WorkerPool(reactor, "bcrypt", maxthreads=self.threads)
+        self.queue = BoundedQueue(self.threads + max_queued)
         self._dummy_hash: str | None = None
 
     async def _in_pool(self, func: Callable[..., T], *args: Any) -> T:
-        return await self._pool.run(func, *args)
+        return await self.queue.run(lambda: self._pool.run(func, *args))
 
     async def hash(self, password: str) -> str:
         return await self._in_pool(hash_password_sync, password, self._rounds)

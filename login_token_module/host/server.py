@@ -13,7 +13,10 @@ from typing import Any
 
 from twisted.internet import address, defer
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -24,7 +27,8 @@ from login_token_module.host.database import RATELIMIT_TABLE, open_database
 from login_token_module.host.module_api import HostModuleApi, ModuleRegistry, awaited
 from login_token_module.host.passwords import PasswordHasher
 from login_token_module.host.resources import host_resources
-from login_token_module.http import render_unrecognized, respond_json
+from login_token_module.http import render_unrecognized, respond_json, set_route
+from login_token_module.safe_text import printable
 from login_token_module.stores import RateLimitStore
 from login_token_module.stores.memory import MemoryRateLimitStore
 from login_token_module.stores.sql import SqlRateLimitStore
@@ -37,17 +41,24 @@ access_logger = logging.getLogger("login_token_module.access")
 
 
 class PathNode(Resource):
-    """A segment of the URL tree: 404 ``M_UNRECOGNIZED`` for anything not below it."""
+    """A segment of the URL tree: 404 ``M_UNRECOGNIZED`` for anything not below it.
+
+    A node that serves a resource knows the path it was registered under, and
+    tells the request (the request's own spelling, ``%76ersions`` or ``//``,
+    may differ): metrics are labelled with that path, one of a fixed set.
+    """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.own: IResource | None = None
+        self.route = ""
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         return _UNRECOGNIZED
 
     def render(self, request: Request) -> Any:
         if self.own is not None:
+            set_route(request, self.route)
             return self.own.render(request)
         return render_unrecognized(request)
 
@@ -74,6 +85,7 @@ def build_tree(resources: dict[str, IResource]) -> PathNode:
             assert isinstance(child, PathNode)
             node = child
         node.own = resource
+        node.route = path
     return root
 
 
@@ -146,18 +158,66 @@ def forwarded_for(headers: Sequence[bytes] | None) -> str | None:
         return None
 
 
+class HostChannel(HTTPChannel):
+    """An HTTP/1.1 connection that must deliver each request whole within ``request_timeout``.
+
+    Twisted's own idle timeout restarts with every byte received, so a client that
+    sends one header line a minute, or a body a byte at a time, would hold the
+    connection (and a file descriptor) for ever. Here a deadline starts with a
+    request's first line and ends when its body is complete; a request still
+    arriving at the deadline is dropped. Between requests the idle timeout (the
+    site's ``timeout``, the same figure) closes a connection nobody uses.
+    """
+
+    request_timeout = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._read_deadline: Any = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._read_deadline is None and not self._handlingRequest:
+            self._read_deadline = self.callLater(  # type: ignore[no-untyped-call]
+                self.request_timeout, self._request_too_slow
+            )
+        super().lineReceived(line)  # type: ignore[no-untyped-call]
+
+    def allContentReceived(self) -> None:
+        self._cancel_read_deadline()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_read_deadline()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _cancel_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            if self._read_deadline.active():
+                self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _request_too_slow(self) -> None:
+        self._read_deadline = None
+        logger.info("Dropping a connection whose request did not arrive within %.0f s", self.request_timeout)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
 class HostSite(Site):
     """A Site whose access log never shows query strings (they can hold access tokens)."""
+
+    protocol = HostChannel  # type: ignore[assignment]
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         started = getattr(request, "started_at", None)
         took = f" {1000 * (time.monotonic() - started):.1f}ms" if started is not None else ""
         client = request.getClientAddress()
+        # Method and path are the client's text: escaped and cut, so a log line is one line.
         access_logger.info(
             "%s %s %s %d%s",
             getattr(client, "host", "-"),
-            request.method.decode("ascii", "replace"),
-            request.path.decode("ascii", "replace"),
+            printable(request.method, 16),
+            printable(request.path),
             request.code,
             took,
         )
@@ -221,7 +281,9 @@ class Homeserver:
                 "':memory:' cannot be shared by several worker processes; use a file or PostgreSQL",
             )
         self.db = open_database(config.database, reactor)
-        self.hasher = PasswordHasher(reactor, config.bcrypt_rounds)
+        self.hasher = PasswordHasher(
+            reactor, config.bcrypt_rounds, config.bcrypt_threads, config.bcrypt_max_queued
+        )
         # rc_login buckets: in the database when other processes serve this homeserver
         # too (workers, or PostgreSQL shared by machines), so they count together.
         shared = workers > 1 or config.database.name == "psycopg2"
@@ -292,8 +354,17 @@ class Homeserver:
             resources[path] = resource
         # Only JSON is spoken here: skip Twisted's form-body parsing, which costs
         # a Content-Type parse per POST and would consume a form body's bytes.
-        site = HostSite(build_tree(resources), parsePOSTFormSubmission=False)  # type: ignore[no-untyped-call]
+        timeout = self.config.request_timeout_ms / 1000
+        site = HostSite(  # type: ignore[no-untyped-call]
+            build_tree(resources), parsePOSTFormSubmission=False, timeout=timeout, reactor=self.reactor
+        )
         max_body_size = self.config.max_request_body_size
+
+        class BoundHostChannel(HostChannel):
+            pass
+
+        BoundHostChannel.request_timeout = timeout
+        site.protocol = BoundHostChannel
 
         class BoundHostRequest(HostRequest):
             pass

@@ -38,10 +38,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.config import ConfigError
 from login_token_module.errors import Codes, MatrixError
-from login_token_module.http import Handler, JsonResource
+from login_token_module.http import Handler, JsonResource, set_route
 from login_token_module.synapse import synapse_path
 from login_token_module.synapse.passwords import check_password, select_password_hash
-from login_token_module.synapse.tokens import invalidate_unused_tokens
+from login_token_module.synapse.tokens import device_signed_in, invalidate_unused_tokens
+from login_token_module.threads import BoundedQueue
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,10 @@ class SynapseSettings:
             )
 
 
+# Synapse's default thread pool (10) plus a queue as the reference host's (16).
+SYNAPSE_MAX_PASSWORD_CHECKS = 26
+
+
 class SynapseModuleApi:
     """This project's ModuleApi, on top of Synapse's."""
 
@@ -127,6 +132,10 @@ class SynapseModuleApi:
 
         # Synapse runs on Twisted's global reactor.
         self._reactor: Any = reactor
+        # bcrypt runs in Synapse's thread pool (10 threads unless configured); at most
+        # this many password checks of the module's run or wait there at once, beyond
+        # which get_token answers 429 at once rather than queueing behind a flood.
+        self._bcrypt = BoundedQueue(SYNAPSE_MAX_PASSWORD_CHECKS)
 
     @property
     def server_name(self) -> str:
@@ -159,7 +168,7 @@ class SynapseModuleApi:
     def register_web_resource(self, path: str, resource: IResource) -> None:
         served: IResource = resource
         if isinstance(resource, JsonResource):
-            served = SynapseJsonResource(resource)
+            served = SynapseJsonResource(resource, path)
         self._api.register_web_resource(synapse_path(path), served)
 
     async def get_user_by_req(self, req: Request) -> Requester:
@@ -168,6 +177,13 @@ class SynapseModuleApi:
         except SynapseError as error:
             raise _matrix_error(error) from None
         return Requester(user_id=requester.user.to_string(), device_id=requester.device_id)
+
+    async def is_device_signed_in(self, user_id: str, device_id: str) -> bool:
+        return bool(
+            await self._api.run_db_interaction(
+                "login_token_module_device_signed_in", device_signed_in, user_id, device_id
+            )
+        )
 
     async def invalidate_login_tokens(self, user_id: str, token_hashes: Collection[bytes]) -> list[bytes]:
         return list(
@@ -200,7 +216,11 @@ class SynapseModuleApi:
         if stored_hash is None:
             raise MatrixError(403, Codes.FORBIDDEN, NO_PASSWORD_ERROR)
         return bool(
-            await self._api.defer_to_thread(check_password, password, self._settings.pepper, stored_hash)
+            await self._bcrypt.run(
+                lambda: self._api.defer_to_thread(
+                    check_password, password, self._settings.pepper, stored_hash
+                )
+            )
         )
 
     def add_login_flow_fields(self, login_type: str, fields: JsonDict) -> None:
@@ -269,11 +289,14 @@ class SynapseJsonResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: JsonResource) -> None:
+    def __init__(self, inner: JsonResource, route: str) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._inner = inner
+        # The module's path (the spec's), the metric label for every request served here.
+        self._route = route
 
     def render(self, request: Request) -> Any:
+        set_route(request, self._route)
         handler = self._inner.route(request)
         if handler is not None:
             run_in_background(self._serve, handler, request)

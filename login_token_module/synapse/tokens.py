@@ -30,3 +30,12 @@ def invalidate_unused_tokens(
             txn.execute("DELETE FROM login_tokens WHERE token = ? AND used_ts IS NULL", (token,))
             found.append(token_hash)
     return found
+
+
+def device_signed_in(txn: Any, user_id: str, device_id: str) -> bool:
+    """Whether the device holds an access token in Synapse's database (a logout deletes
+    them before it tells modules), in a Synapse database transaction."""
+    txn.execute(
+        "SELECT 1 FROM access_tokens WHERE user_id = ? AND device_id = ? LIMIT 1", (user_id, device_id)
+    )
+    return txn.fetchone() is not None
