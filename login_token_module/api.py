@@ -98,6 +98,10 @@ class ModuleApi(Protocol):
     async def get_user_by_req(self, req: Request) -> Requester:
         """The access token's owner; raises MatrixError 401 (M_MISSING_TOKEN / M_UNKNOWN_TOKEN)."""
 
+    async def is_device_signed_in(self, user_id: str, device_id: str) -> bool:
+        """Whether the device still holds an access token: false once it has logged out.
+        Read from the database that logout writes, never from a cache."""
+
     async def invalidate_login_tokens(self, user_id: str, token_hashes: Collection[bytes]) -> list[bytes]:
         """Make the user's unused host login tokens whose SHA-256 is among ``token_hashes``
         unusable; returns the hashes of those it found. Called only when

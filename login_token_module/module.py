@@ -20,7 +20,7 @@ from login_token_module.config import ConfigError, LoginTokenConfig, parse_confi
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.http import JsonResource, client_address, parse_json_object
 from login_token_module.metrics import metrics, timed
-from login_token_module.stores import StateBackend, TokenInfo, TokenStore, make_state
+from login_token_module.stores import StateBackend, TokenInfo, TokenSpend, TokenStore, make_state
 from login_token_module.stores.memory import MemoryBackend, MemoryTokenStore
 from login_token_module.synapse import as_module_api
 from login_token_module.uia import UiaSession
@@ -95,6 +95,10 @@ class LoginTokenModule:
         api.looping_background_call(self.sweep, config.sweep_interval_ms)
         api.register_shutdown_callback(self.state.close)
 
+    @property
+    def revokes_on_logout(self) -> bool:
+        return self._config.revoke_on_logout
+
     @staticmethod
     def parse_config(config: dict[str, Any]) -> LoginTokenConfig:
         return parse_config(config)
@@ -105,13 +109,26 @@ class LoginTokenModule:
     # -- issuing -----------------------------------------------------------
 
     async def issue_token(
-        self, requester: Requester, body: JsonDict, endpoint: str, address: str | None = None
+        self,
+        requester: Requester,
+        body: JsonDict,
+        endpoint: str,
+        address: str | None = None,
+        still_signed_in: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[str, int]:
-        """Run UIA and the rate limit for one get_token request; mint on success."""
-        session_id = None
-        if self._config.require_ui_auth:
-            session_id = await self._authenticate(requester, body, endpoint)
+        """Run UIA and the rate limit for one get_token request; mint on success.
+
+        Admit, then work: everything the request says is checked first (cheap), then
+        the user's get_token allowance is reserved, and only then is the password
+        checked (bcrypt) and the session spent. Whatever fails after the reservation
+        gives it back, so a wrong password or an outage costs the user nothing but
+        the failed attempt. ``still_signed_in``: asked after minting; if the device
+        that asked has logged out meanwhile, the new token is revoked at once.
+        """
         user_id = requester.user_id
+        password = session_id = None
+        if self._config.require_ui_auth:
+            session_id, password = await self._read_auth(requester, body, endpoint)
         # Each step below is atomic in the state backend (one statement in a
         # database, or no await in memory), so requests racing on one
         # completed session, on one worker or several, mint one token at most.
@@ -122,25 +139,24 @@ class LoginTokenModule:
             self.metrics.ratelimited.labels("get_token").inc()
             raise rate_limited(retry_after)
         session = None
-        if session_id is not None:
-            try:
-                session = await timed("uia_spend", self._uia.spend(session_id))
-            except Exception:
-                await self._give_back(user_id, None)
-                raise
-            if session is None:
-                await self._give_back(user_id, None)
-                raise await self._challenge(
-                    requester, endpoint, now, error="This session has already been used; start again"
-                )
-        lifetime = self._config.token_lifetime_ms
         try:
+            if password is not None:
+                await self._check_password(requester, endpoint, session_id, password)
+            if session_id is not None:
+                session = await timed("uia_spend", self._uia.spend(session_id))
+                if session is None:
+                    raise await self._challenge(
+                        requester, endpoint, now, error="This session has already been used; start again"
+                    )
+            lifetime = self._config.token_lifetime_ms
             token = await self._mint(user_id, requester.device_id, now, lifetime)
-        except Exception:
+        except BaseException:
             # Nothing was issued: give back what this request spent, so the
-            # user can retry the same session once the store recovers.
+            # user can retry (the same session, if the store failed) at once.
             await self._give_back(user_id, session)
             raise
+        if still_signed_in is not None:
+            await self._unless_logged_out(user_id, token, still_signed_in)
         self.metrics.tokens_issued.inc()
         audit.record(
             "issue",
@@ -151,6 +167,39 @@ class LoginTokenModule:
             token_fingerprint=audit.fingerprint(token),
         )
         return token, lifetime
+
+    async def _unless_logged_out(
+        self, user_id: str, token: str, still_signed_in: Callable[[], Awaitable[bool]]
+    ) -> None:
+        """Revoke ``token`` and answer 401 if the device that asked for it logged out
+        while it was being minted.
+
+        A logout removes the access token first and revokes the device's tokens after.
+        A token stored before the removal is caught by that revocation; one stored after
+        it finds the access token gone here. Either way it never signs a device in.
+        """
+        try:
+            signed_in = await still_signed_in()
+        except BaseException:
+            await self._revoke_one(user_id, tokens.hash_token(token))
+            raise
+        if not signed_in:
+            await self._revoke_one(user_id, tokens.hash_token(token))
+            raise MatrixError(
+                401,
+                Codes.UNKNOWN_TOKEN,
+                "This device logged out; no token was issued",
+                extra={"soft_logout": False},
+            )
+
+    async def _revoke_one(self, user_id: str, token_hash: bytes) -> None:
+        now_ms = int(self._now() * 1000)
+        if self._host_tokens:
+            revoked = await self.minted.revoke_fingerprint(token_hash.hex(), now_ms)
+            await timed("revoke", self.api.invalidate_login_tokens(user_id, [token_hash]))
+        else:
+            revoked = await timed("revoke", self.store.revoke_fingerprint(token_hash.hex(), now_ms))
+        self.record_revoked(revoked, "logout")
 
     async def _mint(self, user_id: str, device_id: str | None, now: float, lifetime_ms: int) -> str:
         """A new token for ``user_id``: the host's, or one of ours; either way its hash is
@@ -180,15 +229,15 @@ class LoginTokenModule:
         return token
 
     async def _give_back(self, user_id: str, session: UiaSession | None) -> None:
-        """Undo a request's rate-limit action (and session spend); best effort.
+        """Undo a request's get_token allowance (and session spend); best effort.
 
         If the backend is down too, the action stays counted until it drains and
         the session is gone: the client is told to try again, nothing is issued.
         """
         try:
-            await self._ratelimiter.refund(user_id, self._now())
+            await timed("ratelimit_refund", self._ratelimiter.refund(user_id, self._now()))
             if session is not None:
-                await self._uia.restore(session)
+                await timed("uia_restore", self._uia.restore(session))
         except Exception as error:
             logger.warning("Could not give back a failed get_token's allowance or session: %s", error)
 
@@ -217,11 +266,12 @@ class LoginTokenModule:
             return _ChallengeError(extra)
         return _ChallengeError(extra, errcode=errcode, error=error)
 
-    async def _authenticate(self, requester: Requester, body: JsonDict, endpoint: str) -> str | None:
-        """Check the ``auth`` dict; raises 401/4xx unless the password is right.
+    async def _read_auth(self, requester: Requester, body: JsonDict, endpoint: str) -> tuple[str | None, str]:
+        """Check the ``auth`` dict's shape and session (cheap: no password is checked
+        here); raises the 401 challenge or a 4xx unless it offers a password to check.
 
-        Returns the session to spend, or None for credentials sent without a
-        session (a one-shot prompt, proven in this request: nothing to spend).
+        Returns the session to spend (None for credentials sent without a session: a
+        one-shot prompt, proven in this request, nothing to spend) and the password.
         """
         now = self._now()
         auth = body.get("auth")
@@ -266,19 +316,39 @@ class LoginTokenModule:
                 session_id=session_id,
                 error="You can only confirm your own account",
             )
+        return session_id, password
 
+    async def _check_password(
+        self, requester: Requester, endpoint: str, session_id: str | None, password: str
+    ) -> None:
+        """Raise 401 (with the same session) unless ``password`` is the user's.
+
+        A failed attempt is reserved before bcrypt runs, so racing wrong passwords
+        cannot all be checked; it is given back when the password is right, or when
+        the check itself could not run.
+        """
         user_id = requester.user_id
-        retry_after = await timed("ratelimit_check", self._failed_auth.check(user_id, now))
+        retry_after = await timed("failed_auth_acquire", self._failed_auth.acquire(user_id, self._now()))
         if retry_after is not None:
             self.metrics.ratelimited.labels("get_token_failed_auth").inc()
             raise rate_limited(retry_after)
-        if not await self.api.check_user_password(user_id, password):
-            await timed("ratelimit_record", self._failed_auth.record(user_id, self._now()))
+        try:
+            right = await self.api.check_user_password(user_id, password)
+        except BaseException:
+            await self._give_back_failed_attempt(user_id)
+            raise
+        if not right:
             self.metrics.uia_failures.labels("password").inc()
             raise await self._challenge(
                 requester, endpoint, self._now(), session_id=session_id, error="Invalid password"
             )
-        return session_id
+        await self._give_back_failed_attempt(user_id)
+
+    async def _give_back_failed_attempt(self, user_id: str) -> None:
+        try:
+            await timed("failed_auth_refund", self._failed_auth.refund(user_id, self._now()))
+        except Exception as error:
+            logger.warning("Could not give back a failed-password allowance: %s", error)
 
     def _named_user(self, auth: JsonDict) -> str | None:
         """The user an auth dict names through ``identifier`` or legacy ``user``, if any."""
@@ -324,24 +394,7 @@ class LoginTokenModule:
         if spend.outcome != "spent" or spend.user_id is None:
             self._refused(spend.outcome, spend.user_id, spend.minted_by_device, address, fingerprint)
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid or expired login token, or already used")
-        self.metrics.tokens_spent.inc()
-        user_id, minted_by = spend.user_id, spend.minted_by_device
-
-        async def signed_in(response: JsonDict) -> None:
-            new_device = response.get("device_id")
-            if isinstance(new_device, str):
-                await timed("record_new_device", self.store.record_new_device(token_hash, new_device))
-            audit.record(
-                "spend",
-                "spent",
-                user_id=user_id,
-                minted_by_device=minted_by,
-                new_device_id=new_device,
-                client_address=address,
-                token_fingerprint=fingerprint,
-            )
-
-        return user_id, signed_in
+        return spend.user_id, _SignedIn(self, token_hash, spend, fingerprint, address)
 
     def _refused(
         self,
@@ -420,6 +473,57 @@ class LoginTokenModule:
             logger.debug("Swept %d expired login tokens", removed)
 
 
+class _SignedIn:
+    """What the host calls once the login that spent a token has its new device, or,
+    if the device could not be created, :meth:`abandon`: the token is given back, so a
+    login that failed never costs the user the token."""
+
+    def __init__(
+        self,
+        module: LoginTokenModule,
+        token_hash: bytes,
+        spend: TokenSpend,
+        fingerprint: str,
+        address: str | None,
+    ) -> None:
+        self._module = module
+        self._token_hash = token_hash
+        self._spend = spend
+        self._fingerprint = fingerprint
+        self._address = address
+
+    async def __call__(self, response: JsonDict) -> None:
+        """Record the device in the token's history and write the spend's audit record."""
+        self._module.metrics.tokens_spent.inc()
+        new_device = response.get("device_id")
+        if isinstance(new_device, str):
+            await timed(
+                "record_new_device", self._module.store.record_new_device(self._token_hash, new_device)
+            )
+        audit.record(
+            "spend",
+            "spent",
+            user_id=self._spend.user_id,
+            minted_by_device=self._spend.minted_by_device,
+            new_device_id=new_device,
+            client_address=self._address,
+            token_fingerprint=self._fingerprint,
+        )
+
+    async def abandon(self) -> None:
+        """Make the token live again (unless revoked since), until its own expiry."""
+        module = self._module
+        restored = await timed("unspend_token", module.store.unspend_token(self._token_hash, self._spend))
+        audit.record(
+            "spend",
+            "given_back" if restored else "lost",
+            user_id=self._spend.user_id,
+            minted_by_device=self._spend.minted_by_device,
+            client_address=self._address,
+            token_fingerprint=self._fingerprint,
+        )
+
+
 class _ChallengeError(MatrixError):
     """A UIA 401: the auth flows, plus an errcode only when a stage failed."""
 
@@ -442,10 +546,22 @@ class GetTokenResource(JsonResource):
         self._revision = revision
 
     async def on_POST(self, request: Request) -> tuple[int, JsonDict]:
-        requester = await self._module.api.get_user_by_req(request)
+        api = self._module.api
+        requester = await api.get_user_by_req(request)
         body = parse_json_object(request, allow_empty=True)
+        device_id = requester.device_id
+
+        async def still_signed_in() -> bool:
+            assert device_id is not None
+            return await api.is_device_signed_in(requester.user_id, device_id)
+
         token, lifetime_ms = await self._module.issue_token(
-            requester, body, self._path, client_address(request)
+            requester,
+            body,
+            self._path,
+            client_address(request),
+            # Only where a logout revokes tokens does a logout racing the mint revoke this one.
+            still_signed_in if self._module.revokes_on_logout and device_id is not None else None,
         )
         response: JsonDict = {"login_token": token, "expires_in_ms": lifetime_ms}
         if self._revision == 0:

@@ -152,6 +152,13 @@ def get_access_token_owner(conn: Conn, token_hash: bytes) -> tuple[str, str] | N
     return None if row is None else (str(row[0]), str(row[1]))
 
 
+def device_signed_in(conn: Conn, user_id: str, device_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM access_tokens WHERE user_id = ? AND device_id = ? LIMIT 1", (user_id, device_id)
+    ).fetchone()
+    return row is not None
+
+
 def log_out_device(conn: Conn, user_id: str, device_id: str) -> None:
     """Delete the device and every access token it holds."""
 

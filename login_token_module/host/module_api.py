@@ -84,6 +84,9 @@ class HostModuleApi:
     async def get_user_by_req(self, req: Request) -> Requester:
         return await auth.get_user_by_req(self._hs.db, req)
 
+    async def is_device_signed_in(self, user_id: str, device_id: str) -> bool:
+        return await self._hs.db.run(database.device_signed_in, user_id, device_id)
+
     def register_password_auth_provider_callbacks(
         self,
         *,

@@ -6,6 +6,7 @@ import logging
 import re
 import secrets
 import string
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
@@ -78,7 +79,21 @@ def _optional_string(body: JsonDict, key: str, max_length: int) -> str | None:
         raise MatrixError(
             400, Codes.INVALID_PARAM, f"'{key}' must be a non-empty string of at most {max_length} characters"
         )
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise MatrixError(400, Codes.INVALID_PARAM, f"'{key}' must not hold control characters")
     return value
+
+
+async def _abandon(signed_in: Any) -> None:
+    """The new device could not be created after a module accepted the login: let the
+    module undo what it spent (a login token is given back), if it can."""
+    abandon = getattr(signed_in, "abandon", None)
+    if abandon is None:
+        return
+    try:
+        await abandon()
+    except Exception:
+        logger.exception("A module could not undo a login whose device was not created")
 
 
 class HostResource(JsonResource):
@@ -108,17 +123,24 @@ class LoginResource(HostResource):
         display_name = _optional_string(body, "initial_device_display_name", MAX_DISPLAY_NAME_LENGTH)
         server_name = self.hs.config.server_name
         if login_type != PASSWORD_LOGIN and login_type not in self.hs.registry.login_types:
-            raise MatrixError(400, Codes.UNKNOWN, f"Unknown login type {login_type}")
+            # The type is not echoed: it is the client's text.
+            raise MatrixError(400, Codes.UNKNOWN, "Unknown login type")
 
         # rc_login, as Synapse applies it: every attempt counts against the client's
-        # address, before any credential is looked at; the account a request names is
-        # checked too (logins that succeed count against it, below).
+        # address, before any credential is looked at. The account a request names
+        # is admitted before its credentials are checked too (the allowance is given
+        # back if the login fails), so racing requests cannot all slip under it.
         address = client_address(request) or "unknown"
-        await self._throttle("address", address, count=True)
+        await self._throttle("address", address)
         if login_type == PASSWORD_LOGIN:
             named = identified_user(body, server_name)
             if named is None:
                 raise MatrixError(400, Codes.MISSING_PARAM, "'identifier' is required for password login")
+            password = body.get("password")
+            if password is None:
+                raise MatrixError(400, Codes.MISSING_PARAM, "'password' is required")
+            if not isinstance(password, str):
+                raise MatrixError(400, Codes.BAD_JSON, "'password' must be a string")
         else:
             try:
                 named = identified_user(body, server_name)
@@ -128,21 +150,44 @@ class LoginResource(HostResource):
                 named = None
         if named is not None:
             await self._throttle("account", named)
+        try:
+            return await self._log_in(login_type, named, body, address, device_id, display_name)
+        except BaseException:
+            if named is not None:
+                await self._give_back("account", named)
+            raise
 
+    async def _log_in(
+        self,
+        login_type: str,
+        named: str | None,
+        body: JsonDict,
+        address: str,
+        device_id: str | None,
+        display_name: str | None,
+    ) -> tuple[int, JsonDict]:
         signed_in = None
         if login_type == PASSWORD_LOGIN:
             assert named is not None
-            user_id = await self._check_password(named, body)
+            user_id = await self._check_password(named, body["password"])
         else:
             user_id, signed_in = await self._check_module_login(login_type, named, body, address)
-        await self.hs.rc_login["account"].record(user_id, self._now())
+            if named is None:
+                # Only now is the account known: count the login against it.
+                await self.hs.rc_login["account"].record(user_id, self._now())
 
+        server_name = self.hs.config.server_name
         device_id = device_id or new_device_id()
         access_token = auth.new_access_token()
-        created = await self.hs.db.run(
-            database.log_in_device, user_id, device_id, display_name, auth.hash_access_token(access_token)
-        )
+        try:
+            created = await self.hs.db.run(
+                database.log_in_device, user_id, device_id, display_name, auth.hash_access_token(access_token)
+            )
+        except BaseException:
+            await _abandon(signed_in)
+            raise
         if not created:
+            await _abandon(signed_in)
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
         response = {
             "user_id": user_id,
@@ -155,34 +200,40 @@ class LoginResource(HostResource):
                 await signed_in(dict(response))
             except Exception:
                 # The device exists and the client gets it; only the module's bookkeeping failed.
-                logger.exception("A module's post-login callback for %s failed", login_type)
+                logger.exception("A module's post-login callback failed")
         return 200, response
 
     def _now(self) -> float:
         return float(self.hs.reactor.seconds())
 
-    async def _throttle(self, limiter: str, key: str, *, count: bool = False) -> None:
-        """429 if ``key`` is over its rc_login ``limiter``; ``count``: this attempt counts."""
-        bucket = self.hs.rc_login[limiter]
-        now = self._now()
-        retry_after = await (bucket.acquire(key, now) if count else bucket.check(key, now))
+    async def _throttle(self, limiter: str, key: str) -> None:
+        """Count one attempt against ``key`` in the rc_login ``limiter``, or 429 if it is over."""
+        retry_after = await self.hs.rc_login[limiter].acquire(key, self._now())
         if retry_after is not None:
             metrics().ratelimited.labels(f"rc_login_{limiter}").inc()
             raise rate_limited(retry_after)
 
-    async def _check_password(self, user_id: str, body: JsonDict) -> str:
-        password = body.get("password")
-        if password is None:
-            raise MatrixError(400, Codes.MISSING_PARAM, "'password' is required")
-        if not isinstance(password, str):
-            raise MatrixError(400, Codes.BAD_JSON, "'password' must be a string")
-        # Failed attempts are checked first (not counted) and counted only when the
-        # password is wrong: a right password never adds to them.
+    async def _give_back(self, limiter: str, key: str) -> None:
+        """Take back an attempt that did not count after all; best effort."""
+        try:
+            await self.hs.rc_login[limiter].refund(key, self._now())
+        except Exception as error:
+            logger.warning("Could not give back an rc_login %s allowance: %s", limiter, error)
+
+    async def _check_password(self, user_id: str, password: str) -> str:
+        # A failed attempt is reserved before bcrypt runs (so racing wrong passwords
+        # cannot all be checked) and given back when the password is right, or when
+        # the check itself could not run.
         await self._throttle("failed_attempts", user_id)
-        password_hash = await self.hs.db.run(database.get_password_hash, user_id)
-        if not await self.hs.hasher.check(password, password_hash):
-            await self.hs.rc_login["failed_attempts"].record(user_id, self._now())
+        try:
+            password_hash = await self.hs.db.run(database.get_password_hash, user_id)
+            right = await self.hs.hasher.check(password, password_hash)
+        except BaseException:
+            await self._give_back("failed_attempts", user_id)
+            raise
+        if not right:
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid username or password")
+        await self._give_back("failed_attempts", user_id)
         return user_id
 
     async def _check_module_login(

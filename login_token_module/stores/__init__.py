@@ -17,7 +17,7 @@ slip under it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from login_token_module.config import ConfigError, StoreConfig
@@ -39,6 +39,10 @@ class TokenSpend:
     outcome: SpendOutcome
     user_id: str | None = None
     minted_by_device: str | None = None
+    # Of a spent token: what it takes to make it live again (``unspend_token``); not
+    # part of what the spend came to, so left out of comparisons.
+    expires_at_ms: int | None = field(default=None, compare=False)
+    issued_at_ms: int | None = field(default=None, compare=False)
 
     def user_id_if_spent(self) -> str | None:
         return self.user_id if self.outcome == "spent" else None
@@ -95,6 +99,11 @@ class TokenStore(Protocol):
 
     async def record_new_device(self, token_hash: bytes, device_id: str) -> None:
         """Note in the token's history the device its login created."""
+
+    async def unspend_token(self, token_hash: bytes, spend: TokenSpend) -> bool:
+        """Make a token that ``spend`` spent live again (its login failed after the
+        spend: the device could not be created), until its own expiry; whether it was.
+        Nothing happens to a token that was not spent by ``spend``."""
 
     async def revoke_tokens(
         self, user_id: str, now_ms: int, *, device_id: str | None = None

@@ -69,6 +69,12 @@ class MemoryTokenStore:
         self._forget(token_hash)
         self._tokens[token_hash] = _Token(user_id, expires_at_ms, device_id, issued_at_ms)
         self._issue_order.append(token_hash)
+        self._add_to_user(user_id, token_hash)
+        if issued_at_ms is not None:
+            self._history[token_hash] = _History(user_id, device_id, issued_at_ms, expires_at_ms)
+            self._history_order.append(token_hash)
+
+    def _add_to_user(self, user_id: str, token_hash: bytes) -> None:
         mine = self._by_user.get(user_id)
         if mine is None:
             self._by_user[user_id] = token_hash
@@ -76,9 +82,6 @@ class MemoryTokenStore:
             self._by_user[user_id] = {mine, token_hash}
         else:
             mine.add(token_hash)
-        if issued_at_ms is not None:
-            self._history[token_hash] = _History(user_id, device_id, issued_at_ms, expires_at_ms)
-            self._history_order.append(token_hash)
 
     def _forget(self, token_hash: bytes) -> _Token | None:
         entry = self._tokens.pop(token_hash, None)
@@ -121,7 +124,22 @@ class MemoryTokenStore:
             return TokenSpend("expired", entry.user_id, entry.device_id)
         if history is not None:
             history.outcome, history.finished_at_ms = "spent", now_ms
-        return TokenSpend("spent", entry.user_id, entry.device_id)
+        return TokenSpend("spent", entry.user_id, entry.device_id, entry.expires_at_ms, entry.issued_at_ms)
+
+    async def unspend_token(self, token_hash: bytes, spend: TokenSpend) -> bool:
+        if spend.outcome != "spent" or spend.user_id is None or spend.expires_at_ms is None:
+            return False
+        if token_hash in self._tokens:
+            return False
+        history = self._history.get(token_hash)
+        if history is not None:
+            history.outcome = history.finished_at_ms = history.new_device_id = None
+        self._tokens[token_hash] = _Token(
+            spend.user_id, spend.expires_at_ms, spend.minted_by_device, spend.issued_at_ms
+        )
+        self._issue_order.append(token_hash)
+        self._add_to_user(spend.user_id, token_hash)
+        return True
 
     async def record_new_device(self, token_hash: bytes, device_id: str) -> None:
         history = self._history.get(token_hash)

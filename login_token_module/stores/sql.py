@@ -208,10 +208,10 @@ _SPEND = {
     # Delete the token and mark its history spent in one statement; a token that
     # is gone or expired leaves the history as it was.
     "postgres": "WITH spent AS (DELETE FROM login_tokens WHERE token_hash = ?"
-    " RETURNING token_hash, user_id, expires_at_ms, device_id),"
+    " RETURNING token_hash, user_id, expires_at_ms, device_id, issued_at_ms),"
     " marked AS (UPDATE login_token_history SET outcome = 'spent', finished_at_ms = ?"
     "  WHERE token_hash IN (SELECT token_hash FROM spent WHERE expires_at_ms > ?))"
-    " SELECT user_id, expires_at_ms, device_id FROM spent",
+    " SELECT user_id, expires_at_ms, device_id, issued_at_ms FROM spent",
 }
 
 
@@ -222,7 +222,8 @@ def _spend(conn: Conn, token_hash: bytes, now_ms: int) -> TokenSpend:
 
         def run(txn: Conn) -> Any:
             found = txn.execute(
-                "DELETE FROM login_tokens WHERE token_hash = ? RETURNING user_id, expires_at_ms, device_id",
+                "DELETE FROM login_tokens WHERE token_hash = ?"
+                " RETURNING user_id, expires_at_ms, device_id, issued_at_ms",
                 (token_hash,),
             ).fetchone()
             if found is not None and found[1] > now_ms:
@@ -238,7 +239,7 @@ def _spend(conn: Conn, token_hash: bytes, now_ms: int) -> TokenSpend:
         user_id, device_id = str(row[0]), _text(row[2])
         if row[1] <= now_ms:
             return TokenSpend("expired", user_id, device_id)
-        return TokenSpend("spent", user_id, device_id)
+        return TokenSpend("spent", user_id, device_id, int(row[1]), None if row[3] is None else int(row[3]))
     # Not live: the history says why, if it still has the token.
     past = conn.execute(
         "SELECT user_id, device_id, outcome FROM login_token_history WHERE token_hash = ?", (token_hash,)
@@ -249,6 +250,29 @@ def _spend(conn: Conn, token_hash: bytes, now_ms: int) -> TokenSpend:
         "reused" if past[2] == "spent" else "revoked" if past[2] == "revoked" else "expired"
     )
     return TokenSpend(outcome, str(past[0]), _text(past[1]))
+
+
+def _unspend(conn: Conn, token_hash: bytes, spend: TokenSpend) -> bool:
+    if spend.outcome != "spent" or spend.user_id is None or spend.expires_at_ms is None:
+        return False
+    token = (token_hash, spend.user_id, spend.expires_at_ms, spend.minted_by_device, spend.issued_at_ms)
+
+    def run(txn: Conn) -> bool:
+        added = txn.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_at_ms, device_id, issued_at_ms)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO NOTHING",
+            token,
+        ).rowcount
+        if added != 1:
+            return False
+        txn.execute(
+            "UPDATE login_token_history SET outcome = NULL, finished_at_ms = NULL, new_device_id = NULL"
+            " WHERE token_hash = ? AND outcome = 'spent'",
+            (token_hash,),
+        )
+        return True
+
+    return conn.transaction(run)
 
 
 def _text(value: Any) -> str | None:
@@ -402,6 +426,9 @@ class SqlTokenStore:
 
     async def record_new_device(self, token_hash: bytes, device_id: str) -> None:
         await self._db.run(_record_new_device, token_hash, device_id)
+
+    async def unspend_token(self, token_hash: bytes, spend: TokenSpend) -> bool:
+        return await self._db.run(_unspend, token_hash, spend)
 
     async def revoke_tokens(
         self, user_id: str, now_ms: int, *, device_id: str | None = None
