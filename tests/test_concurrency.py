@@ -47,7 +47,10 @@ async def test_concurrent_get_token_with_one_session_issues_one_token(tmp_path: 
         results = await defer.gatherResults(
             [defer.ensureDeferred(server.client.post(GET_TOKEN, body, access_token)) for _ in range(20)]
         )
-        assert sorted(r.code for r in results) == [200] + [401] * 19
+        # One wins. The others are told to start again (401), or were refused before their
+        # password was checked (429: the failed-password allowance is reserved before bcrypt).
+        codes = sorted(r.code for r in results)
+        assert codes.count(200) == 1 and set(codes) <= {200, 401, 429}, codes
         assert await server.module.store.count_tokens() == 1
 
 

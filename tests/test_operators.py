@@ -416,7 +416,14 @@ async def test_a_token_login_times_its_spend_and_the_record_of_the_new_device(tm
 async def test_each_uia_step_is_counted_and_timed_under_its_own_name(tmp_path: Path) -> None:
     """The names operators alert on: a failure's reason, and each state call's timing."""
     failures = ("password", "session", "user")
-    timings = ("uia_get", "uia_spend", "ratelimit_check", "ratelimit_record", "ratelimit_acquire")
+    timings = (
+        "uia_get",
+        "uia_spend",
+        "ratelimit_acquire",
+        "ratelimit_refund",
+        "failed_auth_acquire",
+        "failed_auth_refund",
+    )
 
     def samples() -> dict[str, float]:
         found = {
@@ -450,9 +457,11 @@ async def test_each_uia_step_is_counted_and_timed_under_its_own_name(tmp_path: P
         "user": 1.0,
         "uia_get": 4.0,  # every request that named a session
         "uia_spend": 1.0,
-        "ratelimit_check": 2.0,  # every password checked
-        "ratelimit_record": 1.0,  # the wrong one
-        "ratelimit_acquire": 1.0,  # the token issued
+        # Admitted before its password is checked: every request that offered one.
+        "ratelimit_acquire": 2.0,
+        "failed_auth_acquire": 2.0,
+        "ratelimit_refund": 1.0,  # the wrong password gives back its get_token allowance
+        "failed_auth_refund": 1.0,  # the right one gives back its failed-attempt allowance
     }
 
 
@@ -462,17 +471,31 @@ async def test_each_limiter_counts_its_refusals_under_its_own_name(tmp_path: Pat
         name = "login_token_module_ratelimited_total"
         return REGISTRY.get_sample_value(name, {"limiter": limiter}) or 0.0
 
+    before = {limiter: refused(limiter) for limiter in ("get_token", "get_token_failed_auth")}
     srv = await start(tmp_path, {"ratelimit": {"per_second": 0.001, "burst_count": 1}})
     try:
         access = await login_device(srv, "PHONE")
-        before = {limiter: refused(limiter) for limiter in ("get_token", "get_token_failed_auth")}
         await mint(srv, access)
         assert (await srv.client.get_login_token(access)).code == 429
         assert refused("get_token") == before["get_token"] + 1
+        # Once the allowance is used, even a wrong password is refused before it is checked.
+        assert (await srv.client.get_login_token(access, password="wrong")).code == 429
+        assert refused("get_token") == before["get_token"] + 2
+        assert refused("get_token_failed_auth") == before["get_token_failed_auth"]
+    finally:
+        await srv.stop()
+    (tmp_path / "failed").mkdir()
+    srv = await start(tmp_path / "failed", {"ratelimit": {"per_second": 100, "burst_count": 100}})
+    try:
+        access = await login_device(srv, "PHONE")
         # Three wrong passwords fill the failed-attempts bucket (burst 3); the fourth try is refused.
         codes = [(await srv.client.get_login_token(access, password="wrong")).code for _ in range(4)]
         assert codes == [401, 401, 401, 429]
         assert refused("get_token_failed_auth") == before["get_token_failed_auth"] + 1
+        # A failed attempt is counted whether the password is right or not: the right
+        # one is refused too until the bucket drains, and gives back its get_token allowance.
+        assert (await srv.client.get_login_token(access)).code == 429
+        assert refused("get_token") == before["get_token"] + 2
     finally:
         await srv.stop()
 

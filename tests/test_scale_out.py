@@ -278,7 +278,9 @@ def test_a_uia_session_completes_once_under_two_workers(tmp_path: Path, launch: 
 
     with ThreadPoolExecutor(max_workers=24) as pool:
         codes = list(pool.map(complete, range(24)))
-    assert sorted(codes) == [200] + [401] * 23, codes
+    # One mints; the others are told to start again (401) or were refused before their
+    # password was checked (429: the allowances are reserved before bcrypt runs).
+    assert codes.count(200) == 1 and set(codes) <= {200, 401, 429}, codes
 
 
 def _workers_of(server: ChildServer) -> list[psutil.Process]:
