@@ -275,7 +275,8 @@ BAD_BODIES: list[tuple[bytes, int, str]] = [
     (b'{"auth": {"type": "m.login.password", "password": 5}}', 400, "M_BAD_JSON"),
     (b'{"auth": {"type": "m.login.password", "password": "x", "session": 5}}', 400, "M_BAD_JSON"),
     (b'{"auth": {"type": "m.login.password", "password": "x", "identifier": []}}', 400, "M_BAD_JSON"),
-    (b'{"auth": {"type": "m.login.password", "password": "\\ud800"}}', 401, "M_FORBIDDEN"),
+    # A lone surrogate is refused at the door, before any password is checked.
+    (b'{"auth": {"type": "m.login.password", "password": "\\ud800"}}', 400, "M_BAD_JSON"),
     (b"\xff\xfe{}", 400, "M_NOT_JSON"),
     (b'{"auth": {"session": "nope", "type": "m.login.password", "password": "x"}}', 401, "M_FORBIDDEN"),
 ]

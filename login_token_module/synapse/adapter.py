@@ -167,9 +167,10 @@ class SynapseModuleApi:
 
     def register_web_resource(self, path: str, resource: IResource) -> None:
         served: IResource = resource
+        served_at = synapse_path(path)
         if isinstance(resource, JsonResource):
-            served = SynapseJsonResource(resource, path)
-        self._api.register_web_resource(synapse_path(path), served)
+            served = SynapseJsonResource(resource, served_at)
+        self._api.register_web_resource(served_at, served)
 
     async def get_user_by_req(self, req: Request) -> Requester:
         try:
@@ -292,7 +293,7 @@ class SynapseJsonResource(Resource):
     def __init__(self, inner: JsonResource, route: str) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._inner = inner
-        # The module's path (the spec's), the metric label for every request served here.
+        # The path registered with Synapse: the metric label of every request served here.
         self._route = route
 
     def render(self, request: Request) -> Any:
