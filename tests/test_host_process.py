@@ -5,22 +5,36 @@ and its open-files limit. Real servers started as an operator starts them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from login_token_module.sqlite import SqliteDatabase
+from login_token_module.stores.sql import STATE_SCHEMA
 from tests.helpers import (
+    LISTENING_RE,
+    ROOT,
     ChildServer,
     Launcher,
+    access_token,
     call,
     homeserver_yaml,
+    mint_login_token,
+    register,
+    token_login,
     write_config,
 )
 
@@ -173,3 +187,116 @@ def test_a_client_that_never_closes_is_cut_off_after_its_answer(
         # The client keeps the connection open and sends nothing more: the server ends it.
         read_to_end(sock, timeout=10)
         assert time.monotonic() - started < 5
+
+
+# -- files that hold secrets are 0600 from creation ------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask (files 0644 unless the program says otherwise), for this process and its children."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def demo_project(folder: Path) -> Path:
+    """A copy of scripts/serve and sample_config.yaml (free ports, fast bcrypt) in ``folder``.
+
+    Only the virtualenv step is left out: ``.venv/bin`` holds a ``login-token-module``
+    that runs this checkout's, and a ``python`` that runs this Python after noting the
+    mode ``.demo-password`` has at that moment (the script writes the password with it).
+    """
+    command = Path(sys.prefix) / "bin" / "login-token-module"
+    if not command.exists():
+        pytest.skip("the package is not installed as a console script here")
+    (folder / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "serve", folder / "scripts" / "serve")
+    (folder / "scripts" / "_venv.sh").write_text("ensure_venv() { :; }\n")
+    sample = yaml.safe_load((ROOT / "sample_config.yaml").read_text())
+    for listener in sample["listeners"]:
+        listener["port"] = 0
+    sample["bcrypt_rounds"] = 4
+    write_config(folder, sample, "sample_config.yaml")
+    venv_bin = folder / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(
+        "#!/bin/sh\n"
+        "[ -e .demo-password ] && stat -c %a .demo-password >> .modes-seen\n"
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    (venv_bin / "login-token-module").write_text(f'#!/bin/sh\nexec "{command}" "$@"\n')
+    for script in venv_bin.iterdir():
+        script.chmod(0o755)
+    return folder
+
+
+def test_scripts_serve_makes_every_secret_file_0600_from_its_creation(
+    tmp_path: Path, umask_022: None
+) -> None:
+    project = demo_project(tmp_path)
+    log_path = project / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            ["bash", str(project / "scripts" / "serve")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not (match := LISTENING_RE.search(log_path.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{match.group(1)}"
+        password = (project / ".demo-password").read_text()
+        # Real use: a password login, a token minted (UIA) and spent, so both databases write.
+        login_token = mint_login_token(base, access_token(base, password=password), password=password)
+        assert token_login(base, login_token)[0] == 200
+        # While the password was written the file was already 0600, not only once it was done.
+        assert (project / ".modes-seen").read_text().split() == ["600"]
+        files = [".demo-password"] + [
+            name + suffix for name in ("homeserver.db", "login_tokens.db") for suffix in ("", "-wal", "-shm")
+        ]
+        assert {name: oct(mode(project / name)) for name in files} == dict.fromkeys(files, "0o600")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def test_a_rollback_journal_gets_the_database_files_mode(tmp_path: Path, umask_022: None) -> None:
+    """SQLite gives -journal (as -wal and -shm) the database file's mode: the store's files in
+    rollback-journal mode (which the server does not use) are 0600 too."""
+    path = tmp_path / "store.db"
+    conn = SqliteDatabase(None, str(path), schema=STATE_SCHEMA).connect()
+    try:
+        # PERSIST keeps the journal file after the transaction, where it can be looked at.
+        conn.execute("PRAGMA journal_mode = PERSIST")
+        conn.execute("CREATE TABLE probe (x INTEGER)")
+        conn.transaction(lambda txn: txn.execute("INSERT INTO probe VALUES (1)"))
+        assert oct(mode(tmp_path / "store.db-journal")) == "0o600"
+        assert oct(mode(path)) == "0o600"
+    finally:
+        conn.close()
+
+
+def test_register_user_and_a_server_with_workers_make_0600_databases(
+    tmp_path: Path, umask_022: None, launch: Launcher
+) -> None:
+    config = write_config(
+        tmp_path, homeserver_yaml(tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}})
+    )
+    register(config)  # register-user creates homeserver.db
+    assert oct(mode(tmp_path / "homeserver.db")) == "0o600"
+    server = launch(config, "server.log", "--workers", "2")
+    base = server.base_url
+    assert token_login(base, mint_login_token(base, access_token(base)))[0] == 200
+    for name in ("homeserver.db", "tokens.db"):
+        for suffix in ("", "-wal", "-shm"):
+            assert oct(mode(tmp_path / (name + suffix))) == "0o600", name + suffix
