@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -16,8 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -34,6 +36,7 @@ from tests.helpers import (
     homeserver_yaml,
     mint_login_token,
     register,
+    start_child,
     token_login,
     write_config,
 )
@@ -300,3 +303,82 @@ def test_register_user_and_a_server_with_workers_make_0600_databases(
     for name in ("homeserver.db", "tokens.db"):
         for suffix in ("", "-wal", "-shm"):
             assert oct(mode(tmp_path / (name + suffix))) == "0o600", name + suffix
+
+
+# -- the open-files limit ---------------------------------------------------------------
+
+START_SOFT, START_HARD = 256, 4096
+
+
+def low_open_files_limit() -> None:
+    """In the child before the server starts: the limits a careful shell might give."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (START_SOFT, START_HARD))
+
+
+def open_files_limits(pid: int) -> tuple[int, int]:
+    """The soft and hard open-files limits of process ``pid``, as the kernel reports them."""
+    match = re.search(
+        r"^Max open files\s+(\d+)\s+(\d+)", Path(f"/proc/{pid}/limits").read_text(), re.MULTILINE
+    )
+    assert match, pid
+    return int(match.group(1)), int(match.group(2))
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                # The parent's pid is the 4th field, after the command name in parentheses.
+                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def limited_server(tmp_path: Path) -> Iterator[Callable[..., ChildServer]]:
+    """Starts the server with the open-files limits 256 soft / 4096 hard and the given config keys."""
+    started: list[ChildServer] = []
+
+    def start(*extra_args: str, **keys: Any) -> ChildServer:
+        config = write_config(tmp_path, homeserver_yaml(tmp_path, **keys))
+        server = start_child(config, extra_args=extra_args, preexec_fn=low_open_files_limit)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill_all()
+
+
+def test_the_server_raises_its_open_files_limit_to_the_hard_limit(
+    limited_server: Callable[..., ChildServer],
+) -> None:
+    server = limited_server()
+    assert open_files_limits(server.process.pid) == (START_HARD, START_HARD)
+    assert f"INFO login_token_module.host.limits: Open-files limit: {START_HARD}\n" in server.log()
+
+
+@pytest.mark.parametrize(("wanted", "given"), [(1000, 1000), (10**9, START_HARD), (128, 128)])
+def test_soft_file_limit_sets_the_figure_capped_to_the_hard_limit(
+    limited_server: Callable[..., ChildServer], wanted: int, given: int
+) -> None:
+    server = limited_server(soft_file_limit=wanted)
+    assert open_files_limits(server.process.pid) == (given, START_HARD)
+    assert server.log().count("Open-files limit:") == 1
+    assert f"Open-files limit: {given}\n" in server.log()
+
+
+def test_every_worker_has_the_raised_limit(
+    limited_server: Callable[..., ChildServer],
+) -> None:
+    server = limited_server(
+        "--workers", "2", module_config={"store": {"type": "sqlite", "path": "tokens.db"}}
+    )
+    workers = children_of(server.process.pid)
+    assert len(workers) == 2, server.log()
+    for pid in [server.process.pid, *workers]:
+        assert open_files_limits(pid) == (START_HARD, START_HARD)
+    # Set once, in the parent, before it forks.
+    assert server.log().count("Open-files limit:") == 1

@@ -81,6 +81,9 @@ def serve(args: argparse.Namespace) -> int:
         raise CliError(f"--workers must be a whole number from 1 to {MAX_WORKERS}")
     config = _load(args.config)
     _setup_logging(args.log_level, config.log_config)
+    from login_token_module.host.limits import set_open_files_limit
+
+    set_open_files_limit(config.soft_file_limit)  # before any worker is forked: they inherit it
     if args.workers > 1:
         from login_token_module.host.workers import serve_workers
 

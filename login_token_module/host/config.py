@@ -77,6 +77,9 @@ class HomeserverConfig:
     rc_login: RcLoginConfig = field(default_factory=RcLoginConfig)
     # A Python logging config (YAML, logging.config.dictConfig's shape), as Synapse's log_config.
     log_config: str | None = None
+    # The open-files soft limit set at start (Synapse's key): 0 is the hard limit, and
+    # a larger figure than the hard limit gets the hard limit.
+    soft_file_limit: int = 0
 
     @property
     def database_path(self) -> str:
@@ -217,6 +220,7 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
             "max_request_body_size",
             "rc_login",
             "log_config",
+            "soft_file_limit",
         },
         [],
     )
@@ -248,7 +252,16 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
         ),
         rc_login=_rc_login(raw.get("rc_login")),
         log_config=log_config,
+        soft_file_limit=_soft_file_limit(raw.get("soft_file_limit", 0)),
     )
+
+
+def _soft_file_limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            ["soft_file_limit"], f"must be a whole number, 0 or more (0: the hard limit), got {value!r}"
+        )
+    return value
 
 
 def load_config_file(path: str) -> HomeserverConfig:
