@@ -324,6 +324,16 @@ def open_files_limits(pid: int) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def limit_line(server: ChildServer) -> str:
+    """The one "Open-files limit" line, logged once the server serves (after start_child returns)."""
+    deadline = time.monotonic() + 10
+    while not (lines := [line for line in server.log().splitlines() if "Open-files limit:" in line]):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert len(lines) == 1, server.log()
+    return lines[0]
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -357,7 +367,9 @@ def test_the_server_raises_its_open_files_limit_to_the_hard_limit(
 ) -> None:
     server = limited_server()
     assert open_files_limits(server.process.pid) == (START_HARD, START_HARD)
-    assert f"INFO login_token_module.host.limits: Open-files limit: {START_HARD}\n" in server.log()
+    assert limit_line(server).endswith(
+        f" INFO login_token_module.host.limits: Open-files limit: {START_HARD}"
+    )
 
 
 @pytest.mark.parametrize(("wanted", "given"), [(1000, 1000), (10**9, START_HARD), (128, 128)])
@@ -366,8 +378,7 @@ def test_soft_file_limit_sets_the_figure_capped_to_the_hard_limit(
 ) -> None:
     server = limited_server(soft_file_limit=wanted)
     assert open_files_limits(server.process.pid) == (given, START_HARD)
-    assert server.log().count("Open-files limit:") == 1
-    assert f"Open-files limit: {given}\n" in server.log()
+    assert limit_line(server).endswith(f"Open-files limit: {given}")
 
 
 def test_every_worker_has_the_raised_limit(
@@ -380,5 +391,7 @@ def test_every_worker_has_the_raised_limit(
     assert len(workers) == 2, server.log()
     for pid in [server.process.pid, *workers]:
         assert open_files_limits(pid) == (START_HARD, START_HARD)
-    # Set once, in the parent, before it forks.
+    # Set once, in the parent, before it forks; said once, when all serve.
+    assert "[main] INFO" in limit_line(server)
+    time.sleep(0.2)
     assert server.log().count("Open-files limit:") == 1

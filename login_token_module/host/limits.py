@@ -17,7 +17,11 @@ logger = logging.getLogger(__name__)
 
 def set_open_files_limit(wanted: int) -> int:
     """Set the soft RLIMIT_NOFILE to ``wanted`` (0: the hard limit; never above the hard
-    limit), log the limit in force in one line, and return it."""
+    limit) and return the soft limit now in force.
+
+    Silent when it works: :func:`log_open_files_limit` says the figure once the server
+    serves (a config the server then refuses must stop it with one line only).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if wanted == 0 else wanted
     if hard != resource.RLIM_INFINITY:
@@ -29,5 +33,8 @@ def set_open_files_limit(wanted: int) -> int:
         except (ValueError, OSError) as error:
             # e.g. an unlimited hard limit the kernel will not give as a soft one
             logger.warning("Could not set the open-files limit to %d: %s", target, error)
-    logger.info("Open-files limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
     return soft
+
+
+def log_open_files_limit(limit: int) -> None:
+    logger.info("Open-files limit: %s", "unlimited" if limit == resource.RLIM_INFINITY else limit)
