@@ -9,8 +9,19 @@ busy server wakes the reactor once per batch, not once per statement.
 ``cp_min`` connections are opened at start-up, the others when load first
 needs them.
 
-When PostgreSQL goes away (stopped, restarted, the network cut), the statement
-that notices fails with :class:`StorageUnavailableError` (a Matrix 503 for the
+A pooled connection can die while it waits (PostgreSQL restarted, the backend
+ended). Before a job uses one, the thread looks at its socket: an idle
+connection has nothing to read, so a readable socket means the server has
+said goodbye (its termination message, or the end of the stream), and a new
+connection is opened instead, at no round trip. A death that shows only when
+a statement is sent (no goodbye reached us) is retried once on a new
+connection, when that is safe: nothing the job sent could have committed yet
+(inside ``conn.transaction`` before COMMIT was sent, or a lone SELECT). After
+COMMIT was sent, or a statement that commits by itself (autocommit) was, the
+write may have happened, so the job is not run again.
+
+When PostgreSQL is really away (stopped, the network cut), the statement that
+notices fails with :class:`StorageUnavailableError` (a Matrix 503 for the
 client) and every connection opened before is dropped, so the other threads
 reconnect instead of each failing once on a dead socket. While the server is
 down every request tries to connect afresh (with a short timeout) and fails
@@ -24,6 +35,7 @@ module installs and runs without it.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,15 +92,39 @@ def describe(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+def _read_only(sql: str) -> bool:
+    """Whether a statement run on its own (autocommit) changes nothing when it runs.
+
+    A SELECT cannot hold INSERT, UPDATE or DELETE (only WITH can) and ours call no
+    function that writes, so running one twice is harmless; anything else is
+    taken to write.
+    """
+    return sql.lstrip()[:6].upper() == "SELECT"
+
+
 class PostgresConn:
-    """A :class:`login_token_module.db.Conn` over one psycopg2 connection (autocommit)."""
+    """A :class:`login_token_module.db.Conn` over one psycopg2 connection (autocommit).
+
+    It notes whether what was sent since :meth:`begin_job` may have committed a
+    write: a statement outside a transaction that is not a SELECT (autocommit
+    commits it as it runs), or a COMMIT. Until then a job that fails because the
+    connection died can be run again on another connection without doing anything
+    twice: the server rolls back what a dead connection left uncommitted.
+    """
 
     engine: Literal["postgres"] = "postgres"
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
+        self.may_have_committed = False
+        self._in_transaction = False
+
+    def begin_job(self) -> None:
+        self.may_have_committed = False
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if not self._in_transaction and not _read_only(sql):
+            self.may_have_committed = True  # before it is sent: it may run even if we hear nothing
         cursor = self.raw.cursor()
         # Always pass a tuple, so psycopg2 always reads %% as a literal %.
         cursor.execute(_pg_sql(sql), tuple(params))
@@ -97,17 +133,31 @@ class PostgresConn:
     def transaction(self, func: Callable[[Conn], T]) -> T:
         cursor = self.raw.cursor()
         cursor.execute("BEGIN")
+        self._in_transaction = True
         try:
             result = func(self)
         except BaseException:
+            self._in_transaction = False
             if not self.raw.closed:
                 try:
                     cursor.execute("ROLLBACK")
                 except Exception:  # the connection broke: the server rolls back for us
                     logger.debug("ROLLBACK failed on a broken connection")
             raise
+        self._in_transaction = False
+        self.may_have_committed = True
         cursor.execute("COMMIT")
         return result
+
+    def said_goodbye(self) -> bool:
+        """Whether the server ended this idle connection: closed here, or anything to read
+        (an idle connection in autocommit is sent nothing until it sends a statement; an
+        ended one has the server's termination message or the end of the stream waiting)."""
+        if self.raw.closed:
+            return True
+        poller = select.poll()  # not select.select: descriptors can be above 1024
+        poller.register(self.raw.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         if not self.raw.closed:
@@ -212,8 +262,25 @@ class PostgresDatabase:
     def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         conn: PostgresConn | None = None
         try:
-            conn = self._connection()
-            return func(conn, *args, **kwargs)
+            conn, pooled = self._connection()
+            try:
+                conn.begin_job()
+                return func(conn, *args, **kwargs)
+            except self._psycopg2.Error as error:
+                if not (pooled and self._died_unused(conn, error)):
+                    raise
+                # It had died while it waited in the pool, and nothing of the job can have
+                # taken effect: once more, on a new connection. If that fails too, the
+                # server is really unreachable.
+                logger.info(
+                    "A pooled PostgreSQL connection (%s) had died; trying again: %s",
+                    self._name,
+                    describe(error),
+                )
+                self._discard_generation(conn)
+                conn, _ = self._connection()
+                conn.begin_job()
+                return func(conn, *args, **kwargs)
         except self._psycopg2.Error as error:
             if (
                 conn is not None
@@ -224,19 +291,30 @@ class PostgresDatabase:
             self._lost(conn, error)
             raise StorageUnavailableError(describe(error)) from None
 
-    def _connection(self) -> PostgresConn:
+    def _died_unused(self, conn: PostgresConn, error: BaseException) -> bool:
+        """Whether ``error`` says the connection is dead (not that a statement failed on a
+        live one) and nothing sent on it could have committed."""
+        return (
+            isinstance(error, self._psycopg2.OperationalError | self._psycopg2.InterfaceError)
+            and bool(conn.raw.closed)
+            and not conn.may_have_committed
+        )
+
+    def _connection(self) -> tuple[PostgresConn, bool]:
+        """This thread's connection, and whether it was opened before (pooled) rather than now."""
         local = self._local
         conn: PostgresConn | None = getattr(local, "conn", None)
-        if conn is not None and (local.generation != self._generation or conn.raw.closed):
+        if conn is not None and (local.generation != self._generation or conn.said_goodbye()):
             self._drop(conn)
             conn = None
-        if conn is None:
-            generation = self._generation
-            conn = connect(self._dsn, self._args)
-            with self._lock:
-                self._open.add(conn)
-            local.conn, local.generation = conn, generation
-        return conn
+        if conn is not None:
+            return conn, True
+        generation = self._generation
+        conn = connect(self._dsn, self._args)
+        with self._lock:
+            self._open.add(conn)
+        local.conn, local.generation = conn, generation
+        return conn, False
 
     def _drop(self, conn: PostgresConn) -> None:
         with self._lock:
@@ -247,6 +325,13 @@ class PostgresDatabase:
             conn.close()
         except Exception:
             logger.debug("Closing a broken PostgreSQL connection failed")
+
+    def _discard_generation(self, conn: PostgresConn) -> None:
+        """``conn`` died: drop it, and have the other threads open new connections too
+        (theirs, opened as long ago, most likely died with it)."""
+        self._drop(conn)
+        with self._lock:
+            self._generation += 1
 
     def _lost(self, conn: PostgresConn | None, error: BaseException) -> None:
         """The server is unreachable or the connection broke: start afresh everywhere."""

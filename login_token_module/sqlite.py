@@ -8,6 +8,10 @@ it lets the worker hand results back in batches (see BatchingWorker).
 Connections use WAL, so readers in other processes sharing the file are not
 blocked by a writer, and a busy timeout, so two processes writing at once wait
 for each other instead of failing.
+
+The database file is created 0600 before SQLite opens it, and SQLite gives its
+``-wal``, ``-shm`` and ``-journal`` files the database file's mode: they hold
+password hashes and token hashes, and are never readable by other users.
 """
 
 from __future__ import annotations
@@ -54,6 +58,19 @@ class SqliteConn:
         self.raw.close()
 
 
+def create_private(path: str) -> None:
+    """Create ``path`` empty with mode 0600 if nothing is there yet (SQLite would make it 0644).
+
+    An existing file is left as it is. If the file cannot be made, SQLite says why when
+    it tries to open it.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    os.close(fd)
+
+
 class SqliteDatabase:
     engine: Literal["sqlite"] = "sqlite"
 
@@ -81,6 +98,8 @@ class SqliteDatabase:
         Also used directly (without the worker thread) by command-line tools that run
         outside the reactor.
         """
+        if self.path != ":memory:":
+            create_private(self.path)
         raw = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         raw.execute("PRAGMA busy_timeout = 30000")
         if self.path != ":memory:":

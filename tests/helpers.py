@@ -253,8 +253,13 @@ def write_config(directory: Path, config: Mapping[str, Any], name: str = "homese
 
 
 def start_child(
-    config_path: Path, log_name: str = "server.log", timeout: float = 30, extra_args: tuple[str, ...] = ()
+    config_path: Path,
+    log_name: str = "server.log",
+    timeout: float = 30,
+    extra_args: tuple[str, ...] = (),
+    preexec_fn: Callable[[], Any] | None = None,
 ) -> ChildServer:
+    """``preexec_fn`` runs in the child before the server starts (to set its limits or umask)."""
     log_path = config_path.parent / log_name
     log_file = open(log_path, "w")  # noqa: SIM115 (the child writes to it for its whole life)
     process = subprocess.Popen(
@@ -265,6 +270,7 @@ def start_child(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         # A group of its own, so a test can signal (or clean up) a server and its workers together.
         start_new_session=True,
+        preexec_fn=preexec_fn,
     )
     # With --workers N, serving starts when the parent says all N are up.
     ready = re.compile(r"workers serving http://[^:]+:(\d+)") if "--workers" in extra_args else LISTENING_RE

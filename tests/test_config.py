@@ -143,6 +143,11 @@ HOST_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"modules": [{"module": "a.B", "config": []}]}, "modules[0].config: must be a mapping"),
     ({"max_request_body_size": 10}, "max_request_body_size: must be a whole number"),
     ({"pid_file": "x"}, "pid_file: unknown option"),
+    ({"soft_file_limit": -1}, "soft_file_limit: must be a whole number, 0 or more"),
+    ({"soft_file_limit": "4096"}, "soft_file_limit: must be a whole number, 0 or more"),
+    ({"soft_file_limit": 1.5}, "soft_file_limit: must be a whole number, 0 or more"),
+    ({"soft_file_limit": True}, "soft_file_limit: must be a whole number, 0 or more"),
+    ({"soft_file_limit": None}, "soft_file_limit: must be a whole number, 0 or more"),
 ]
 
 
@@ -153,6 +158,13 @@ def test_homeserver_config_errors_name_the_key(tmp_path: Path, change: dict[str,
     with pytest.raises(ConfigError) as caught:
         parse_homeserver_config(raw, str(tmp_path))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_soft_file_limit_is_0_the_hard_limit_unless_set(tmp_path: Path) -> None:
+    raw = homeserver_yaml(tmp_path)
+    assert parse_homeserver_config(raw, str(tmp_path)).soft_file_limit == 0
+    raw["soft_file_limit"] = 65536
+    assert parse_homeserver_config(raw, str(tmp_path)).soft_file_limit == 65536
 
 
 def test_postgres_database_config_is_read_in_synapse_shape(tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ or spent twice, a statement's own error stays the caller's, one warning per
 outage says how many requests were refused, work goes to the least busy
 connection, a failed transaction is rolled back, no server connection outlives
 the pool or a lost generation, and a start-up refusal names its real reason.
+After a restart the next request succeeds: a connection the server ended while it
+waited is replaced before use, a job whose connection died before anything could
+commit runs again once on a new one, and one that may have committed never does.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import pytest
 import pytest_twisted
@@ -196,10 +199,11 @@ def _too_slow(conn: Conn) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_after_each_cut_every_connection_is_opened_afresh(
-    pg_database: Database, tmp_path: Path
+    pg_database: Database, tmp_path: Path, warnings: pytest.LogCaptureFixture
 ) -> None:
-    """A connection another thread opened before a loss is never used after it: every
-    request once the server is back succeeds the first time, after any number of losses."""
+    """A connection the server ended while it waited in the pool is never used: every
+    request once the server is back succeeds the first time, after any number of losses,
+    and none was refused."""
     backend = open_pg_backend(pg_database, tmp_path, cp_min=1, cp_max=2)
     db = pool(backend)
     try:
@@ -207,13 +211,161 @@ async def test_after_each_cut_every_connection_is_opened_afresh(
         assert len(set(before)) == 2
         for _ in range(3):
             await threads.deferToThread(cut_connections, pg_database)
-            # Only the first connection's job notices (the other thread is idle) ...
-            with pytest.raises(StorageUnavailableError):
-                await db.run(backend_pid)
-            # ... yet both threads connect afresh for the next jobs, which succeed.
+            # The very next job, and the next on each thread, run on new connections.
+            first = await db.run(backend_pid)
             after = await _both(db, backend_pid)
-            assert len(set(after)) == 2 and not set(after) & set(before)
+            assert first in after and len(set(after)) == 2 and not set(after) & set(before)
             before = after
+        assert pool_warnings(warnings) == []
+    finally:
+        await backend.close()
+
+
+def restart(cluster: PostgresCluster) -> None:
+    cluster.stop("fast")
+    cluster.start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_restart_the_next_request_succeeds_and_a_stopped_server_is_still_a_503(
+    own_pg_cluster: PostgresCluster, tmp_path: Path, warnings: pytest.LogCaptureFixture
+) -> None:
+    database = own_pg_cluster.create_database()
+    backend = open_pg_backend(database, tmp_path, cp_min=2, cp_max=2)
+    db = pool(backend)
+    store = backend.tokens
+    kept = _hash()
+    try:
+        await store.add_token(kept, "@alice:test", NOW + 60_000)
+        before = await _both(db, backend_pid)
+        assert len(set(before)) == 2
+        await threads.deferToThread(restart, own_pg_cluster)
+        # The first statements after the restart, writes that commit as they run (which
+        # are never run twice), succeed at once on each of the pool's threads.
+        assert await store.consume_token(kept, NOW) == "@alice:test"
+        fresh = _hash()
+        await store.add_token(fresh, "@alice:test", NOW + 60_000)
+        assert await store.count_tokens() == 1
+        after = await _both(db, backend_pid)
+        assert len(set(after)) == 2 and not set(after) & set(before)
+        assert pool_warnings(warnings) == []
+
+        # Really away: still a 503 for every request, the one that finds its connection
+        # ended too, and a warning; back again, served again.
+        await threads.deferToThread(own_pg_cluster.stop, "fast")
+        for _ in range(3):
+            with pytest.raises(StorageUnavailableError):
+                await store.consume_token(fresh, NOW)
+        assert len(pool_warnings(warnings)) == 1
+        await threads.deferToThread(own_pg_cluster.start)
+        assert await store.consume_token(fresh, NOW) == "@alice:test"
+    finally:
+        await backend.close()
+
+
+class RestartsOnce(Generic[T]):
+    """A job that restarts (or only stops) the server at a chosen point of its first run,
+    as if the server went away while the job waited in the pool or ran; counts its runs."""
+
+    def __init__(self, cluster: PostgresCluster, job: Callable[[Conn, Callable[[], None]], T]) -> None:
+        self.cluster = cluster
+        self.job = job
+        self.runs = 0
+        self.start_again = True
+
+    def __call__(self, conn: Conn) -> T:
+        self.runs += 1
+        return self.job(conn, self._restart if self.runs == 1 else lambda: None)
+
+    def _restart(self) -> None:
+        self.cluster.stop("fast")
+        if self.start_again:
+            self.cluster.start()
+
+
+def _rows(conn: Conn) -> int:
+    return int(conn.execute("SELECT count(*) FROM probe").fetchone()[0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_whose_connection_died_before_anything_could_commit_runs_again_once(
+    own_pg_cluster: PostgresCluster, tmp_path: Path, warnings: pytest.LogCaptureFixture
+) -> None:
+    database = own_pg_cluster.create_database()
+    backend = open_pg_backend(database, tmp_path, cp_min=1, cp_max=1)
+    db = pool(backend)
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE probe (x INTEGER)"))
+
+        # A transaction whose connection dies before COMMIT is sent: run again, once.
+        def insert_in_transaction(conn: Conn, restart_now: Callable[[], None]) -> None:
+            def run(txn: Conn) -> None:
+                restart_now()
+                txn.execute("INSERT INTO probe (x) VALUES (1)")
+
+            conn.transaction(run)
+
+        job = RestartsOnce(own_pg_cluster, insert_in_transaction)
+        await db.run(job)
+        assert job.runs == 2
+        assert await db.run(_rows) == 1
+
+        # A lone SELECT changes nothing: run again too.
+        def count(conn: Conn, restart_now: Callable[[], None]) -> int:
+            restart_now()
+            return _rows(conn)
+
+        counting = RestartsOnce(own_pg_cluster, count)
+        assert await db.run(counting) == 1
+        assert counting.runs == 2
+        assert pool_warnings(warnings) == []
+
+        # The server stays away: the second run cannot connect, and the job is a 503.
+        stopped = RestartsOnce(own_pg_cluster, count)
+        stopped.start_again = False
+        with pytest.raises(StorageUnavailableError):
+            await db.run(stopped)
+        assert stopped.runs == 1
+        await threads.deferToThread(own_pg_cluster.start)
+        assert await db.run(_rows) == 1
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_that_may_have_committed_is_never_run_again(
+    own_pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    database = own_pg_cluster.create_database()
+    backend = open_pg_backend(database, tmp_path, cp_min=1, cp_max=1)
+    db = pool(backend)
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE probe (x INTEGER)"))
+
+        # A statement outside a transaction commits as it runs: once sent, it is not sent again.
+        def insert_alone(conn: Conn, restart_now: Callable[[], None]) -> None:
+            restart_now()
+            conn.execute("INSERT INTO probe (x) VALUES (1)")
+
+        alone = RestartsOnce(own_pg_cluster, insert_alone)
+        with pytest.raises(StorageUnavailableError):
+            await db.run(alone)
+        assert alone.runs == 1
+
+        # COMMIT sent on a connection that died: the write may have happened; not run again.
+        def commit_lost(conn: Conn, restart_now: Callable[[], None]) -> None:
+            def run(txn: Conn) -> None:
+                txn.execute("INSERT INTO probe (x) VALUES (1)")
+                restart_now()
+
+            conn.transaction(run)
+
+        committing = RestartsOnce(own_pg_cluster, commit_lost)
+        with pytest.raises(StorageUnavailableError):
+            await db.run(committing)
+        assert committing.runs == 1
+        # (Here neither write happened: the server was gone before it could take them.)
+        assert await db.run(_rows) == 0
     finally:
         await backend.close()
 

@@ -81,11 +81,17 @@ def serve(args: argparse.Namespace) -> int:
         raise CliError(f"--workers must be a whole number from 1 to {MAX_WORKERS}")
     config = _load(args.config)
     _setup_logging(args.log_level, config.log_config)
+    from login_token_module.host.limits import log_open_files_limit, set_open_files_limit
+
+    # Before any worker is forked: they inherit it. Logged once everything serves.
+    open_files = set_open_files_limit(config.soft_file_limit)
     if args.workers > 1:
         from login_token_module.host.workers import serve_workers
 
-        return serve_workers(config, args.config, args.workers)
-    return run_homeserver(config, args.config)
+        return serve_workers(
+            config, args.config, args.workers, on_ready=lambda: log_open_files_limit(open_files)
+        )
+    return run_homeserver(config, args.config, on_ready=lambda: log_open_files_limit(open_files))
 
 
 def run_homeserver(

@@ -85,6 +85,9 @@ class HomeserverConfig:
     # password checks may wait for one before a request is refused with 429.
     bcrypt_threads: int | None = None
     bcrypt_max_queued: int = 16
+    # The open-files soft limit set at start (Synapse's key): 0 is the hard limit, and
+    # a larger figure than the hard limit gets the hard limit.
+    soft_file_limit: int = 0
 
     @property
     def database_path(self) -> str:
@@ -228,6 +231,7 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
             "request_timeout_ms",
             "bcrypt_threads",
             "bcrypt_max_queued",
+            "soft_file_limit",
         },
         [],
     )
@@ -268,7 +272,16 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
             else whole_number(raw.get("bcrypt_threads"), ["bcrypt_threads"], 1, 256)
         ),
         bcrypt_max_queued=whole_number(raw.get("bcrypt_max_queued", 16), ["bcrypt_max_queued"], 0, 100_000),
+        soft_file_limit=_soft_file_limit(raw.get("soft_file_limit", 0)),
     )
+
+
+def _soft_file_limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            ["soft_file_limit"], f"must be a whole number, 0 or more (0: the hard limit), got {value!r}"
+        )
+    return value
 
 
 def load_config_file(path: str) -> HomeserverConfig:

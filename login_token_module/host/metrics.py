@@ -7,18 +7,24 @@ mode, switched on by the parent before it forks, see :func:`enable_multiprocess`
 and whichever worker takes the scrape answers with all of them added up: one
 target per homeserver, as for a single process. Counters of a worker that died
 and was restarted are kept, so totals never go backwards.
+
+Scrapes are GETs: a request that announces a body (any ``Content-Length`` above
+0, or chunked) is answered 413 as soon as its headers are in, and its body is
+never stored (see :class:`MetricsRequest`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
 import tempfile
 from typing import Any
 
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -33,6 +39,71 @@ def registry() -> Any:
         MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
         return combined
     return REGISTRY
+
+
+_REFUSAL_TEXT = b"This listener serves metrics to GET and takes no request body.\n"
+# Written straight to the connection: the request line has not been handed to the
+# Request yet when the headers announce a body, so Twisted's response methods cannot be used.
+REFUSAL = (
+    b"HTTP/1.1 413 Content Too Large\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n"
+    b"\r\n" % len(_REFUSAL_TEXT)
+) + _REFUSAL_TEXT
+# How long a refused client may go on sending (read and thrown away) before the
+# connection is cut. Closing at once with its bytes unread would make the kernel
+# reset the connection, which can destroy the answer before the client reads it.
+LINGER_SECONDS = 2.0
+
+
+class MetricsRequest(Request):
+    """A request of the metrics listener: one that would bring a body is refused unread.
+
+    Twisted would store a body of any size (a temporary file above 100 kB) before
+    the resource could say 405. Here the answer goes out as soon as the headers
+    announce a body, before any of it is read; the connection is half-closed,
+    whatever the client still sends is thrown away as it arrives, and the
+    connection is cut when the client closes or after :data:`LINGER_SECONDS`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.refused = False
+        self._linger: Any = None
+
+    def gotLength(self, length: int | None) -> None:
+        if length == 0:  # no body: a scrape
+            super().gotLength(length)  # type: ignore[no-untyped-call]
+            return
+        self.refused = True
+        self.content = io.BytesIO()  # stays empty
+        # The final answer is the 413: no "100 Continue" invitation to send the body.
+        self.requestHeaders.removeHeader(b"expect")
+        transport: Any = self.channel.transport  # a TCP transport: it half-closes and aborts
+        transport.write(REFUSAL)
+        transport.loseWriteConnection()
+        self._linger = self.channel.callLater(LINGER_SECONDS, transport.abortConnection)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self.refused:
+            super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self.refused:  # a refused request was answered when its headers came in
+            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+def metrics_site() -> Site:
+    """The ``type: metrics`` listener's site."""
+    site = Site(MetricsResource())
+    site.requestFactory = MetricsRequest
+    return site
 
 
 class MetricsResource(Resource):

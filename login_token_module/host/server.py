@@ -342,9 +342,9 @@ class Homeserver:
                 logger.warning("Could not sweep the rc_login buckets: %s", error)
 
     def build_metrics_site(self) -> Site:
-        from login_token_module.host.metrics import MetricsResource
+        from login_token_module.host.metrics import metrics_site
 
-        return Site(MetricsResource())
+        return metrics_site()
 
     def build_site(self, x_forwarded: bool = False) -> HostSite:
         resources: dict[str, IResource] = dict(host_resources(self))

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +49,18 @@ class Worker:
 
 
 class WorkerGroup:
-    def __init__(self, config: HomeserverConfig, config_path: str, count: int) -> None:
+    def __init__(
+        self,
+        config: HomeserverConfig,
+        config_path: str,
+        count: int,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.count = count
+        # Called in the parent once every worker serves.
+        self.on_ready = on_ready
         self.placeholders: list[socket.socket] = []
         self.addresses: list[tuple[ListenerConfig, str, int]] = []
         # Metrics from every worker, added up by whichever serves a scrape.
@@ -106,6 +115,8 @@ class WorkerGroup:
             for listener, address, port in self.addresses:
                 if listener.type == "metrics":
                     logger.info("Metrics of all %d workers on http://%s:%d", self.count, address, port)
+            if self.on_ready is not None:
+                self.on_ready()
             return self._watch()
         finally:
             for sock in self.placeholders:
@@ -269,11 +280,13 @@ def _status(status: int) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
-def serve_workers(config: HomeserverConfig, config_path: str, count: int) -> int:
+def serve_workers(
+    config: HomeserverConfig, config_path: str, count: int, on_ready: Callable[[], None] | None = None
+) -> int:
     if "twisted.internet.reactor" in sys.modules:
         # A reactor made before fork would be shared by every worker (one epoll).
         raise RuntimeError("the reactor must not be imported before the workers fork")
     from login_token_module.host.cli import name_log_lines
 
     name_log_lines("main")
-    return WorkerGroup(config, config_path, count).run()
+    return WorkerGroup(config, config_path, count, on_ready).run()
