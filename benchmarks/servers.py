@@ -37,10 +37,10 @@ from typing import IO, Any
 import psutil
 import yaml
 
-from login_token_module.db import Conn
 from login_token_module.host import database
 from login_token_module.host.config import load_config_file
 from login_token_module.host.passwords import hash_password_sync
+from login_token_module.stores.engines.connection import Conn
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent

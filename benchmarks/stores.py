@@ -37,7 +37,7 @@ from benchmarks.stats import summarize_ms
 from login_token_module import tokens
 from login_token_module.stores import TokenStore
 from login_token_module.stores.memory import MemoryTokenStore
-from login_token_module.stores.sqlite import SqliteTokenStore
+from login_token_module.stores.sqlite_store import SqliteTokenStore
 
 LIFETIME_MS = 120_000
 USERS = 1_000  # tokens are spread over this many users, as on a busy server

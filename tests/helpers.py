@@ -431,7 +431,7 @@ Launcher = Callable[..., ChildServer]
 
 def recreate_token_table(db_path: Path) -> None:
     """Put back the SQLite token table a test dropped, as the current schema has it."""
-    from login_token_module.stores.sqlite import SCHEMA
+    from login_token_module.stores.sqlite_store import SCHEMA
 
     with sqlite3.connect(db_path) as conn:
         # Every migration's statements about that table (its indexes went with it).

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from login_token_module.sqlite import SqliteDatabase
+from login_token_module.stores.engines.sqlite import SqliteDatabase
 from login_token_module.stores.sql import STATE_SCHEMA
 from tests.helpers import (
     LISTENING_RE,

@@ -1,4 +1,4 @@
-"""The PostgreSQL pool (``login_token_module/postgres.py``) in the test process.
+"""The PostgreSQL pool (``login_token_module/stores/engines/postgres.py``) in the test process.
 
 Against real servers: the session's cluster where the server stays up, and a
 cluster of the test's own where it is stopped and started again. What is
@@ -30,12 +30,13 @@ import pytest_twisted
 from twisted.internet import threads
 from twisted.logger import ILogObserver, globalLogPublisher
 
-from login_token_module import postgres, tokens
+from login_token_module import tokens
 from login_token_module.config import StoreConfig
-from login_token_module.db import Conn
 from login_token_module.errors import StorageUnavailableError
-from login_token_module.postgres import PostgresConn, PostgresDatabase, describe
 from login_token_module.stores import make_state
+from login_token_module.stores.engines import postgres
+from login_token_module.stores.engines.connection import Conn
+from login_token_module.stores.engines.postgres import PostgresConn, PostgresDatabase, describe
 from login_token_module.stores.sql import STATE_SCHEMA, SqlBackend
 from tests.conftest import postgres_unavailable
 from tests.helpers import REACTOR

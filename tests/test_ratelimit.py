@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from login_token_module.stores.sqlite import SCHEMA as STORE_SCHEMA
+from login_token_module.stores.sqlite_store import SCHEMA as STORE_SCHEMA
 from tests.helpers import (
     GET_TOKEN,
     InProcessServer,

@@ -18,7 +18,7 @@ from login_token_module import tokens
 from login_token_module.config import StoreConfig
 from login_token_module.stores import StateBackend, TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
-from login_token_module.stores.sqlite import SWEEP_BATCH, SqliteTokenStore
+from login_token_module.stores.sqlite_store import SWEEP_BATCH, SqliteTokenStore
 from tests.helpers import REACTOR
 from tests.pgcluster import Database
 

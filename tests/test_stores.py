@@ -19,7 +19,7 @@ from login_token_module.config import StoreConfig
 from login_token_module.stores import LineageEntry, TokenInfo, TokenSpend, TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
 from login_token_module.stores.sql import SWEEP_BATCH
-from login_token_module.stores.sqlite import SqliteTokenStore, _consume
+from login_token_module.stores.sqlite_store import SqliteTokenStore, _consume
 from tests.helpers import REACTOR, start_in_process
 from tests.pgcluster import Database
 
@@ -357,8 +357,8 @@ async def test_stopping_the_server_closes_the_token_database(
 
 def test_postgres_consume_is_atomic_across_connections(pg_database: Database, tmp_path: Path) -> None:
     """Many connections (as many workers on many machines would) race to spend each token: one wins."""
-    from login_token_module import postgres
-    from login_token_module.schema import prepare
+    from login_token_module.stores.engines import postgres
+    from login_token_module.stores.engines.schema import prepare
     from login_token_module.stores.sql import STATE_SCHEMA
 
     setup = postgres.connect(pg_database.dsn, {})

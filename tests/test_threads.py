@@ -9,8 +9,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from login_token_module import threads
-from login_token_module.threads import BatchingWorker, WorkerPool
+from login_token_module.stores.engines import threads
+from login_token_module.stores.engines.threads import BatchingWorker, WorkerPool
 from tests.helpers import REACTOR
 
 

@@ -8,10 +8,10 @@ import secrets
 from twisted.web.server import Request
 
 from login_token_module.api import Requester
-from login_token_module.db import Database
 from login_token_module.errors import Codes, MatrixError
 from login_token_module.host import database
 from login_token_module.http import is_clean
+from login_token_module.stores.engines.connection import Database
 
 ACCESS_TOKEN_PREFIX = "mat_"
 

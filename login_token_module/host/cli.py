@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
-import logging.config
-import signal
 import sys
-from collections.abc import Callable
-from typing import Any
 
 from login_token_module.config import ConfigError
 from login_token_module.host import database
-from login_token_module.host.config import HomeserverConfig, ListenerConfig, load_config_file
+from login_token_module.host.config import HomeserverConfig, load_config_file
 from login_token_module.host.passwords import hash_password_sync
+from login_token_module.host.process import (
+    PROG,
+    CliError,
+    print_error,
+    run_homeserver,
+    setup_logging,
+)
 from login_token_module.host.resources import LOCALPART_RE
 
-PROG = "login-token-module"
 MAX_WORKERS = 64
-
-
-class CliError(Exception):
-    """A problem to report as one line and exit 1."""
 
 
 def _load(path: str) -> HomeserverConfig:
@@ -34,53 +31,11 @@ def _load(path: str) -> HomeserverConfig:
         raise CliError(f"config error in {path}: {error}") from None
 
 
-LOG_FORMAT = "%(asctime)s {who}%(levelname)s %(name)s: %(message)s"
-
-
-# Whether logging follows the config's log_config (whose formatters are then left alone).
-_configured_by_file = False
-
-
-def _setup_logging(level: str, log_config: str | None = None, *, twisted: bool = True) -> None:
-    """Plain lines on stderr at ``level``, or, with a ``log_config`` file (Synapse's key), that
-    file's Python logging config (``logging.config.dictConfig``'s YAML shape)."""
-    global _configured_by_file
-    if log_config is not None:
-        import yaml
-
-        try:
-            with open(log_config, encoding="utf-8") as handle:
-                logging.config.dictConfig(yaml.safe_load(handle))
-        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError, ImportError) as error:
-            raise CliError(f"cannot use log_config {log_config}: {error}") from None
-        _configured_by_file = True
-    else:
-        logging.basicConfig(
-            level=getattr(logging, level.upper()),
-            format=LOG_FORMAT.format(who=""),
-            stream=sys.stderr,
-        )
-    if twisted:
-        from twisted.logger import STDLibLogObserver, globalLogBeginner
-
-        globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
-
-
-def name_log_lines(who: str) -> None:
-    """Start every log line with ``who`` (which worker process wrote it); a log_config's
-    formatters are kept (the JSON formatter adds a ``process`` field instead)."""
-    if _configured_by_file:
-        return
-    formatter = logging.Formatter(LOG_FORMAT.format(who=f"[{who}] "))
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(formatter)
-
-
 def serve(args: argparse.Namespace) -> int:
     if not 1 <= args.workers <= MAX_WORKERS:
         raise CliError(f"--workers must be a whole number from 1 to {MAX_WORKERS}")
     config = _load(args.config)
-    _setup_logging(args.log_level, config.log_config)
+    setup_logging(args.log_level, config.log_config)
     from login_token_module.host.limits import log_open_files_limit, set_open_files_limit
 
     # Before any worker is forked: they inherit it. Logged once everything serves.
@@ -92,50 +47,6 @@ def serve(args: argparse.Namespace) -> int:
             config, args.config, args.workers, on_ready=lambda: log_open_files_limit(open_files)
         )
     return run_homeserver(config, args.config, on_ready=lambda: log_open_files_limit(open_files))
-
-
-def run_homeserver(
-    config: HomeserverConfig,
-    config_path: str,
-    *,
-    workers: int = 1,
-    worker_addresses: list[tuple[ListenerConfig, str, int]] | None = None,
-    on_ready: Callable[[], None] | None = None,
-) -> int:
-    """Build, start and run the homeserver in this process until SIGTERM or SIGINT."""
-    from twisted.internet import reactor
-
-    from login_token_module.host.server import Homeserver
-
-    r: Any = reactor
-    try:
-        hs = Homeserver(config, r, workers=workers, worker_addresses=worker_addresses)
-        hs.start()
-    except ConfigError as error:
-        raise CliError(f"config error in {config_path}: {error}") from None
-    except Exception as error:  # e.g. the port is taken
-        raise CliError(f"cannot start: {error}") from None
-    if on_ready is not None:
-        on_ready()
-
-    stopping = False
-
-    def shut_down(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        logging.getLogger(__name__).info("Signal %d received, stopping", signum)
-
-        from twisted.internet import defer
-
-        d = defer.ensureDeferred(hs.stop())
-        d.addBoth(lambda _: r.stop())
-
-    signal.signal(signal.SIGTERM, lambda s, f: r.callFromThread(shut_down, s, f))
-    signal.signal(signal.SIGINT, lambda s, f: r.callFromThread(shut_down, s, f))
-    r.run(installSignalHandlers=False)
-    return 0
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -194,15 +105,11 @@ def tokens(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     # Revocations are audit records: to the server's log_config if it has one, else stderr.
-    _setup_logging("INFO", config.log_config, twisted=False)
+    setup_logging("INFO", config.log_config, twisted=False)
     try:
         return tokens_cli.run(args, config)
     except tokens_cli.TokensError as error:
         raise CliError(str(error)) from None
-
-
-def print_error(error: CliError) -> None:
-    print(f"{PROG}: {error}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """The host's own tables: users, devices and access tokens.
 
-Functions here take a :class:`login_token_module.db.Conn` (SQLite or
+Functions here take a :class:`login_token_module.stores.engines.connection.Conn` (SQLite or
 PostgreSQL) and run in a database thread (or directly, from command-line
 tools). Access tokens are stored as SHA-256 hashes. ``open_database`` picks the
 engine from the ``database:`` config and prepares the schema at start-up.
@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 from login_token_module.config import ConfigError
-from login_token_module.db import Conn, Database
 from login_token_module.host.config import DatabaseConfig
-from login_token_module.schema import Migration, Schema
+from login_token_module.stores.engines.connection import Conn, Database
+from login_token_module.stores.engines.schema import Migration, Schema
 
 RATELIMIT_TABLE = "homeserver_ratelimits"
 
@@ -193,7 +193,7 @@ def open_database(config: DatabaseConfig, reactor: Any, *, name: str = "homeserv
     Runs at start-up (it blocks while it connects and migrates), before anything is served.
     """
     if config.name == "psycopg2":
-        from login_token_module import postgres
+        from login_token_module.stores.engines import postgres
 
         problem = postgres.start_up_problem(None, config.args, SCHEMA)
         if problem is not None:
@@ -201,7 +201,7 @@ def open_database(config: DatabaseConfig, reactor: Any, *, name: str = "homeserv
         return postgres.PostgresDatabase(
             reactor, args=config.args, cp_min=config.cp_min, cp_max=config.cp_max, name=name
         )
-    from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
+    from login_token_module.stores.engines.sqlite import SqliteDatabase, unusable_database_reason
 
     problem = unusable_database_reason(config.path, SCHEMA)
     if problem is not None:
@@ -212,13 +212,13 @@ def open_database(config: DatabaseConfig, reactor: Any, *, name: str = "homeserv
 def connect_now(config: DatabaseConfig) -> Conn:
     """A blocking connection with the schema in place, for command-line tools; ConfigError if unusable."""
     if config.name == "psycopg2":
-        from login_token_module import postgres
+        from login_token_module.stores.engines import postgres
 
         problem = postgres.start_up_problem(None, config.args, SCHEMA)
         if problem is not None:
             raise ConfigError(["database"], problem)
         return postgres.connect(None, config.args)
-    from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
+    from login_token_module.stores.engines.sqlite import SqliteDatabase, unusable_database_reason
 
     problem = unusable_database_reason(config.path, SCHEMA)
     if problem is not None:

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import bcrypt
 
-from login_token_module.threads import BoundedQueue, WorkerPool
+from login_token_module.admission import BoundedQueue
+from login_token_module.stores.engines.threads import WorkerPool
 
 T = TypeVar("T")
 

@@ -17,12 +17,12 @@ from typing import Any
 
 from login_token_module import audit
 from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
-from login_token_module.db import Conn
 from login_token_module.host.config import HomeserverConfig
 from login_token_module.metrics import metrics
 from login_token_module.safe_text import escaped
 from login_token_module.stores import TokenInfo, resolve_sqlite_path
 from login_token_module.stores import sql as token_sql
+from login_token_module.stores.engines.connection import Conn
 
 MODULE_CLASS = "login_token_module.LoginTokenModule"
 
@@ -52,8 +52,8 @@ def connect(config: HomeserverConfig, config_path: str) -> Conn:
             " program can reach them (use sqlite or postgres to manage tokens from the command line)"
         )
     if store.type == "postgres":
-        from login_token_module import postgres
-        from login_token_module.schema import prepare
+        from login_token_module.stores.engines import postgres
+        from login_token_module.stores.engines.schema import prepare
 
         problem = postgres.start_up_problem(
             store.dsn, {"application_name": "login-token-module tokens"}, token_sql.STATE_SCHEMA
@@ -63,7 +63,7 @@ def connect(config: HomeserverConfig, config_path: str) -> Conn:
         conn = postgres.connect(store.dsn, {"application_name": "login-token-module tokens"})
         prepare(conn, token_sql.STATE_SCHEMA)
         return conn
-    from login_token_module.sqlite import SqliteDatabase
+    from login_token_module.stores.engines.sqlite import SqliteDatabase
 
     path = resolve_sqlite_path(store.path, config.config_directory)
     if path == ":memory:" or not os.path.isfile(path):

@@ -89,7 +89,7 @@ class WorkerGroup:
         try:
             self.reserve_ports()
         except OSError as error:
-            from login_token_module.host.cli import CliError
+            from login_token_module.host.process import CliError
 
             raise CliError(f"cannot start: {error}") from None
         if any(listener.type == "metrics" for listener in self.config.listeners):
@@ -221,7 +221,7 @@ class WorkerGroup:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             for sock in self.placeholders:
                 sock.close()
-            from login_token_module.host.cli import CliError, name_log_lines, print_error, run_homeserver
+            from login_token_module.host.process import CliError, name_log_lines, print_error, run_homeserver
 
             name_log_lines(f"worker {index}")
             from login_token_module import audit
@@ -286,7 +286,7 @@ def serve_workers(
     if "twisted.internet.reactor" in sys.modules:
         # A reactor made before fork would be shared by every worker (one epoll).
         raise RuntimeError("the reactor must not be imported before the workers fork")
-    from login_token_module.host.cli import name_log_lines
+    from login_token_module.host.process import name_log_lines
 
     name_log_lines("main")
     return WorkerGroup(config, config_path, count, on_ready).run()

@@ -242,7 +242,7 @@ def make_state(
     from login_token_module.stores.sql import STATE_SCHEMA, SqlBackend
 
     if config.type == "postgres":
-        from login_token_module import postgres
+        from login_token_module.stores.engines import postgres
 
         problem = postgres.start_up_problem(
             config.dsn, {"application_name": "login_token_module"}, STATE_SCHEMA
@@ -259,7 +259,7 @@ def make_state(
         )
         return SqlBackend(reactor, db, shared=shared)
 
-    from login_token_module.sqlite import SqliteDatabase, unusable_database_reason
+    from login_token_module.stores.engines.sqlite import SqliteDatabase, unusable_database_reason
 
     path = resolve_sqlite_path(config.path, config_directory)
     # Checked now, at start-up, so a bad path never becomes a 500 per request.

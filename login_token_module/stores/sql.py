@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from login_token_module.audit import fingerprint_prefix
-from login_token_module.db import Conn, Database
-from login_token_module.schema import Migration, Schema
 from login_token_module.stores import LineageEntry, SpendOutcome, TokenInfo, TokenSpend
+from login_token_module.stores.engines.connection import Conn, Database
+from login_token_module.stores.engines.schema import Migration, Schema
 from login_token_module.stores.memory import MemoryRateLimitStore, MemoryUiaSessionStore
 from login_token_module.uia import MAX_SESSIONS_PER_USER, UiaSession
 

@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from login_token_module.admission import BoundedQueue
 from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.config import ConfigError
 from login_token_module.errors import Codes, MatrixError
@@ -42,7 +43,6 @@ from login_token_module.http import Handler, JsonResource, set_route
 from login_token_module.synapse import synapse_path
 from login_token_module.synapse.passwords import check_password, select_password_hash
 from login_token_module.synapse.tokens import device_signed_in, invalidate_unused_tokens
-from login_token_module.threads import BoundedQueue
 
 logger = logging.getLogger(__name__)
 

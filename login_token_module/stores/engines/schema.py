@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from login_token_module.db import Conn
+from login_token_module.stores.engines.connection import Conn
 
 # Any fixed number: it names our lock among the database's advisory locks.
 _MIGRATION_LOCK = 0x4C544D5F534348

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from login_token_module.sqlite import SqliteDatabase
+from login_token_module.stores.engines.sqlite import SqliteDatabase
 from login_token_module.stores.sql import (
     STATE_SCHEMA,
     SWEEP_BATCH,

@@ -43,10 +43,10 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from login_token_module.db import Conn
 from login_token_module.errors import StorageUnavailableError
-from login_token_module.schema import Schema, SchemaError, prepare
-from login_token_module.threads import BatchingWorker
+from login_token_module.stores.engines.connection import Conn
+from login_token_module.stores.engines.schema import Schema, SchemaError, prepare
+from login_token_module.stores.engines.threads import BatchingWorker
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -103,7 +103,7 @@ def _read_only(sql: str) -> bool:
 
 
 class PostgresConn:
-    """A :class:`login_token_module.db.Conn` over one psycopg2 connection (autocommit).
+    """A :class:`login_token_module.stores.engines.connection.Conn` over one psycopg2 connection (autocommit).
 
     It notes whether what was sent since :meth:`begin_job` may have committed a
     write: a statement outside a transaction that is not a SELECT (autocommit

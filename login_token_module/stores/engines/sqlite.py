@@ -23,16 +23,17 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from login_token_module.db import Conn
-from login_token_module.schema import Schema, SchemaError, prepare
-from login_token_module.threads import BatchingWorker
+from login_token_module.stores.engines.connection import Conn
+from login_token_module.stores.engines.schema import Schema, SchemaError, prepare
+from login_token_module.stores.engines.threads import BatchingWorker
 
 T = TypeVar("T")
 P = ParamSpec("P")
 
 
 class SqliteConn:
-    """A :class:`login_token_module.db.Conn` over one sqlite3 connection (autocommit)."""
+    """A :class:`~login_token_module.stores.engines.connection.Conn` over one sqlite3 connection
+    (autocommit)."""
 
     engine: Literal["sqlite"] = "sqlite"
 
