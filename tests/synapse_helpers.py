@@ -4,8 +4,8 @@ Synapse is the pinned release in its own virtualenv, installed by
 ``benchmarks/servers.py`` (the same code the benchmarks use), started as
 ``python -m synapse.app.homeserver -c FILE`` with the module in its
 ``modules:`` list. In front of it runs nginx (or Caddy) with the very blocks
-the README's "In Synapse" section tells operators to paste, so the tests
-also prove those blocks work.
+docs/synapse.md tells operators to paste, so the tests also prove those
+blocks work.
 
 When ``CI`` is set, a missing piece (Synapse, nginx, Caddy) fails the test;
 elsewhere the test is skipped with a message saying what is missing.
@@ -238,20 +238,17 @@ def synapse_refuses_to_start(
     return done.returncode, done.stdout + done.stderr
 
 
-# -- the README's blocks -------------------------------------------------------------
+# -- docs/synapse.md's blocks ---------------------------------------------------------
 
 
-def readme_section(title: str = "In Synapse") -> str:
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.MULTILINE | re.DOTALL)
-    assert match, f"README has no '## {title}' section"
-    return match.group(1)
+SYNAPSE_PAGE = ROOT / "docs" / "synapse.md"
 
 
-def readme_block(language: str, index: int = 0) -> str:
-    """The ``index``-th fenced block in ``language`` of the README's "In Synapse" section."""
-    blocks = re.findall(rf"^```{language}\n(.*?)^```", readme_section(), re.MULTILINE | re.DOTALL)
-    assert len(blocks) > index, f"no ```{language} block #{index} in README's 'In Synapse'"
+def doc_block(language: str, index: int = 0) -> str:
+    """The ``index``-th fenced block in ``language`` of docs/synapse.md."""
+    text = SYNAPSE_PAGE.read_text()
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert len(blocks) > index, f"no ```{language} block #{index} in docs/synapse.md"
     return str(blocks[index])
 
 
@@ -295,13 +292,33 @@ def _wait_for_port(proxy: Proxy, log: Path, timeout: float = 30) -> Proxy:
 
 
 def upstream(block: str, synapse_port: int) -> str:
-    """A README block with its example upstream (localhost:8008) pointed at the test's Synapse."""
+    """A doc block with its example upstream (localhost:8008) pointed at the test's Synapse."""
     assert "localhost:8008" in block, block
     return block.replace("localhost:8008", f"127.0.0.1:{synapse_port}")
 
 
+def plain_http_site(site: str, port: int) -> str:
+    """The documented nginx ``server {}`` (TLS on 443 for matrix.example.com) as plain HTTP on
+    127.0.0.1:``port``: its listen and certificate lines swapped, every ``location`` as written."""
+    tls_lines = [
+        "listen 443 ssl;",
+        "listen [::]:443 ssl;",
+        "server_name matrix.example.com;",
+        "ssl_certificate /etc/letsencrypt/live/matrix.example.com/fullchain.pem;",
+        "ssl_certificate_key /etc/letsencrypt/live/matrix.example.com/privkey.pem;",
+    ]
+    lines = site.splitlines()
+    stripped = [line.strip() for line in lines]
+    assert stripped[0] == "server {" and stripped[-1] == "}", site
+    for expected in tls_lines:
+        assert expected in stripped, f"docs/synapse.md's nginx site has no {expected!r}"
+    kept = [line for line, bare in zip(lines, stripped, strict=True) if bare not in tls_lines]
+    kept.insert(1, f"    listen 127.0.0.1:{port};\n    server_name localhost;")
+    return "\n".join(kept)
+
+
 def start_nginx(directory: Path, synapse_port: int) -> Proxy:
-    """nginx in the foreground, as the current user, serving the README's nginx block."""
+    """nginx in the foreground, as the current user, serving docs/synapse.md's nginx site."""
     nginx = find_program("nginx")
     directory.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
@@ -321,11 +338,7 @@ http {{
     fastcgi_temp_path {temp["fastcgi"]};
     uwsgi_temp_path {temp["uwsgi"]};
     scgi_temp_path {temp["scgi"]};
-    server {{
-        listen 127.0.0.1:{port};
-        server_name localhost;
-{upstream(readme_block("nginx"), synapse_port)}
-    }}
+{plain_http_site(upstream(doc_block("nginx"), synapse_port), port)}
 }}
 """
     config_path = directory / "nginx.conf"
@@ -341,11 +354,11 @@ http {{
 
 
 def start_caddy(directory: Path, synapse_port: int) -> Proxy:
-    """Caddy in the foreground serving the README's Caddyfile block (plain HTTP, no admin API)."""
+    """Caddy in the foreground serving docs/synapse.md's Caddyfile block (plain HTTP, no admin API)."""
     caddy = find_program("caddy")
     directory.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
-    site = upstream(readme_block("caddyfile"), synapse_port)
+    site = upstream(doc_block("caddyfile"), synapse_port)
     assert "matrix.example.com" in site, site
     site = site.replace("matrix.example.com", f"http://127.0.0.1:{port}")
     config_path = directory / "Caddyfile"

@@ -367,7 +367,7 @@ def test_two_processes_never_both_spend_one_token(config: Path, launch: Launcher
 
 
 def test_config_written_as_yaml_is_what_serve_reads(tmp_path: Path, launch: Launcher) -> None:
-    """The sample config shape from the README (with a free port) starts and serves the flow."""
+    """sample_config.yaml (the README's walkthrough runs it), with free ports, starts and serves the flow."""
     sample = yaml.safe_load((Path(__file__).resolve().parent.parent / "sample_config.yaml").read_text())
     for listener in sample["listeners"]:
         listener["port"] = 0

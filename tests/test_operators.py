@@ -336,7 +336,7 @@ async def test_the_json_formatter_writes_each_audit_record_as_one_line_of_named_
         when = datetime.datetime.fromisoformat(entry["time"])
         assert before - datetime.timedelta(milliseconds=1) <= when <= after
         assert abs(when.timestamp() - record.created) < 0.001
-    # A field with no value is JSON null, and "-" in the text line (the README's example).
+    # A field with no value is JSON null, and "-" in the text line (docs/operating.md's example).
     assert entries[0]["new_device_id"] is None and " new_device_id=- " in entries[0]["message"]
     assert entries[1]["new_device_id"] == "NEWLAPTOP"
     assert entries[1]["token_fingerprint"] == audit.fingerprint(token)

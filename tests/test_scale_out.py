@@ -463,7 +463,7 @@ def test_a_postgres_outage_gives_503s_loses_nothing_and_heals(
 def test_the_postgres_sample_config_serves_two_workers(
     pg_database: Database, tmp_path: Path, launch: Launcher
 ) -> None:
-    """sample_config_postgres.yaml, as the README shows it, with only the connection details ours."""
+    """sample_config_postgres.yaml, as docs/scale-out.md shows it, with only the connection details ours."""
     sample = yaml.safe_load((ROOT / "sample_config_postgres.yaml").read_text())
     assert sample["database"]["name"] == "psycopg2"
     assert set(sample["database"]["args"]) == {

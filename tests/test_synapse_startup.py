@@ -14,15 +14,15 @@ from tests.synapse_helpers import (
     CAPABILITIES,
     LOGIN,
     SERVER_NAME,
-    readme_block,
+    doc_block,
     start_nginx,
     start_synapse,
     synapse_refuses_to_start,
 )
 
 
-def test_the_readme_homeserver_block_works_as_pasted(tmp_path: Path) -> None:
-    pasted = yaml.safe_load(readme_block("yaml"))
+def test_the_documented_homeserver_block_works_as_pasted(tmp_path: Path) -> None:
+    pasted = yaml.safe_load(doc_block("yaml"))
     assert pasted["modules"][0]["module"] == "login_token_module.LoginTokenModule"
     synapse = start_synapse(tmp_path / "synapse", None, pasted)
     proxy = None
