@@ -27,8 +27,8 @@ from typing import Any
 
 from benchmarks.reactor_lag import GcPauses, cooperate, measure_hold, probe_idle, run_reactor
 from benchmarks.stats import summarize_ms
-from login_token_module.module import STABLE_PATH
 from login_token_module.ratelimit import Ratelimiter
+from login_token_module.resources import STABLE_PATH
 from login_token_module.uia import UiaSessions
 
 LIFETIME_SECONDS = 300.0

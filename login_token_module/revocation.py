@@ -1,0 +1,85 @@
+"""Revocation: outstanding tokens die with the device that minted them.
+
+At logout (the host's ``on_logged_out`` callback, when ``revoke_on_logout`` is
+set) every token the device minted and did not spend is revoked; a token
+minted while its device logs out is revoked on its own (see ``issuing.py``).
+Each revocation is counted and audited here. (Operators revoke by user or
+fingerprint with the ``tokens`` command, ``host/tokens_cli.py``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from login_token_module import audit
+from login_token_module.api import ModuleApi
+from login_token_module.metrics import Metrics, timed
+from login_token_module.stores import TokenInfo, TokenStore
+
+
+class Revocation:
+    def __init__(
+        self,
+        *,
+        tokens: TokenStore,
+        api: ModuleApi,
+        host_mints: bool,
+        revoke_on_logout: bool,
+        metrics: Metrics,
+        now: Callable[[], float],
+    ) -> None:
+        # ``tokens``: the module's token store, or (``host_mints``) the hashes of the
+        # host's tokens, with the devices that minted them, kept beside the host's.
+        self._tokens = tokens
+        self._api = api
+        self._host_mints = host_mints
+        self._revoke_on_logout = revoke_on_logout
+        self._metrics = metrics
+        self._now = now
+
+    async def on_logged_out(self, user_id: str, device_id: str | None, access_token: str) -> None:
+        """Synapse's on_logged_out callback: revoke the tokens this device minted and did not spend.
+
+        A session without a device (an application service) mints tokens no
+        logout can revoke by device; an operator revokes them by user.
+        """
+        if not self._revoke_on_logout or device_id is None:
+            return
+        now_ms = int(self._now() * 1000)
+        if self._host_mints:
+            minted = await self._tokens.revoke_tokens(user_id, now_ms, device_id=device_id)
+            if not minted:
+                return
+            found = set(
+                await timed(
+                    "revoke",
+                    self._api.invalidate_login_tokens(user_id, [info.token_hash for info in minted]),
+                )
+            )
+            # Those the host no longer had were spent (or swept) already.
+            revoked = [info for info in minted if info.token_hash in found]
+        else:
+            revoked = await timed("revoke", self._tokens.revoke_tokens(user_id, now_ms, device_id=device_id))
+        self.record_revoked(revoked, "logout")
+
+    async def revoke_one(self, user_id: str, token_hash: bytes) -> None:
+        """Revoke one token of ``user_id`` (minted while its device logged out)."""
+        now_ms = int(self._now() * 1000)
+        if self._host_mints:
+            revoked = await self._tokens.revoke_fingerprint(token_hash.hex(), now_ms)
+            await timed("revoke", self._api.invalidate_login_tokens(user_id, [token_hash]))
+        else:
+            revoked = await timed("revoke", self._tokens.revoke_fingerprint(token_hash.hex(), now_ms))
+        self.record_revoked(revoked, "logout")
+
+    def record_revoked(self, revoked: list[TokenInfo], reason: str) -> None:
+        for info in revoked:
+            self._metrics.tokens_revoked.labels(reason).inc()
+            audit.record(
+                "revoke",
+                "revoked",
+                user_id=info.user_id,
+                minted_by_device=info.minted_by_device,
+                token_fingerprint=audit.fingerprint_of_hash(info.token_hash),
+                reason=reason,
+            )
