@@ -2,7 +2,7 @@
 
 Admit, then work: the request is checked (UIA, ``uia_flow.py``), the user's
 get_token allowance reserved, the password checked and the session spent, and
-only then is a token minted: the module's own, or (``host_mints``) the host's.
+only then is a token minted: the module's own, or (``host``) the host's.
 Whatever fails after the reservation gives it back.
 """
 
@@ -12,12 +12,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from login_token_module import audit, tokens
-from login_token_module.api import JsonDict, ModuleApi, Requester
+from login_token_module.api import JsonDict, Requester
 from login_token_module.config import LoginTokenConfig
 from login_token_module.errors import Codes, MatrixError, rate_limited
-from login_token_module.metrics import Metrics, timed
+from login_token_module.metrics import Metrics
 from login_token_module.revocation import Revocation
 from login_token_module.stores import RateLimitStore, TokenStore
+from login_token_module.stores.timed import HostTokens
 from login_token_module.uia import UiaSession
 from login_token_module.uia_flow import UiaFlow
 
@@ -33,8 +34,7 @@ class Issuing:
         uia: UiaFlow,
         limiter: RateLimitStore,
         tokens: TokenStore,
-        api: ModuleApi,
-        host_mints: bool,
+        host: HostTokens | None,
         revocation: Revocation,
         metrics: Metrics,
         now: Callable[[], float],
@@ -42,10 +42,10 @@ class Issuing:
         self._config = config
         self._uia = uia
         self._limiter = limiter
-        # The module's token store, or (``host_mints``) the hashes of the host's tokens.
+        # ``host``: where the host mints the tokens itself (None: the module does).
+        # ``tokens``: the module's token store, or the hashes of the host's tokens.
         self._tokens = tokens
-        self._api = api
-        self._host_mints = host_mints
+        self._host = host
         self._revocation = revocation
         self._metrics = metrics
         self._now = now
@@ -75,7 +75,7 @@ class Issuing:
         # database, or no await in memory), so requests racing on one
         # completed session, on one worker or several, mint one token at most.
         now = self._now()
-        retry_after = await timed("ratelimit_acquire", self._limiter.acquire(user_id, now))
+        retry_after = await self._limiter.acquire(user_id, now)
         if retry_after is not None:
             # Nothing is counted or spent: the session and the allowance stay as they were.
             self._metrics.ratelimited.labels("get_token").inc()
@@ -134,8 +134,8 @@ class Issuing:
         """A new token for ``user_id``: the host's, or one of ours; either way its hash is
         kept with the device that minted it (in the store, or in memory beside the host's)."""
         now_ms = int(now * 1000)
-        if self._host_mints:
-            token = await timed("mint", self._api.create_login_token(user_id, lifetime_ms))
+        if self._host is not None:
+            token = await self._host.create_login_token(user_id, lifetime_ms)
             await self._tokens.add_token(
                 tokens.hash_token(token),
                 user_id,
@@ -145,15 +145,12 @@ class Issuing:
             )
             return token
         token = tokens.generate_token()
-        await timed(
-            "add_token",
-            self._tokens.add_token(
-                tokens.hash_token(token),
-                user_id,
-                now_ms + lifetime_ms,
-                device_id=device_id,
-                issued_at_ms=now_ms,
-            ),
+        await self._tokens.add_token(
+            tokens.hash_token(token),
+            user_id,
+            now_ms + lifetime_ms,
+            device_id=device_id,
+            issued_at_ms=now_ms,
         )
         return token
 
@@ -164,7 +161,7 @@ class Issuing:
         the session is gone: the client is told to try again, nothing is issued.
         """
         try:
-            await timed("ratelimit_refund", self._limiter.refund(user_id, self._now()))
+            await self._limiter.refund(user_id, self._now())
             if session is not None:
                 await self._uia.restore(session)
         except Exception as error:

@@ -28,6 +28,7 @@ from login_token_module.revocation import Revocation
 from login_token_module.spending import Spending
 from login_token_module.stores import StateBackend, TokenStore, make_state
 from login_token_module.stores.memory import MemoryBackend, MemoryTokenStore
+from login_token_module.stores.timed import HostTokens, TimedBackend, TimedHostTokens
 from login_token_module.sweeping import Sweeping
 from login_token_module.synapse import as_module_api
 from login_token_module.uia_flow import UiaFlow
@@ -52,7 +53,6 @@ class LoginTokenModule:
         self.api = api
         self._reactor = api.reactor
         self._host_tokens = api.abilities.mints_login_tokens
-        self.state: StateBackend
         if self._host_tokens:
             if config.store_configured:
                 raise ConfigError(
@@ -63,15 +63,22 @@ class LoginTokenModule:
             # Only UIA sessions and rate limits are the module's here, in this process,
             # and the hashes of the tokens it asked the host for, with the devices that
             # asked (for revocation at logout): never the tokens themselves.
-            self.state = MemoryBackend(self._reactor)
-            self.minted: MemoryTokenStore = self.state.tokens
+            notes = MemoryBackend(self._reactor)
+            self.state: StateBackend = TimedBackend(notes)
+            # The notes are taken untimed (in memory, beside the host's calls, which
+            # are timed instead: minting as ``mint``, revoking as ``revoke``).
+            self.minted: MemoryTokenStore = notes.tokens
+            host: HostTokens | None = TimedHostTokens(api)
         else:
             # Tokens, UIA sessions and rate limits all live where the store config
             # says, so that several worker processes share them when they must.
-            self.state = make_state(
-                config.store, self._reactor, api.config_directory, multiple_workers=api.multiple_workers
+            self.state = TimedBackend(
+                make_state(
+                    config.store, self._reactor, api.config_directory, multiple_workers=api.multiple_workers
+                )
             )
             self.store = self.state.tokens
+            host = None
         self._ratelimiter = self.state.rate_limiter(
             "get_token", config.ratelimit.per_second, config.ratelimit.burst_count
         )
@@ -89,11 +96,12 @@ class LoginTokenModule:
         def clock() -> float:
             return self._now()
 
+        # Where a token is noted when minted and revoked: the store (timed), or the
+        # notes beside the host's tokens (untimed); the sweep times either.
         tokens_held: TokenStore = self.minted if self._host_tokens else self.store
         revocation = Revocation(
             tokens=tokens_held,
-            api=api,
-            host_mints=self._host_tokens,
+            host=host,
             revoke_on_logout=config.revoke_on_logout,
             metrics=self.metrics,
             now=clock,
@@ -106,14 +114,13 @@ class LoginTokenModule:
             uia=uia,
             limiter=self._ratelimiter,
             tokens=tokens_held,
-            api=api,
-            host_mints=self._host_tokens,
+            host=host,
             revocation=revocation,
             metrics=self.metrics,
             now=clock,
         )
         sweeping = Sweeping(
-            tokens=tokens_held,
+            tokens=self.state.tokens,
             sessions=self._uia,
             limiters=(self._ratelimiter, self._failed_auth),
             history_retention_ms=config.history_retention_ms,

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from login_token_module import audit
-from login_token_module.api import ModuleApi
-from login_token_module.metrics import Metrics, timed
+from login_token_module.metrics import Metrics
 from login_token_module.stores import TokenInfo, TokenStore
+from login_token_module.stores.timed import HostTokens
 
 
 class Revocation:
@@ -22,17 +22,16 @@ class Revocation:
         self,
         *,
         tokens: TokenStore,
-        api: ModuleApi,
-        host_mints: bool,
+        host: HostTokens | None,
         revoke_on_logout: bool,
         metrics: Metrics,
         now: Callable[[], float],
     ) -> None:
-        # ``tokens``: the module's token store, or (``host_mints``) the hashes of the
-        # host's tokens, with the devices that minted them, kept beside the host's.
+        # ``host``: where the host mints the tokens itself (None: the module does).
+        # ``tokens``: the module's token store, or the hashes of the host's tokens
+        # with the devices that minted them, noted beside the host's.
         self._tokens = tokens
-        self._api = api
-        self._host_mints = host_mints
+        self._host = host
         self._revoke_on_logout = revoke_on_logout
         self._metrics = metrics
         self._now = now
@@ -46,30 +45,25 @@ class Revocation:
         if not self._revoke_on_logout or device_id is None:
             return
         now_ms = int(self._now() * 1000)
-        if self._host_mints:
+        if self._host is not None:
             minted = await self._tokens.revoke_tokens(user_id, now_ms, device_id=device_id)
             if not minted:
                 return
             found = set(
-                await timed(
-                    "revoke",
-                    self._api.invalidate_login_tokens(user_id, [info.token_hash for info in minted]),
-                )
+                await self._host.invalidate_login_tokens(user_id, [info.token_hash for info in minted])
             )
             # Those the host no longer had were spent (or swept) already.
             revoked = [info for info in minted if info.token_hash in found]
         else:
-            revoked = await timed("revoke", self._tokens.revoke_tokens(user_id, now_ms, device_id=device_id))
+            revoked = await self._tokens.revoke_tokens(user_id, now_ms, device_id=device_id)
         self.record_revoked(revoked, "logout")
 
     async def revoke_one(self, user_id: str, token_hash: bytes) -> None:
         """Revoke one token of ``user_id`` (minted while its device logged out)."""
         now_ms = int(self._now() * 1000)
-        if self._host_mints:
-            revoked = await self._tokens.revoke_fingerprint(token_hash.hex(), now_ms)
-            await timed("revoke", self._api.invalidate_login_tokens(user_id, [token_hash]))
-        else:
-            revoked = await timed("revoke", self._tokens.revoke_fingerprint(token_hash.hex(), now_ms))
+        revoked = await self._tokens.revoke_fingerprint(token_hash.hex(), now_ms)
+        if self._host is not None:
+            await self._host.invalidate_login_tokens(user_id, [token_hash])
         self.record_revoked(revoked, "logout")
 
     def record_revoked(self, revoked: list[TokenInfo], reason: str) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from login_token_module import audit, tokens
 from login_token_module.api import JsonDict, login_client_address
 from login_token_module.errors import Codes, MatrixError
-from login_token_module.metrics import Metrics, timed
+from login_token_module.metrics import Metrics
 from login_token_module.stores import TokenSpend, TokenStore
 
 
@@ -41,7 +41,7 @@ class Spending:
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid login token")
         token_hash = tokens.hash_token(token)
         fingerprint = audit.fingerprint_of_hash(token_hash)
-        spend = await timed("spend_token", self._store.spend_token(token_hash, int(self._now() * 1000)))
+        spend = await self._store.spend_token(token_hash, int(self._now() * 1000))
         if spend.outcome != "spent" or spend.user_id is None:
             self._refused(spend.outcome, spend.user_id, spend.minted_by_device, address, fingerprint)
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid or expired login token, or already used")
@@ -92,7 +92,7 @@ class SignedIn:
         self._metrics.tokens_spent.inc()
         new_device = response.get("device_id")
         if isinstance(new_device, str):
-            await timed("record_new_device", self._store.record_new_device(self._token_hash, new_device))
+            await self._store.record_new_device(self._token_hash, new_device)
         audit.record(
             "spend",
             "spent",
@@ -105,7 +105,7 @@ class SignedIn:
 
     async def abandon(self) -> None:
         """Make the token live again (unless revoked since), until its own expiry."""
-        restored = await timed("unspend_token", self._store.unspend_token(self._token_hash, self._spend))
+        restored = await self._store.unspend_token(self._token_hash, self._spend)
         audit.record(
             "spend",
             "given_back" if restored else "lost",

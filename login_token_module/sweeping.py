@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from login_token_module.metrics import Metrics, timed
+from login_token_module.metrics import Metrics
 from login_token_module.stores import RateLimitStore, TokenStore, UiaSessionStore
 
 # The module's log lines keep one logger name, whichever of its files writes them.
@@ -41,13 +41,11 @@ class Sweeping:
         rate-limit buckets; count the tokens still outstanding."""
         now = self._now()
         now_ms = int(now * 1000)
-        removed = await timed("sweep_tokens", self._tokens.delete_expired(now_ms))
-        await timed("sweep_history", self._tokens.delete_history(now_ms - self._history_retention_ms))
-        await timed("sweep_uia", self._sessions.sweep(now))
+        removed = await self._tokens.delete_expired(now_ms)
+        await self._tokens.delete_history(now_ms - self._history_retention_ms)
+        await self._sessions.sweep(now)
         for limiter in self._limiters:
-            await timed("sweep_ratelimits", limiter.sweep(now))
-        self._metrics.outstanding_tokens.set(
-            await timed("count_outstanding", self._tokens.count_outstanding(now_ms))
-        )
+            await limiter.sweep(now)
+        self._metrics.outstanding_tokens.set(await self._tokens.count_outstanding(now_ms))
         if removed:
             logger.debug("Swept %d expired login tokens", removed)

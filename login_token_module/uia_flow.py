@@ -15,7 +15,7 @@ from typing import Any
 
 from login_token_module.api import JsonDict, ModuleApi, Requester
 from login_token_module.errors import Codes, MatrixError, rate_limited
-from login_token_module.metrics import Metrics, timed
+from login_token_module.metrics import Metrics
 from login_token_module.stores import RateLimitStore, UiaSessionStore
 from login_token_module.uia import UiaSession
 
@@ -59,7 +59,7 @@ class UiaFlow:
         if session_id is not None:
             if not isinstance(session_id, str):
                 raise MatrixError(400, Codes.BAD_JSON, "'auth.session' must be a string")
-            session = await timed("uia_get", self._sessions.get(session_id, now))
+            session = await self._sessions.get(session_id, now)
             if session is None or session.user_id != requester.user_id or session.endpoint != endpoint:
                 self._metrics.uia_failures.labels("session").inc()
                 raise await self.challenge(
@@ -103,7 +103,7 @@ class UiaFlow:
         the check itself could not run.
         """
         user_id = requester.user_id
-        retry_after = await timed("failed_auth_acquire", self._failed_auth.acquire(user_id, self._now()))
+        retry_after = await self._failed_auth.acquire(user_id, self._now())
         if retry_after is not None:
             self._metrics.ratelimited.labels("get_token_failed_auth").inc()
             raise rate_limited(retry_after)
@@ -121,7 +121,7 @@ class UiaFlow:
 
     async def spend(self, requester: Requester, endpoint: str, session_id: str, now: float) -> UiaSession:
         """Spend the completed session; a racer that spent it first leaves a fresh 401."""
-        session = await timed("uia_spend", self._sessions.spend(session_id))
+        session = await self._sessions.spend(session_id)
         if session is None:
             raise await self.challenge(
                 requester, endpoint, now, error="This session has already been used; start again"
@@ -130,7 +130,7 @@ class UiaFlow:
 
     async def restore(self, session: UiaSession) -> None:
         """Hold a spent session again: the request that spent it issued nothing."""
-        await timed("uia_restore", self._sessions.restore(session))
+        await self._sessions.restore(session)
 
     async def challenge(
         self,
@@ -159,7 +159,7 @@ class UiaFlow:
 
     async def _give_back_failed_attempt(self, user_id: str) -> None:
         try:
-            await timed("failed_auth_refund", self._failed_auth.refund(user_id, self._now()))
+            await self._failed_auth.refund(user_id, self._now())
         except Exception as error:
             logger.warning("Could not give back a failed-password allowance: %s", error)
 
