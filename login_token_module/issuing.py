@@ -136,15 +136,8 @@ class Issuing:
         now_ms = int(now * 1000)
         if self._host is not None:
             token = await self._host.create_login_token(user_id, lifetime_ms)
-            await self._tokens.add_token(
-                tokens.hash_token(token),
-                user_id,
-                now_ms + lifetime_ms,
-                device_id=device_id,
-                issued_at_ms=now_ms,
-            )
-            return token
-        token = tokens.generate_token()
+        else:
+            token = tokens.generate_token()
         await self._tokens.add_token(
             tokens.hash_token(token),
             user_id,

@@ -136,9 +136,7 @@ class LoginTokenModule:
         for path, revision in GET_TOKEN_PATHS:
             api.register_web_resource(
                 path,
-                GetTokenResource(
-                    self.issue_token, api, path, revision, revokes_on_logout=config.revoke_on_logout
-                ),
+                GetTokenResource(issuing, api, path, revision, revokes_on_logout=config.revoke_on_logout),
             )
         checkers: dict[tuple[str, tuple[str, ...]], AuthChecker] | None = None
         if not self._host_tokens:

@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Protocol
-
 from twisted.web.server import Request
 
-from login_token_module.api import JsonDict, ModuleApi, Requester
+from login_token_module.api import JsonDict, ModuleApi
 from login_token_module.http import JsonResource, client_address, parse_json_object
+from login_token_module.issuing import Issuing
 
 STABLE_PATH = "/_matrix/client/v1/login/get_token"
 # MSC3882 revision 0: the first unstable path, answering `expires_in` in seconds.
@@ -23,25 +21,12 @@ UNSTABLE_R1_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/get_token"
 GET_TOKEN_PATHS = ((STABLE_PATH, 1), (UNSTABLE_R1_PATH, 1), (UNSTABLE_R0_PATH, 0))
 
 
-class IssueToken(Protocol):
-    """:meth:`Issuing.issue_token <login_token_module.issuing.Issuing.issue_token>`'s shape."""
-
-    def __call__(
-        self,
-        requester: Requester,
-        body: JsonDict,
-        endpoint: str,
-        address: str | None = None,
-        still_signed_in: Callable[[], Awaitable[bool]] | None = None,
-    ) -> Awaitable[tuple[str, int]]: ...
-
-
 class GetTokenResource(JsonResource):
     def __init__(
-        self, issue_token: IssueToken, api: ModuleApi, path: str, revision: int, *, revokes_on_logout: bool
+        self, issuing: Issuing, api: ModuleApi, path: str, revision: int, *, revokes_on_logout: bool
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._issue_token = issue_token
+        self._issuing = issuing
         self._api = api
         self._path = path
         self._revision = revision
@@ -57,7 +42,7 @@ class GetTokenResource(JsonResource):
             assert device_id is not None
             return await api.is_device_signed_in(requester.user_id, device_id)
 
-        token, lifetime_ms = await self._issue_token(
+        token, lifetime_ms = await self._issuing.issue_token(
             requester,
             body,
             self._path,

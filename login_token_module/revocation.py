@@ -3,8 +3,8 @@
 At logout (the host's ``on_logged_out`` callback, when ``revoke_on_logout`` is
 set) every token the device minted and did not spend is revoked; a token
 minted while its device logs out is revoked on its own (see ``issuing.py``).
-Each revocation is counted and audited here. (Operators revoke by user or
-fingerprint with the ``tokens`` command, ``host/tokens_cli.py``.)
+Each revocation is counted and audited here, the operators' too (the ``tokens
+revoke`` command, ``host/tokens_cli.py``, revokes by user or fingerprint).
 """
 
 from __future__ import annotations
@@ -67,13 +67,19 @@ class Revocation:
         self.record_revoked(revoked, "logout")
 
     def record_revoked(self, revoked: list[TokenInfo], reason: str) -> None:
-        for info in revoked:
-            self._metrics.tokens_revoked.labels(reason).inc()
-            audit.record(
-                "revoke",
-                "revoked",
-                user_id=info.user_id,
-                minted_by_device=info.minted_by_device,
-                token_fingerprint=audit.fingerprint_of_hash(info.token_hash),
-                reason=reason,
-            )
+        record_revoked(self._metrics, revoked, reason)
+
+
+def record_revoked(metrics: Metrics, revoked: list[TokenInfo], reason: str) -> None:
+    """Count and audit each revoked token (``reason``: ``logout``, or ``operator``
+    for the ``tokens revoke`` command)."""
+    for info in revoked:
+        metrics.tokens_revoked.labels(reason).inc()
+        audit.record(
+            "revoke",
+            "revoked",
+            user_id=info.user_id,
+            minted_by_device=info.minted_by_device,
+            token_fingerprint=audit.fingerprint_of_hash(info.token_hash),
+            reason=reason,
+        )
