@@ -25,10 +25,11 @@ import time
 import tracemalloc
 from typing import Any
 
+from benchmarks.harness import Report, Settings, log, worker_result
 from benchmarks.reactor_lag import GcPauses, cooperate, measure_hold, probe_idle, run_reactor
 from benchmarks.stats import summarize_ms
-from login_token_module.module import STABLE_PATH
 from login_token_module.ratelimit import Ratelimiter
+from login_token_module.resources import STABLE_PATH
 from login_token_module.uia import UiaSessions
 
 LIFETIME_SECONDS = 300.0
@@ -138,6 +139,17 @@ def main() -> int:
 
     run_reactor(run)
     return 0
+
+
+# -- the driver: run.py calls it, and it runs this file once per measurement ---------
+
+
+def bench_bookkeeping(settings: Settings, report: Report) -> None:
+    results: dict[str, Any] = {}
+    for users in settings.bookkeeping_users:
+        log(f"#5 bookkeeping: Ratelimiter and UiaSessions with {users:,} users")
+        results[str(users)] = worker_result("benchmarks.bookkeeping", ["--users", str(users)])
+    report.sections["bookkeeping"] = results
 
 
 if __name__ == "__main__":

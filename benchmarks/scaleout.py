@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import servers
+from benchmarks.harness import Report, Settings, loadgen, log, phase_summary
 
 # A benchmark cluster keeps fsync on (unlike the tests') and commits without
 # waiting for the disk, like the SQLite store (WAL, synchronous=NORMAL): a
@@ -130,7 +131,7 @@ def _measure(
     return result
 
 
-def bench_scaleout(
+def measure(
     *,
     users: int,
     warmup: int,
@@ -195,6 +196,23 @@ def bench_scaleout(
             | {"phases": phases}
         )
     return section
+
+
+def bench_scaleout(settings: Settings, work: Path, report: Report) -> None:
+    section = measure(
+        users=settings.scaleout_users,
+        warmup=settings.warmup_users,
+        concurrency=settings.concurrency,
+        bcrypt_rounds=settings.bcrypt_rounds,
+        rounds=settings.scaleout_rounds,
+        work=work,
+        loadgen=loadgen,
+        summarize=phase_summary,
+        log=log,
+    )
+    if section["postgres_skipped"]:
+        report.notes.append(f"#6 PostgreSQL configurations skipped: {section['postgres_skipped']}")
+    report.sections["scaleout"] = section
 
 
 def _config(section: dict[str, Any], key: str) -> dict[str, Any] | None:

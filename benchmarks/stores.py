@@ -32,6 +32,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
+from benchmarks.harness import Report, Settings, log, worker_result
 from benchmarks.reactor_lag import GcPauses, measure_hold, probe_idle, run_reactor
 from benchmarks.stats import summarize_ms
 from login_token_module import tokens
@@ -215,6 +216,24 @@ def main() -> int:
 
     run_reactor(run)
     return 0
+
+
+# -- the driver: run.py calls it, and it runs this file once per measurement ---------
+
+
+def bench_stores(settings: Settings, report: Report) -> None:
+    scaling: dict[str, dict[str, Any]] = {"memory": {}, "sqlite": {}}
+    sweeps: dict[str, Any] = {}
+    for store in ("memory", "sqlite"):
+        for size in settings.store_sizes:
+            log(f"#4 stores: {store} store with {size:,} outstanding tokens")
+            args = ["scale", "--store", store, "--size", str(size), "--sample", str(settings.store_sample)]
+            scaling[store][str(size)] = worker_result("benchmarks.stores", args)
+        log(f"#4 stores: {store} store sweeping {settings.sweep_size:,} expired tokens")
+        sweeps[store] = worker_result(
+            "benchmarks.stores", ["sweep", "--store", store, "--size", str(settings.sweep_size)]
+        )
+    report.sections["stores"] = {"scaling": scaling, "sweep": sweeps}
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -15,35 +14,13 @@ from twisted.web.server import Request
 
 from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.host import auth, database
-
-if TYPE_CHECKING:
-    from login_token_module.host.server import Homeserver
+from login_token_module.host.state import HostState, LoginType
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class LoginType:
-    required_fields: tuple[str, ...]
-    checker: AuthChecker
-
-
-@dataclass
-class ModuleRegistry:
-    """Everything modules have added to the host, consulted by its resources."""
-
-    resources: dict[str, IResource] = field(default_factory=dict)
-    login_types: dict[str, LoginType] = field(default_factory=dict)
-    login_flow_fields: dict[str, JsonDict] = field(default_factory=dict)
-    capabilities: dict[str, JsonDict] = field(default_factory=dict)
-    unstable_features: dict[str, bool] = field(default_factory=dict)
-    on_logged_out: list[OnLoggedOut] = field(default_factory=list)
-    loops: list[tuple[LoopingCall, float]] = field(default_factory=list)
-    shutdown_callbacks: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
-
-
 class HostModuleApi:
-    def __init__(self, hs: Homeserver, module_name: str) -> None:
+    def __init__(self, hs: HostState, module_name: str) -> None:
         self._hs = hs
         self._module_name = module_name
 

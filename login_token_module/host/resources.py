@@ -7,18 +7,16 @@ import re
 import secrets
 import string
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.web.server import Request
 
 from login_token_module.api import JsonDict, login_client_address
 from login_token_module.errors import Codes, MatrixError, rate_limited
 from login_token_module.host import auth, database
+from login_token_module.host.state import HostState
 from login_token_module.http import JsonResource, client_address, parse_json_object
 from login_token_module.metrics import metrics
-
-if TYPE_CHECKING:
-    from login_token_module.host.server import Homeserver
 
 SUPPORTED_VERSIONS = ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7"]
 PASSWORD_LOGIN = "m.login.password"
@@ -97,7 +95,7 @@ async def _abandon(signed_in: Any) -> None:
 
 
 class HostResource(JsonResource):
-    def __init__(self, hs: Homeserver) -> None:
+    def __init__(self, hs: HostState) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.hs = hs
 
@@ -283,7 +281,7 @@ class WhoamiResource(HostResource):
         return 200, {"user_id": requester.user_id, "device_id": requester.device_id, "is_guest": False}
 
 
-async def logged_out(hs: Homeserver, user_id: str, devices: list[tuple[str, str]]) -> None:
+async def logged_out(hs: HostState, user_id: str, devices: list[tuple[str, str]]) -> None:
     """Tell modules (their on_logged_out callbacks) which devices just logged out.
 
     The device is gone whatever a callback does; a failing one is logged.
@@ -320,7 +318,7 @@ class LogoutAllResource(HostResource):
         return 200, {}
 
 
-def host_resources(hs: Homeserver) -> dict[str, JsonResource]:
+def host_resources(hs: HostState) -> dict[str, JsonResource]:
     """The host's endpoints by path, under every client API version prefix clients use."""
     login, whoami = LoginResource(hs), WhoamiResource(hs)
     capabilities = CapabilitiesResource(hs)

@@ -24,9 +24,10 @@ from login_token_module.config import ConfigError
 from login_token_module.errors import Codes
 from login_token_module.host.config import HomeserverConfig, ListenerConfig
 from login_token_module.host.database import RATELIMIT_TABLE, open_database
-from login_token_module.host.module_api import HostModuleApi, ModuleRegistry, awaited
+from login_token_module.host.module_api import HostModuleApi, awaited
 from login_token_module.host.passwords import PasswordHasher
 from login_token_module.host.resources import host_resources
+from login_token_module.host.state import ModuleRegistry
 from login_token_module.http import render_unrecognized, respond_json, set_route
 from login_token_module.safe_text import printable
 from login_token_module.stores import RateLimitStore

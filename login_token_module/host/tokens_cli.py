@@ -19,6 +19,7 @@ from login_token_module import audit
 from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.host.config import HomeserverConfig
 from login_token_module.metrics import metrics
+from login_token_module.revocation import record_revoked
 from login_token_module.safe_text import escaped
 from login_token_module.stores import TokenInfo, resolve_sqlite_path
 from login_token_module.stores import sql as token_sql
@@ -147,16 +148,7 @@ def _revoke(conn: Conn, args: argparse.Namespace, config: HomeserverConfig, now_
         found = token_sql.revoke_fingerprint(conn, args.fingerprint, now_ms)
     else:
         found = token_sql.revoke_tokens(conn, user_id(args.user, config.server_name), now_ms)
-    for info in found:
-        metrics().tokens_revoked.labels("operator").inc()
-        audit.record(
-            "revoke",
-            "revoked",
-            user_id=info.user_id,
-            minted_by_device=info.minted_by_device,
-            token_fingerprint=audit.fingerprint_of_hash(info.token_hash),
-            reason="operator",
-        )
+    record_revoked(metrics(), found, "operator")
     return found
 
 
