@@ -17,10 +17,10 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import IResource
 
 from login_token_module.api import AuthChecker, JsonDict, OnLoggedOut
-from login_token_module.stores.engines.connection import Database
 from login_token_module.host.config import HomeserverConfig
 from login_token_module.host.passwords import PasswordHasher
 from login_token_module.stores import RateLimitStore
+from login_token_module.stores.engines.connection import Database
 
 
 @dataclass
