@@ -9,7 +9,7 @@ such as ``"\\ud800"``, NUL and other control characters, bidi marks,
 ``1e999`` and ``NaN``, wrong types, nested objects, duplicate keys, bytes that
 are not JSON), with hostile query strings, ``Authorization`` headers, methods
 and spellings of the path. Each request goes over real HTTP to a real listening
-host (``login-token-module serve``, SQLite) and must be answered within 5 s with:
+host (``login-token-module serve``, SQLite, UIA sessions in it too) and must be answered within 5 s with:
 
 - a 4xx whose body holds a string ``errcode`` and a string ``error`` (a
   get_token UIA challenge instead matches the spec's 401 schema), or
@@ -589,9 +589,10 @@ def send(
     target: str,
     body: bytes | None = None,
     headers: dict[str, bytes] | None = None,
+    within: float = ANSWER_WITHIN_S,
 ) -> Answer:
-    """One request on a new connection; the answer must come within ANSWER_WITHIN_S."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=ANSWER_WITHIN_S)
+    """One request on a new connection; the answer must come ``within`` seconds."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=within)
     started = time.monotonic()
     try:
         conn.putrequest(method, target, skip_host=False, skip_accept_encoding=True)
@@ -604,7 +605,7 @@ def send(
         reply = conn.getresponse()
         status, raw = reply.status, reply.read()
     except TimeoutError:
-        raise AssertionError(f"no answer within {ANSWER_WITHIN_S} s to {method} {target[:200]!r}") from None
+        raise AssertionError(f"no answer within {within} s to {method} {target[:200]!r}") from None
     except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
         status, raw = CLOSED, b""  # closed without an answer
     finally:
@@ -675,7 +676,8 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
     raw = homeserver_yaml(
         Path(folder),
         {
-            "store": {"type": "sqlite", "path": "tokens.db"},
+            # UIA sessions and rate limits in the SQLite file too, as under several workers.
+            "store": {"type": "sqlite", "path": "tokens.db", "shared_state": True},
             "ratelimit": generous,
             "failed_auth_ratelimit": generous,
         },
