@@ -212,25 +212,42 @@ INJECTION = [
 SPECIAL_STRINGS = SURROGATES + CONTROLS + BIDI + INJECTION
 LONG_UNITS = ["A", "\u00e9", "\ud800", "\x00", "\u202e", "\U0001f600", "\\"]
 
+
+def weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    """One of the strategies, each drawn ``weight`` times as often (``st.one_of`` weighs its
+    distinct strategies alike, repeated ones included)."""
+    return st.sampled_from([strategy for weight, strategy in choices for _ in range(weight)]).flatmap(
+        lambda strategy: strategy
+    )
+
+
 SPECIAL_CHARS = sorted({c for text in SURROGATES + CONTROLS + BIDI for c in text})
 hostile_chars = st.one_of(
     st.sampled_from(SPECIAL_CHARS),
     st.characters(min_codepoint=0x20, max_codepoint=0x7E),
     st.characters(exclude_categories=()),  # anything, surrogates included
 )
-hostile_strings = st.one_of(
-    st.sampled_from(SPECIAL_STRINGS),
-    st.sampled_from(SPECIAL_STRINGS),
-    st.text(hostile_chars, min_size=1, max_size=24),
-    st.text(hostile_chars, min_size=1, max_size=24),
-    st.builds(
-        lambda a, b, c: a + b + c,
-        st.text(hostile_chars, max_size=8),
-        st.sampled_from(SPECIAL_STRINGS),
-        st.text(hostile_chars, max_size=8),
+hostile_strings = weighted(
+    # What the boundary must refuse, most often: lone surrogates and NUL.
+    (3, st.sampled_from([*SURROGATES, "\x00", "a\x00b"])),
+    (2, st.sampled_from(SPECIAL_STRINGS)),
+    (2, st.text(hostile_chars, min_size=1, max_size=24)),
+    (
+        1,
+        st.builds(
+            lambda a, b, c: a + b + c,
+            st.text(hostile_chars, max_size=8),
+            st.sampled_from(SPECIAL_STRINGS),
+            st.text(hostile_chars, max_size=8),
+        ),
     ),
     # 10,000 characters (a lone surrogate's escape is 6 bytes: 60 KB).
-    st.builds(lambda unit, n: unit * n, st.sampled_from(LONG_UNITS), st.sampled_from([10_000, 9_999, 256])),
+    (
+        1,
+        st.builds(
+            lambda unit, n: unit * n, st.sampled_from(LONG_UNITS), st.sampled_from([10_000, 9_999, 256])
+        ),
+    ),
 )
 RAW_NUMBERS = [
     "1e999",
@@ -315,10 +332,10 @@ def field_values(name: str, schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         right = st.booleans()
     else:
         right = hostile_json
-    choices = [right, right, hostile_json, deeply_nested]
+    choices = [(2, right), (1, hostile_json), (1, deeply_nested)]
     if name in ANCHORS:
-        choices = [ANCHORS[name], ANCHORS[name], *choices]
-    return st.one_of(choices)
+        choices.append((2, ANCHORS[name]))
+    return weighted(*choices)
 
 
 def objects(schema: dict[str, Any], stage_fields: dict[str, Any] | None = None) -> st.SearchStrategy[Any]:
@@ -425,7 +442,7 @@ def hostile_value(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     right = {"string": hostile_strings, "integer": hostile_numbers, "number": hostile_numbers}.get(
         str(kind), hostile_json
     )
-    return st.one_of(right, right, right, hostile_json, deeply_nested)
+    return weighted((3, right), (1, hostile_json), (1, deeply_nested))
 
 
 def with_field(body: Any, path: tuple[str, ...], value: Any) -> Any:
@@ -461,7 +478,7 @@ def bodies(endpoint: Endpoint) -> st.SearchStrategy[Any]:
     )
     if schema is None:
         # No body in the spec (GET, logout): most requests send none.
-        return st.one_of(st.none(), st.none(), st.none(), st.just(b"{}"), hostile_json, not_json)
+        return weighted((3, st.none()), (1, st.just(b"{}")), (1, hostile_json), (1, not_json))
     shaped = objects(schema)
     hostile_fields = mutated(BASELINES[endpoint.spec], schema)
     duplicates = st.builds(
@@ -471,22 +488,31 @@ def bodies(endpoint: Endpoint) -> st.SearchStrategy[Any]:
         hostile_json,
         hostile_fields,
     )
-    return st.one_of(*[hostile_fields] * 6, shaped, shaped, hostile_json, deeply_nested, duplicates, not_json)
+    return weighted(
+        (10, hostile_fields),
+        (2, shaped),
+        (1, hostile_json),
+        (1, deeply_nested),
+        (1, duplicates),
+        (1, not_json),
+    )
 
 
 def _encode_query_part(text: str) -> str:
     return quote(text.encode("utf-8", "surrogatepass"), safe="")
 
 
-queries = st.one_of(
-    st.just(""),
-    st.just(""),
-    st.lists(
-        st.tuples(st.sampled_from(["access_token", "user_id", "x"]) | hostile_strings, hostile_strings),
-        min_size=1,
-        max_size=3,
-    ).map(lambda pairs: "&".join(f"{_encode_query_part(k)}={_encode_query_part(v)}" for k, v in pairs)),
-    st.sampled_from(["%zz", "%", "access_token=%00", "access_token=%ED%A0%80", "a=" + "b" * 10_000, "&&=&"]),
+queries = weighted(
+    (3, st.just("")),
+    (
+        1,
+        st.lists(
+            st.tuples(st.sampled_from(["access_token", "user_id", "x"]) | hostile_strings, hostile_strings),
+            min_size=1,
+            max_size=3,
+        ).map(lambda pairs: "&".join(f"{_encode_query_part(k)}={_encode_query_part(v)}" for k, v in pairs)),
+    ),
+    (1, st.sampled_from(["%zz", "%", "access_token=%00", "access_token=%ED%A0%80", "a=" + "b" * 10_000])),
 )
 
 HEADER_SAFE = [
@@ -510,7 +536,7 @@ def method_spellings(method: str) -> st.SearchStrategy[str]:
     others = ["OPTIONS", "PUT", "DELETE", "PATCH", "PROPFIND", "FOO", mixed, method.lower()]
     if method == "GET":
         others.append("HEAD")
-    return st.one_of(st.just(method), st.just(method), st.just(method), st.sampled_from(others))
+    return weighted((4, st.just(method)), (1, st.sampled_from(others)))
 
 
 def path_spellings(paths: tuple[str, ...]) -> st.SearchStrategy[str]:
@@ -531,7 +557,7 @@ def path_spellings(paths: tuple[str, ...]) -> st.SearchStrategy[str]:
 
     plain = st.sampled_from(paths)
     respelled = st.builds(respell, plain, st.integers(0, 200), st.integers(0, 5))
-    return st.one_of(plain, plain, plain, respelled)
+    return weighted((4, plain), (1, respelled))
 
 
 @dataclass
@@ -556,8 +582,8 @@ class HostileRequest:
 
 
 def requests(endpoint: Endpoint) -> st.SearchStrategy[HostileRequest]:
-    authorization: st.SearchStrategy[bytes | None] = st.one_of(
-        [st.none()] * (6 if endpoint.needs_auth else 1) + [st.just(b""), hostile_header_values]
+    authorization: st.SearchStrategy[bytes | None] = weighted(
+        (8 if endpoint.needs_auth else 1, st.none()), (1, st.just(b"")), (1, hostile_header_values)
     )
     return st.builds(
         HostileRequest,
