@@ -66,3 +66,21 @@ def test_smoke_mode_prints_a_table_of_measurements_and_targets(tmp_path: Path) -
     assert "#6 Scale-out" in out
     picture = written[0].with_suffix(".png")
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(120)
+def test_the_attack_benchmark_runs_in_smoke_mode() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.attack", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for heading in ("1. another user's login", "2. lone surrogates", "3. path spellings", "4. file modes"):
+        assert heading in result.stdout, result.stdout
+    assert re.search(r"bob's password login, idle: +p50 \d", result.stdout), result.stdout
+    assert re.search(r"\.demo-password +0[0-7]{3}", result.stdout), result.stdout
+    assert "mlt_" not in result.stdout + result.stderr and "mat_" not in result.stdout + result.stderr

@@ -59,6 +59,18 @@ def response_schema(file_name: str, api_path: str, method: str, status: int) -> 
     return schema
 
 
+def request_schema(file_name: str, api_path: str, method: str) -> dict[str, Any] | None:
+    """The JSON body schema of a request, ``$ref``s inlined; None when the spec gives it no body."""
+    path = SPEC_DIR / file_name
+    document = _load_yaml(path)
+    body = document["paths"][api_path][method].get("requestBody")
+    if body is None:
+        return None
+    schema = _inline(body["content"]["application/json"]["schema"], path, document)
+    assert isinstance(schema, dict)
+    return schema
+
+
 def schema_errors(schema: dict[str, Any], instance: Any) -> list[str]:
     Draft202012Validator.check_schema(schema)
     validator = Draft202012Validator(schema)
