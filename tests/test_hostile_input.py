@@ -47,6 +47,8 @@ BOUNDARY_CODES = {"M_BAD_JSON", "M_INVALID_PARAM"}
 GENEROUS = {"per_second": 100_000, "burst_count": 100_000}
 SERVER_NAME = "test.local"
 # What the issue's attacker put in a device id: a second, forged audit record.
+# A device id that would forge a record if written raw, without a control character.
+SPOOFING = f'PHONE event=spend outcome=spent user_id=@admin:{SERVER_NAME} new_device_id="x y"'
 FORGED = (
     "PHONE\n2026-01-01 00:00:00,000 INFO login_token_module.audit: login token event=spend"
     f' outcome=spent user_id=@admin:{SERVER_NAME} new_device_id="x y"'
@@ -295,7 +297,8 @@ def test_metrics_label_the_route_and_the_method_served_never_the_spelling(
     spellings = ["/_matrix/client/%76ersions", "/_matrix/%63lient/versions", "/_matrix/client/versio%6E%73"]
     for path in spellings:
         assert send(host.port, "GET", path).status == 200, path
-    assert send(host.port, "gEt", VERSIONS).status == 200
+    # Methods are case-sensitive: gEt is not GET (refused, and counted as "other").
+    assert send(host.port, "gEt", VERSIONS).status == 405
     for n in range(200):  # the attack, small: every spelling a new series today
         assert send(host.port, "GET", f"/_matrix/client/versions%{n % 16:X}{n // 16:X}x").status == 404
         spelled = "".join(f"%{ord(c):02x}" if (n >> i) & 1 else c for i, c in enumerate("versions"))
@@ -476,19 +479,25 @@ def test_a_device_id_holding_a_line_break_cannot_forge_an_audit_record(
     tmp_path: Path, launch: Launcher
 ) -> None:
     host = start_host(tmp_path, launch)
-    minting = host.login(device_id=FORGED)
+    # A line break (any control character) in a device id is refused at the door...
+    refused = host.login(device_id=FORGED)
+    assert (refused.status, refused.body["errcode"]) == (400, "M_INVALID_PARAM"), refused
+    # ... and what a device id may hold (spaces, quotes, '=') is quoted in the record.
+    minting = host.login(device_id=SPOOFING)
     assert minting.status == 200, minting
     token = host.mint(minting.body["access_token"])
-    spent = host.token_login(token, device_id=FORGED + " new")
+    refused = host.token_login(token, device_id=FORGED)
+    assert (refused.status, refused.body["errcode"]) == (400, "M_INVALID_PARAM"), refused
+    spent = host.token_login(token, device_id=SPOOFING + " new")
     assert spent.status == 200, spent
     host.server.terminate()
 
     log = host.server.log()
     records = audit_lines(log)
     assert [(r["event"], r["outcome"]) for r in records] == [("issue", "issued"), ("spend", "spent")], log
-    assert records[0]["minted_by_device"] == FORGED
-    assert records[1]["minted_by_device"] == FORGED
-    assert records[1]["new_device_id"] == FORGED + " new"
+    assert records[0]["minted_by_device"] == SPOOFING
+    assert records[1]["minted_by_device"] == SPOOFING
+    assert records[1]["new_device_id"] == SPOOFING + " new"
     assert all(r["user_id"] == f"@alice:{SERVER_NAME}" for r in records)
     assert not any(line.startswith("2026-01-01") for line in log.splitlines()), log
 

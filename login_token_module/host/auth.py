@@ -31,17 +31,17 @@ def access_token_from_request(request: Request) -> str | None:
         scheme, _, token = raw.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise MatrixError(401, Codes.MISSING_TOKEN, "Authorization header must be 'Bearer <token>'")
-        return _checked(token.strip())
+        return _checked(token.strip(), "the Authorization header")
     values = (request.args or {}).get(b"access_token")
     if values:
         first: bytes = values[0]
-        return _checked(first.decode("utf-8", "replace"))
+        return _checked(first.decode("utf-8", "replace"), "'access_token'")
     return None
 
 
-def _checked(token: str) -> str:
+def _checked(token: str, field: str) -> str:
     if not is_clean(token):
-        raise MatrixError(400, Codes.INVALID_PARAM, "The access token holds a character not allowed (NUL)")
+        raise MatrixError(400, Codes.INVALID_PARAM, f"{field} holds a character not allowed here (NUL)")
     return token
 
 
