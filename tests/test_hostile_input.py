@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from tests.helpers import (
     cli,
     homeserver_yaml,
     register,
+    start_child,
     write_config,
 )
 from tests.pgcluster import Database
@@ -143,6 +144,23 @@ def start_host(
     return Host(launch(path), path)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    """One SQLite host for the tests that only send requests it refuses (each starting its
+    own would add a second or two apiece)."""
+    started: list[ChildServer] = []
+
+    def launch(config: Path) -> ChildServer:
+        started.append(start_child(config))
+        return started[-1]
+
+    try:
+        yield start_host(tmp_path_factory.mktemp("shared"), launch)
+    finally:
+        for server in started:
+            server.kill_all()
+
+
 STORES = ["sqlite", "postgres"]
 
 
@@ -186,8 +204,8 @@ def kinds(answers: list[Answer]) -> Counter[tuple[int, str]]:
 # -- 1. a request is always answered; a client string holding a lone surrogate or NUL is refused
 
 
-def test_a_lone_surrogate_as_the_login_type_gets_400_at_once(tmp_path: Path, launch: Launcher) -> None:
-    host = start_host(tmp_path, launch)
+def test_a_lone_surrogate_as_the_login_type_gets_400_at_once(shared: Host) -> None:
+    host = shared
     started = time.monotonic()
     answer = host.request("POST", LOGIN, b'{"type":"\\ud800"}')
     assert time.monotonic() - started < 2, answer
@@ -235,24 +253,24 @@ def test_a_lone_surrogate_as_the_login_type_gets_400_at_once(tmp_path: Path, lau
     ],
 )
 def test_a_lone_surrogate_or_nul_anywhere_in_a_body_gets_400(
-    tmp_path: Path, launch: Launcher, path: str, body: dict[str, Any], field: str | None
+    shared: Host, path: str, body: dict[str, Any], field: str | None
 ) -> None:
-    host = start_host(tmp_path, launch)
+    host = shared
     access = host.access()
     answer = host.request("POST", path, body, access if path == GET_TOKEN else None)
     assert_boundary_refusal(answer, field)
     host.still_serving()
 
 
-def test_an_error_never_echoes_a_long_client_string(tmp_path: Path, launch: Launcher) -> None:
-    host = start_host(tmp_path, launch)
+def test_an_error_never_echoes_a_long_client_string(shared: Host) -> None:
+    host = shared
     answer = host.request("POST", LOGIN, {"type": "m.login." + "x" * 10_000})
     assert answer.status == 400, answer
     assert len(answer.body["error"]) < 1_000, len(answer.body["error"])
 
 
-def test_an_access_token_query_parameter_holding_nul_gets_400(tmp_path: Path, launch: Launcher) -> None:
-    host = start_host(tmp_path, launch)
+def test_an_access_token_query_parameter_holding_nul_gets_400(shared: Host) -> None:
+    host = shared
     answer = host.request("GET", "/_matrix/client/v3/account/whoami?access_token=mat_%00")
     assert_boundary_refusal(answer, "access_token")
 
@@ -511,10 +529,8 @@ def test_a_device_id_holding_a_line_break_cannot_forge_an_audit_record(
 # -- 6. other inputs that gave 500 ---------------------------------------------------------------------
 
 
-def test_a_token_of_the_right_shape_with_a_non_ascii_checksum_gets_403(
-    tmp_path: Path, launch: Launcher
-) -> None:
-    host = start_host(tmp_path, launch)
+def test_a_token_of_the_right_shape_with_a_non_ascii_checksum_gets_403(shared: Host) -> None:
+    host = shared
     token = generate_token()
     for checksum in ("\u00e9" * 6, "abcde\u00e9", "\uff10" * 6):
         answer = host.token_login(token[:-6] + checksum)

@@ -448,6 +448,28 @@ def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Clie
     assert any(dict(labels)["endpoint"].startswith(MODULE_PREFIX) for _, labels in latency), latency
 
 
+def test_module_metrics_in_synapse_label_the_route_never_the_spelling(synapse: Synapse) -> None:
+    from tests.test_hostile_property import send
+
+    stable = MODULE_PREFIX + "v1/login/get_token"
+    spellings = [
+        stable.replace("get_token", "get_%74oken"),
+        stable.replace("/login/", "/log%69n/"),
+        stable.replace("/v1/", "/%761/"),
+    ]
+    for path in spellings:  # each routed to the module's resource: no access token, so 401
+        assert send(synapse.port, "POST", path, b"{}").status == 401, path
+    assert send(synapse.port, "pOsT", stable, b"{}").status == 401
+    latency = [
+        dict(labels)
+        for name, labels in synapse_metrics(synapse)
+        if name == "login_token_module_http_request_duration_seconds_count"
+    ]
+    for labels in latency:
+        assert "%" not in labels["endpoint"], labels
+        assert labels["method"] in {"GET", "POST", "HEAD", "OPTIONS", "other"}, labels
+
+
 def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, client: Client) -> None:
     localpart, password = new_user(synapse)
     first = client.login(localpart, password).json
