@@ -11,17 +11,19 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
 
 from login_token_module.safe_text import logfmt_value, printable
 from login_token_module.stores import StateBackend, TokenSpend
-from tests.helpers import LOGIN, InProcessServer, running, start_in_process
+from tests.helpers import GET_TOKEN, LOGIN, InProcessServer, running, start_in_process
 
 HASH = b"\x01" * 32
 
@@ -220,3 +222,36 @@ def test_printable_escapes_and_cuts_client_text() -> None:
     assert printable(b"/a\x00b\x1b\n") == "/a\\x00b\\x1b\\n"
     assert printable(b"\xff") == "\\xff"
     assert printable("x" * 300, 10) == "x" * 10 + "..."
+
+
+@pytest_twisted.ensureDeferred
+async def test_when_the_give_back_fails_too_the_answer_is_500_and_one_warning_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token cannot be stored and the allowance cannot be given back: a clean 500, and
+    one warning naming the reason (the allowance then drains as any other)."""
+    config = {
+        "require_ui_auth": False,
+        "store": {"type": "sqlite", "path": "tokens.db", "shared_state": True},
+    }
+    async with running(tmp_path, config) as srv:
+        access = await srv.client.access_token("alice")
+        assert await srv.module.store.count_tokens() == 0  # the store's connection is open
+
+        def break_the_store() -> None:
+            with sqlite3.connect(tmp_path / "tokens.db") as conn:
+                conn.execute("DROP TABLE login_tokens")
+                # The allowance is taken (an INSERT) but cannot be given back (an UPDATE).
+                conn.execute(
+                    "CREATE TRIGGER no_refunds BEFORE UPDATE ON login_token_ratelimits"
+                    " BEGIN SELECT RAISE(ABORT, 'refunds are refused here'); END"
+                )
+
+        await threads.deferToThread(break_the_store)
+        caplog.set_level(logging.WARNING, logger="login_token_module")
+        failed = await srv.client.post(GET_TOKEN, {}, access)
+        assert (failed.code, failed.json["errcode"]) == (500, "M_UNKNOWN"), failed
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "Could not give back a failed get_token's allowance or session: refunds are refused here"
+    ], warnings
