@@ -24,7 +24,8 @@ from login_token_module.api import AuthChecker, JsonDict, ModuleApi
 from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.issuing import Issuing
 from login_token_module.metrics import metrics
-from login_token_module.pairing import APPROVE_PATH, DENY_PATH, POLL_PATH, START_PATH, Pairings
+from login_token_module.pairing import APPROVE_PATH, DENY_PATH, PAGE_PATH, POLL_PATH, START_PATH, Pairings
+from login_token_module.pairing_page import PairPageResource
 from login_token_module.resources import (
     GET_TOKEN_PATHS,
     GetTokenResource,
@@ -164,7 +165,7 @@ class LoginTokenModule:
             api.register_unstable_feature("org.matrix.msc3882.r1")
         api.looping_background_call(self.sweep, config.sweep_interval_ms)
         if config.pairing.enabled:
-            self._wire_pairing(config, api, issuing, revocation, clock)
+            self._wire_pairing(config, api, issuing, uia, revocation, clock)
         api.register_shutdown_callback(self.state.close)
 
     def _wire_pairing(
@@ -172,6 +173,7 @@ class LoginTokenModule:
         config: LoginTokenConfig,
         api: ModuleApi,
         issuing: Issuing,
+        uia: UiaFlow,
         revocation: Revocation,
         clock: Callable[[], float],
     ) -> None:
@@ -180,6 +182,9 @@ class LoginTokenModule:
             config=config.pairing,
             store=self.state.pairings,
             issuing=issuing,
+            uia=uia,
+            require_ui_auth=config.require_ui_auth,
+            server_name=api.server_name,
             revocation=revocation,
             start_limiter=self.state.rate_limiter("pair_start", *pairing.START_LIMIT),
             poll_limiter=self.state.rate_limiter("pair_poll", 1000 / config.pairing.interval_ms, 1),
@@ -195,6 +200,7 @@ class LoginTokenModule:
             APPROVE_PATH, PairApproveResource(pairings, api, revokes_on_logout=config.revoke_on_logout)
         )
         api.register_web_resource(DENY_PATH, PairDenyResource(pairings, api))
+        api.register_web_resource(PAGE_PATH, PairPageResource(pairings, api.server_name, clock))
         api.looping_background_call(pairings.sweep, config.sweep_interval_ms)
 
     @property

@@ -40,6 +40,7 @@ from login_token_module.issuing import Issuing
 from login_token_module.metrics import Metrics
 from login_token_module.revocation import Revocation
 from login_token_module.stores import Pairing, PairingStore, RateLimitStore
+from login_token_module.uia_flow import PASSWORD_STAGE, UiaFlow
 
 logger = logging.getLogger("login_token_module.module")
 
@@ -167,6 +168,9 @@ class Pairings:
         config: PairingConfig,
         store: PairingStore,
         issuing: Issuing,
+        uia: UiaFlow,
+        require_ui_auth: bool,
+        server_name: str,
         revocation: Revocation,
         start_limiter: RateLimitStore,
         poll_limiter: RateLimitStore,
@@ -178,6 +182,9 @@ class Pairings:
         self._config = config
         self._store = store
         self._issuing = issuing
+        self._uia = uia
+        self._require_ui_auth = require_ui_auth
+        self._server_name = server_name
         self._revocation = revocation
         self._start_limiter = start_limiter
         self._poll_limiter = poll_limiter
@@ -282,11 +289,12 @@ class Pairings:
 
     # -- the signed-in device --------------------------------------------------------
 
-    async def _pending(self, requester: Requester, raw_code: object, address: str | None) -> Pairing:
-        """The live pending pairing a signed-in user names, or 404; a wrong code counts
-        against the user and the address (429 once either is over the limit)."""
+    async def _pending(self, user_id: str | None, raw_code: object, address: str | None) -> Pairing:
+        """The live pending pairing a user (or, on the page before sign-in, anyone) names,
+        or 404; a wrong code counts against the user and the address (429 once either
+        is over the limit)."""
         now = self._now()
-        keys = (f"user:{requester.user_id}", f"address:{address or ''}")
+        keys = ((f"user:{user_id}",) if user_id is not None else ()) + (f"address:{address or ''}",)
         for key in keys:
             retry_after = await self._wrong_codes.check(key, now)
             if retry_after is not None:
@@ -302,7 +310,7 @@ class Pairings:
 
     async def describe(self, requester: Requester, raw_code: object, address: str | None) -> JsonDict:
         """What asks to be signed in, before any password prompt."""
-        pairing = await self._pending(requester, raw_code, address)
+        pairing = await self._pending(requester.user_id, raw_code, address)
         return {
             "user_code": shown(pairing.user_code),
             "initial_device_display_name": pairing.display_name,
@@ -319,10 +327,17 @@ class Pairings:
         still_signed_in: Callable[[], Awaitable[bool]] | None,
     ) -> JsonDict:
         """Approve after UIA (as get_token's): mint a token and hold it sealed for the new device."""
-        pairing = await self._pending(requester, body.get("user_code"), address)
+        pairing = await self._pending(requester.user_id, body.get("user_code"), address)
         token, lifetime_ms = await self._issuing.issue_token(
             requester, body, APPROVE_PATH, address, still_signed_in
         )
+        return await self._hold_for_delivery(requester, pairing, token, lifetime_ms, address)
+
+    async def _hold_for_delivery(
+        self, requester: Requester, pairing: Pairing, token: str, lifetime_ms: int, address: str | None
+    ) -> JsonDict:
+        """Seal a freshly minted token to the pairing and mark it approved (atomically: if
+        it is no longer pending, the token is revoked and the answer is 404)."""
         token_hash = tokens.hash_token(token)
         now_ms = self._now_ms()
         try:
@@ -357,7 +372,10 @@ class Pairings:
         return {"user_code": shown(pairing.user_code), "initial_device_display_name": pairing.display_name}
 
     async def deny(self, requester: Requester, body: JsonDict, address: str | None) -> JsonDict:
-        pairing = await self._pending(requester, body.get("user_code"), address)
+        pairing = await self._pending(requester.user_id, body.get("user_code"), address)
+        return await self._deny(requester, pairing, address)
+
+    async def _deny(self, requester: Requester, pairing: Pairing, address: str | None) -> JsonDict:
         denied = await self._store.deny(
             pairing.user_code,
             self._now_ms(),
@@ -378,6 +396,45 @@ class Pairings:
             pairing=audit.fingerprint_of_hash(pairing.pairing_hash),
         )
         return {}
+
+    # -- the approval page (a phone's browser: no access token, the password instead) --
+
+    async def look_up(self, raw_code: object, address: str | None) -> Pairing:
+        """The pending pairing a code on the page names (before sign-in: wrong codes count
+        against the address), or 404."""
+        return await self._pending(None, raw_code, address)
+
+    def page_user(self, typed: str) -> str | None:
+        """The local user id a person typed on the page (``alice`` or ``@alice:server``)."""
+        name = typed.strip()
+        if name.startswith("@"):
+            localpart, _, domain = name[1:].partition(":")
+            if domain != self._server_name:
+                return None
+        else:
+            localpart = name
+        if not localpart or len(localpart) > 255 or not localpart.isprintable() or ":" in localpart:
+            return None
+        return f"@{localpart.lower()}:{self._server_name}"
+
+    async def decide_in_page(
+        self, user_id: str, password: str, raw_code: object, approve: bool, address: str | None
+    ) -> JsonDict:
+        """Approve or deny from the page: the password is checked as UIA checks it (the
+        failed-password limit), and approving mints under get_token's allowance."""
+        requester = Requester(user_id=user_id, device_id=None)
+        pairing = await self._pending(user_id, raw_code, address)
+        if not approve:
+            await self._uia.check_password(requester, PAGE_PATH, None, password)
+            return await self._deny(requester, pairing, address)
+        body: JsonDict = {}
+        if self._require_ui_auth:
+            # A one-shot password stage (no session): checked once, by issuing.
+            body = {"auth": {"type": PASSWORD_STAGE, "password": password}}
+        else:
+            await self._uia.check_password(requester, PAGE_PATH, None, password)
+        token, lifetime_ms = await self._issuing.issue_token(requester, body, PAGE_PATH, address)
+        return await self._hold_for_delivery(requester, pairing, token, lifetime_ms, address)
 
     # -- housekeeping ----------------------------------------------------------------
 

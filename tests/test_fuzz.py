@@ -16,13 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from login_token_module.pairing import APPROVE_PATH, DENY_PATH, POLL_PATH, START_PATH
+from login_token_module.pairing import APPROVE_PATH, DENY_PATH, PAGE_PATH, POLL_PATH, START_PATH
 from login_token_module.tokens import generate_token
 from tests.helpers import (
     GET_TOKEN,
     LOGIN,
     PASSWORD,
     ChildServer,
+    call,
     cli,
     homeserver_yaml,
     start_child,
@@ -252,3 +253,6 @@ def test_any_bytes_to_the_pairing_paths_get_a_matrix_error(
     for path in (APPROVE_PATH, DENY_PATH):
         code, answer = sync_call(server.base_url, "POST", path, access_token=access_token, raw_body=data)
         assert_matrix_error(code, answer, {400, 401, 404, 429})
+    # The approval page answers a page, never a 500: without its form token, 403 or 400.
+    page = call(server.base_url, "POST", PAGE_PATH, raw_body=data)
+    assert page.code in {400, 403}, page
