@@ -357,6 +357,8 @@ class MemoryPairingStore:
         self._tokens = tokens
         self._pairings: dict[bytes, Pairing] = {}
         self._by_code: dict[str, bytes] = {}
+        # The pairings each client address holds, so the pending cap counts only its own.
+        self._by_address: dict[str | None, set[bytes]] = {}
 
     def _live(self, user_code: str, now_ms: int) -> Pairing | None:
         pairing_hash = self._by_code.get(user_code)
@@ -369,6 +371,11 @@ class MemoryPairingStore:
         self._pairings.pop(pairing.pairing_hash, None)
         if self._by_code.get(pairing.user_code) == pairing.pairing_hash:
             del self._by_code[pairing.user_code]
+        held = self._by_address.get(pairing.client_address)
+        if held is not None:
+            held.discard(pairing.pairing_hash)
+            if not held:
+                del self._by_address[pairing.client_address]
 
     async def start(self, pairing: Pairing, now_ms: int, max_pending_per_address: int) -> StartOutcome:
         taken = self._by_code.get(pairing.user_code)
@@ -378,17 +385,16 @@ class MemoryPairingStore:
                 return "code_taken"
             if held is not None:
                 self._drop(held)
-        pending = sum(
-            1
-            for held in self._pairings.values()
-            if held.client_address == pairing.client_address
-            and held.status == "pending"
-            and held.expires_at_ms > now_ms
-        )
+        pending = 0
+        for pairing_hash in self._by_address.get(pairing.client_address, ()):
+            held = self._pairings[pairing_hash]
+            if held.status == "pending" and held.expires_at_ms > now_ms:
+                pending += 1
         if pending >= max_pending_per_address:
             return "address_full"
         self._pairings[pairing.pairing_hash] = pairing
         self._by_code[pairing.user_code] = pairing.pairing_hash
+        self._by_address.setdefault(pairing.client_address, set()).add(pairing.pairing_hash)
         return "started"
 
     async def find(self, user_code: str, now_ms: int) -> Pairing | None:
