@@ -86,6 +86,11 @@ class ModuleApi(Protocol):
     def abilities(self) -> HostAbilities:
         """What this host does itself (see :class:`HostAbilities`)."""
 
+    @property
+    def public_baseurl(self) -> str:
+        """Where clients reach this homeserver, ending in ``/`` (Synapse's key): the
+        base of links the module hands out, such as a pairing's verification URL."""
+
     async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
         """A host login token for ``user_id``, valid for ``duration_in_ms`` (Synapse's name).
 

@@ -59,6 +59,16 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class PairingConfig:
+    """Signing in a device by code (``pairing.py``); off unless the operator turns it on."""
+
+    enabled: bool = False
+    # How long a started pairing waits for approval, and how often its new device may poll.
+    lifetime_ms: int = 600_000
+    interval_ms: int = 5_000
+
+
+@dataclass(frozen=True)
 class LoginTokenConfig:
     token_lifetime_ms: int = 120_000
     require_ui_auth: bool = True
@@ -84,6 +94,7 @@ class LoginTokenConfig:
     # Whether the block named a store (a host that keeps the tokens itself
     # refuses one rather than ignore it).
     store_configured: bool = False
+    pairing: PairingConfig = field(default_factory=PairingConfig)
 
 
 MAX_LIFETIME_MS = 24 * 60 * 60 * 1000
@@ -171,6 +182,23 @@ def _store(value: Any, path: list[str | int]) -> StoreConfig:
     return StoreConfig(type="sqlite", path=store_path, shared_state=shared_state)
 
 
+def _pairing(value: Any, path: list[str | int]) -> PairingConfig:
+    section = _mapping(value, path)
+    reject_unknown(section, {"enabled", "lifetime_ms", "interval_ms"}, path)
+    enabled = section.get("enabled", PairingConfig.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError([*path, "enabled"], f"must be true or false, got {enabled!r}")
+    lifetime_ms = whole_number(
+        section.get("lifetime_ms", PairingConfig.lifetime_ms), [*path, "lifetime_ms"], 1_000, MAX_LIFETIME_MS
+    )
+    interval_ms = whole_number(
+        section.get("interval_ms", PairingConfig.interval_ms), [*path, "interval_ms"], 10, 60_000
+    )
+    if interval_ms >= lifetime_ms:
+        raise ConfigError([*path, "interval_ms"], f"must be less than lifetime_ms ({lifetime_ms})")
+    return PairingConfig(enabled=enabled, lifetime_ms=lifetime_ms, interval_ms=interval_ms)
+
+
 def parse_config(raw: Any) -> LoginTokenConfig:
     """Validate the module's ``config:`` block; raises :class:`ConfigError`."""
     section = _mapping(raw, [])
@@ -187,6 +215,7 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             "store",
             "revoke_on_logout",
             "history_retention_ms",
+            "pairing",
         },
         [],
     )
@@ -231,4 +260,5 @@ def parse_config(raw: Any) -> LoginTokenConfig:
             MAX_HISTORY_MS,
         ),
         store_configured="store" in section,
+        pairing=_pairing(section.get("pairing"), ["pairing"]),
     )

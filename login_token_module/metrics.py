@@ -38,6 +38,7 @@ class Metrics:
     uia_prompts: Any
     uia_failures: Any
     ratelimited: Any
+    pairings: Any
     outstanding_tokens: Any
     store_duration: Any
     request_duration: Any
@@ -74,6 +75,11 @@ def metrics() -> Metrics:
         ),
         ratelimited=Counter(
             f"{PREFIX}_ratelimited", "Requests refused with 429 M_LIMIT_EXCEEDED, by limiter", ["limiter"]
+        ),
+        pairings=Counter(
+            f"{PREFIX}_pairings",
+            "Pairings (sign in a device by code) by event: started, approved, denied, delivered, expired",
+            ["event"],
         ),
         outstanding_tokens=Gauge(
             f"{PREFIX}_outstanding_tokens",

@@ -10,8 +10,8 @@ per job, each in its own file beside this one, then what the host is asked
 to call. The jobs: ``uia_flow.py`` (User-Interactive Auth), ``issuing.py``
 (a get_token request), ``spending.py`` (the ``m.login.token`` login),
 ``revocation.py`` (logout revokes), ``sweeping.py`` (the looping clean-up), and
-``resources.py`` (the get_token paths). A new job (pairing) is a new file
-there and a few lines here.
+``resources.py`` (the module's paths), and ``pairing.py`` (sign in a device
+by code, wired only when ``pairing.enabled``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from login_token_module import pairing
 from login_token_module.api import AuthChecker, JsonDict, ModuleApi
 from login_token_module.config import ConfigError, LoginTokenConfig, parse_config
 from login_token_module.issuing import Issuing
 from login_token_module.metrics import metrics
-from login_token_module.resources import GET_TOKEN_PATHS, GetTokenResource
+from login_token_module.pairing import APPROVE_PATH, DENY_PATH, PAGE_PATH, POLL_PATH, START_PATH, Pairings
+from login_token_module.pairing_page import PairPageResource
+from login_token_module.resources import (
+    GET_TOKEN_PATHS,
+    GetTokenResource,
+    PairApproveResource,
+    PairDenyResource,
+    PairPollResource,
+    PairStartResource,
+)
 from login_token_module.revocation import Revocation
 from login_token_module.spending import Spending
 from login_token_module.stores import StateBackend, TokenStore, make_state
@@ -154,7 +164,44 @@ class LoginTokenModule:
             api.register_unstable_feature("org.matrix.msc3882")
             api.register_unstable_feature("org.matrix.msc3882.r1")
         api.looping_background_call(self.sweep, config.sweep_interval_ms)
+        if config.pairing.enabled:
+            self._wire_pairing(config, api, issuing, uia, revocation, clock)
         api.register_shutdown_callback(self.state.close)
+
+    def _wire_pairing(
+        self,
+        config: LoginTokenConfig,
+        api: ModuleApi,
+        issuing: Issuing,
+        uia: UiaFlow,
+        revocation: Revocation,
+        clock: Callable[[], float],
+    ) -> None:
+        """Pairing (``pairing.py``): its limiters, its four paths and its sweep."""
+        pairings = Pairings(
+            config=config.pairing,
+            store=self.state.pairings,
+            issuing=issuing,
+            uia=uia,
+            require_ui_auth=config.require_ui_auth,
+            server_name=api.server_name,
+            revocation=revocation,
+            start_limiter=self.state.rate_limiter("pair_start", *pairing.START_LIMIT),
+            poll_limiter=self.state.rate_limiter("pair_poll", 1000 / config.pairing.interval_ms, 1),
+            wrong_codes=self.state.rate_limiter("pair_wrong_code", *pairing.WRONG_CODE_LIMIT),
+            public_baseurl=lambda: api.public_baseurl,
+            metrics=self.metrics,
+            now=clock,
+        )
+        self.pairings = pairings
+        api.register_web_resource(START_PATH, PairStartResource(pairings))
+        api.register_web_resource(POLL_PATH, PairPollResource(pairings))
+        api.register_web_resource(
+            APPROVE_PATH, PairApproveResource(pairings, api, revokes_on_logout=config.revoke_on_logout)
+        )
+        api.register_web_resource(DENY_PATH, PairDenyResource(pairings, api))
+        api.register_web_resource(PAGE_PATH, PairPageResource(pairings, api.server_name, clock))
+        api.looping_background_call(pairings.sweep, config.sweep_interval_ms)
 
     @property
     def revokes_on_logout(self) -> bool:

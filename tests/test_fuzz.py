@@ -16,12 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from login_token_module.pairing import APPROVE_PATH, DENY_PATH, PAGE_PATH, POLL_PATH, START_PATH
 from login_token_module.tokens import generate_token
 from tests.helpers import (
     GET_TOKEN,
     LOGIN,
     PASSWORD,
     ChildServer,
+    call,
     cli,
     homeserver_yaml,
     start_child,
@@ -81,6 +83,15 @@ auth_dicts = st.fixed_dictionaries(
     },
 )
 get_token_bodies = st.fixed_dictionaries({}, optional={"auth": auth_dicts | json_values}) | json_values
+user_codes = st.text(alphabet="BCDFGHJKLMNPQRSTVWXZbcdf-", max_size=12) | json_values
+pair_start_bodies = (
+    st.fixed_dictionaries({}, optional={"initial_device_display_name": field_values}) | json_values
+)
+pair_poll_bodies = st.fixed_dictionaries({}, optional={"pairing_id": field_values}) | json_values
+pair_approve_bodies = (
+    st.fixed_dictionaries({}, optional={"user_code": user_codes, "auth": auth_dicts | json_values})
+    | json_values
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +103,7 @@ def child(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ChildServe
             "store": {"type": "sqlite", "path": "tokens.db"},
             "ratelimit": {"per_second": 10_000, "burst_count": 10_000},
             "failed_auth_ratelimit": {"per_second": 10_000, "burst_count": 10_000},
+            "pairing": {"enabled": True, "interval_ms": 10},
         },
     )
     config = write_config(folder, raw)
@@ -203,3 +215,44 @@ def test_any_token_string_that_was_never_issued_is_403(child: tuple[ChildServer,
         assert (code, answer["errcode"]) == (400, "M_BAD_JSON")
     else:
         assert (code, answer["errcode"]) == (403, "M_FORBIDDEN")
+
+
+@FUZZ_SETTINGS
+@given(start=pair_start_bodies, poll=pair_poll_bodies, decide=pair_approve_bodies)
+def test_any_pairing_body_gets_a_pairing_or_a_matrix_error_and_never_a_token(
+    child: tuple[ChildServer, str], start: Any, poll: Any, decide: Any
+) -> None:
+    server, access_token = child
+    code, answer = sync_call(server.base_url, "POST", START_PATH, start)
+    if code == 200:
+        assert isinstance(answer["pairing_id"], str) and re.fullmatch(
+            r"[A-Z]{4}-[A-Z]{4}", answer["user_code"]
+        )
+    else:
+        assert_matrix_error(code, answer, {400, 429})
+    code, answer = sync_call(server.base_url, "POST", POLL_PATH, poll)
+    assert_matrix_error(code, answer, {400, 404})
+    for path in (APPROVE_PATH, DENY_PATH):
+        code, answer = sync_call(server.base_url, "POST", path, decide, access_token)
+        assert_matrix_error(code, answer, {400, 401, 404, 429})
+        assert "login_token" not in answer
+
+
+@FUZZ_SETTINGS
+@given(data=st.binary(max_size=200))
+def test_any_bytes_to_the_pairing_paths_get_a_matrix_error(
+    child: tuple[ChildServer, str], data: bytes
+) -> None:
+    server, access_token = child
+    for path in (START_PATH, POLL_PATH):
+        code, answer = sync_call(server.base_url, "POST", path, raw_body=data)
+        if code != 200:  # an empty body is a start without a name
+            assert_matrix_error(code, answer, {400, 404, 429})
+        else:
+            assert path == START_PATH and not data.strip()
+    for path in (APPROVE_PATH, DENY_PATH):
+        code, answer = sync_call(server.base_url, "POST", path, access_token=access_token, raw_body=data)
+        assert_matrix_error(code, answer, {400, 401, 404, 429})
+    # The approval page answers a page, never a 500: without its form token, 403 or 400.
+    page = call(server.base_url, "POST", PAGE_PATH, raw_body=data)
+    assert page.code in {400, 403}, page

@@ -672,7 +672,7 @@ async def test_a_version_2_sqlite_store_upgrades_and_keeps_its_tokens(tmp_path: 
     finally:
         await backend.close()
     with sqlite3.connect(tmp_path / "tokens.db") as conn:
-        assert conn.execute("SELECT version FROM schema_versions").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM schema_versions").fetchall() == [(4,)]
     conn.close()
 
 
@@ -702,7 +702,7 @@ async def test_a_version_2_postgres_store_upgrades_and_keeps_its_tokens(
         await backend.close()
     with conn.cursor() as cursor:
         cursor.execute("SELECT version FROM schema_versions")
-        assert cursor.fetchall() == [(3,)]
+        assert cursor.fetchall() == [(4,)]
     conn.close()
 
 

@@ -90,7 +90,8 @@ def test_the_walkthrough_pasted_twice_prints_what_the_readme_shows(tmp_path: Pat
     counters = [line for line in shown if line.startswith("login_token_module_")]
     assert [line for line in printed if line.startswith("login_token_module_")] == counters
     assert printed[-3:-1] == shown[-3:-1]  # the history's two heading lines
-    assert re.fullmatch(r"\S+Z +[A-Z]{10} +[0-9a-f]{8} +spent +\S+Z +[A-Z]{10}", printed[-1]), printed[-1]
+    last = printed[-1]
+    assert re.fullmatch(r"\S+Z +[A-Z]{10} +[0-9a-f]{8} +spent +\S+Z +get_token +[A-Z]{10}", last), last
     assert '"M_FORBIDDEN"' in printed[2] and '"retry_after_ms"' in printed[3], printed
 
     # Pasted again at once: the login throttle stops it at step 2, with one line.

@@ -119,7 +119,7 @@ def test_the_flow_on_postgres_with_the_schema_recorded(
     versions = dict(
         pg_database.cluster.query(pg_database.name, "SELECT component, version FROM schema_versions")
     )
-    assert versions == {"homeserver": 2, "login_token_module": 3}
+    assert versions == {"homeserver": 2, "login_token_module": 4}
     # Tokens and access tokens are stored as hashes only.
     rows = pg_database.cluster.query(pg_database.name, "SELECT token_hash FROM access_tokens")
     assert rows and all(len(bytes(row[0])) == 32 for row in rows)

@@ -466,4 +466,4 @@ async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path
     with sqlite3.connect(path) as conn:
         versions = conn.execute("SELECT component, version FROM schema_versions").fetchall()
     conn.close()
-    assert versions == [("login_token_module", 3)]
+    assert versions == [("login_token_module", 4)]

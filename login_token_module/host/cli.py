@@ -112,6 +112,16 @@ def tokens(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
 
 
+def pair(args: argparse.Namespace) -> int:
+    from login_token_module.host import pair_cli
+
+    try:
+        pair_cli.pair(args.homeserver, args.credentials, args.device_name, qr_png=args.qr_png)
+    except pair_cli.PairError as error:
+        raise CliError(str(error)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="The reference Matrix homeserver for login_token_module."
@@ -145,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parser(commands)
     commands.choices["tokens"].set_defaults(func=tokens)
+    pairing = commands.add_parser(
+        "pair",
+        help="sign this device in by code: show a code and a QR code, wait for a signed-in device"
+        " to approve it, write the new session's credentials",
+    )
+    pairing.add_argument(
+        "--homeserver", required=True, help="the homeserver's URL, e.g. https://matrix.example.org"
+    )
+    pairing.add_argument("--device-name", help="the name the approving device sees, and the new device gets")
+    pairing.add_argument(
+        "--credentials",
+        required=True,
+        help="the file to write homeserver, user_id, device_id and access_token to (created 0600)",
+    )
+    pairing.add_argument("--qr-png", help="also write the QR code as a PNG image to this file")
+    pairing.set_defaults(func=pair)
     return parser
 
 

@@ -88,6 +88,9 @@ class HomeserverConfig:
     # The open-files soft limit set at start (Synapse's key): 0 is the hard limit, and
     # a larger figure than the hard limit gets the hard limit.
     soft_file_limit: int = 0
+    # Where clients reach this homeserver (Synapse's key), ending in "/"; None: the
+    # first client listener's own address (right only when clients reach it directly).
+    public_baseurl: str | None = None
 
     @property
     def database_path(self) -> str:
@@ -232,6 +235,7 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
             "bcrypt_threads",
             "bcrypt_max_queued",
             "soft_file_limit",
+            "public_baseurl",
         },
         [],
     )
@@ -273,7 +277,23 @@ def parse_homeserver_config(raw: Any, config_directory: str) -> HomeserverConfig
         ),
         bcrypt_max_queued=whole_number(raw.get("bcrypt_max_queued", 16), ["bcrypt_max_queued"], 0, 100_000),
         soft_file_limit=_soft_file_limit(raw.get("soft_file_limit", 0)),
+        public_baseurl=_public_baseurl(raw.get("public_baseurl")),
     )
+
+
+_BASEURL_RE = re.compile(
+    r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/\-]*)?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?(/[A-Za-z0-9._~/\-]*)?"
+)
+
+
+def _public_baseurl(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _BASEURL_RE.fullmatch(value):
+        raise ConfigError(
+            ["public_baseurl"], "must be an http or https URL such as https://matrix.example.org/"
+        )
+    return value if value.endswith("/") else value + "/"
 
 
 def _soft_file_limit(value: Any) -> int:

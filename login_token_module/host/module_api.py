@@ -41,6 +41,10 @@ class HostModuleApi:
         return self._hs.workers > 1
 
     @property
+    def public_baseurl(self) -> str:
+        return self._hs.public_baseurl
+
+    @property
     def abilities(self) -> HostAbilities:
         # This host has no login tokens of its own and advertises only what
         # modules register: the module mints, spends and advertises.

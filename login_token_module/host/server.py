@@ -308,6 +308,30 @@ class Homeserver:
             self._close_after_failed_start()
             raise
 
+    @property
+    def public_baseurl(self) -> str:
+        """The configured ``public_baseurl``, else the first client listener's address
+        (the port it really got, once listening; a wildcard address as loopback)."""
+        if self.config.public_baseurl is not None:
+            return self.config.public_baseurl
+        listener = next(entry for entry in self.config.listeners if entry.type == "http")
+        host, port = listener.bind_addresses[0], listener.port
+        bound = getattr(self.ports[0].getHost(), "port", None) if self.ports else None
+        if isinstance(bound, int):
+            port = bound
+        if self.worker_addresses:
+            port = next((p for (entry, _, p) in self.worker_addresses if entry.type == "http"), port)
+        try:
+            unspecified = ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            unspecified = False
+        if unspecified:
+            # Listening everywhere: loopback is one address that surely reaches it.
+            host = "::1" if ":" in host else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}/"
+
     def _close_after_failed_start(self) -> None:
         """Release what was opened before a module refused to start (threads would keep
         the process alive). The reactor is not running: closes run to completion now."""

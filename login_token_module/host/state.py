@@ -56,3 +56,7 @@ class HostState(Protocol):
     registry: ModuleRegistry
     # rc_login's three limiters: "address", "account", "failed_attempts".
     rc_login: dict[str, RateLimitStore]
+
+    @property
+    def public_baseurl(self) -> str:
+        """The configured ``public_baseurl``, else the first client listener's address."""

@@ -170,11 +170,12 @@ def history(conn: Conn, user: str, now_ms: int) -> None:
                 audit.fingerprint_of_hash(entry.token_hash),
                 outcome,
                 when(finished),
+                "pairing" if entry.paired else "get_token",
                 entry.new_device_id or "-",
             )
         )
     print(f"Login tokens of {user}, oldest first (which device minted which new device):")
-    print(table(("issued", "minted_by_device", "fingerprint", "outcome", "at", "new_device"), rows))
+    print(table(("issued", "minted_by_device", "fingerprint", "outcome", "at", "via", "new_device"), rows))
 
 
 def add_parser(commands: Any) -> None:

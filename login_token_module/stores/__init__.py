@@ -76,6 +76,9 @@ class LineageEntry:
     outcome: str | None
     finished_at_ms: int | None
     new_device_id: str | None
+    # Whether the token was minted by approving a pairing (delivered to the new
+    # device by ``pair/poll``) rather than handed out by get_token.
+    paired: bool = False
 
 
 class TokenStore(Protocol):
@@ -183,6 +186,88 @@ class RateLimitStore(Protocol):
         """How many keys are held."""
 
 
+PairingStatus = Literal["pending", "approved", "denied"]
+StartOutcome = Literal["started", "code_taken", "address_full"]
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """A new device waiting to be signed in by code (``pairing.py``).
+
+    Keyed by the SHA-256 of its ``pairing_id`` (the new device's secret, never
+    stored) and found by its ``user_code`` (8 letters, kept without the dash).
+    ``seal_key`` is the public half of a key pair derived from the pairing_id:
+    an approval seals the login token to it, so the stored ``sealed_token`` is
+    of no use without the pairing_id the new device holds.
+    """
+
+    pairing_hash: bytes
+    user_code: str
+    seal_key: bytes
+    display_name: str | None
+    client_address: str | None
+    created_at_ms: int
+    expires_at_ms: int
+    status: PairingStatus = "pending"
+    # Once approved or denied: by whom, on which device, from which address.
+    user_id: str | None = None
+    device_id: str | None = None
+    approver_address: str | None = None
+    sealed_token: bytes | None = field(default=None, repr=False)
+    token_expires_at_ms: int | None = None
+
+
+class PairingStore(Protocol):
+    """Pairings from start to delivery. Every change is one atomic step: of racing
+    approvals, denials and polls, one wins and the others find nothing to do."""
+
+    async def start(self, pairing: Pairing, now_ms: int, max_pending_per_address: int) -> StartOutcome:
+        """Hold a new pending ``pairing`` (``started``), unless a live pairing has its
+        user code (``code_taken``: draw another) or its client address already has
+        ``max_pending_per_address`` pending ones (``address_full``)."""
+
+    async def find(self, user_code: str, now_ms: int) -> Pairing | None:
+        """The live, pending pairing with this user code, or None."""
+
+    async def approve(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+        sealed_token: bytes,
+        token_hash: bytes,
+        token_expires_at_ms: int,
+    ) -> Pairing | None:
+        """Approve the live pending pairing with this code (it now expires with its
+        token, if that is sooner), and mark the token's history as paired; the pairing
+        as it now is, or None if none was pending (nothing changes then)."""
+
+    async def deny(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+    ) -> Pairing | None:
+        """Deny the live pending pairing with this code; None if none was pending."""
+
+    async def poll(self, pairing_hash: bytes, now_ms: int) -> Pairing | None:
+        """The new device asks: a pending pairing comes back unchanged; an approved or
+        denied one comes back and is gone (delivered once, however many ask at once);
+        None for an unknown, expired or delivered one."""
+
+    async def sweep(self, now_ms: int) -> int:
+        """Forget pairings that expired at or before ``now_ms``; how many went."""
+
+    async def count(self) -> int:
+        """How many pairings are held, expired-but-unswept ones included."""
+
+
 class StateBackend(Protocol):
     """Everything the module keeps, in one place chosen by the ``store`` config."""
 
@@ -192,6 +277,10 @@ class StateBackend(Protocol):
     @property
     def shared(self) -> bool:
         """Whether UIA sessions and rate limits are visible to other processes."""
+
+    @property
+    def pairings(self) -> PairingStore:
+        """Pairings, where the tokens are (their approval marks a token's history)."""
 
     def uia_sessions(self, lifetime_seconds: float) -> UiaSessionStore: ...
 

@@ -12,14 +12,21 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.task import deferLater
 
 from login_token_module.audit import fingerprint_prefix
 from login_token_module.ratelimit import Ratelimiter
-from login_token_module.stores import LineageEntry, SpendOutcome, TokenInfo, TokenSpend
+from login_token_module.stores import (
+    LineageEntry,
+    Pairing,
+    SpendOutcome,
+    StartOutcome,
+    TokenInfo,
+    TokenSpend,
+)
 from login_token_module.uia import UiaSession, UiaSessions
 
 SWEEP_SLICE = 2_000
@@ -42,6 +49,7 @@ class _History:
     outcome: str | None = None
     finished_at_ms: int | None = None
     new_device_id: str | None = None
+    paired: bool = False
 
 
 class MemoryTokenStore:
@@ -146,6 +154,12 @@ class MemoryTokenStore:
         if history is not None:
             history.new_device_id = device_id
 
+    def mark_paired(self, token_hash: bytes) -> None:
+        """Note in the token's history that a pairing's approval minted it."""
+        history = self._history.get(token_hash)
+        if history is not None:
+            history.paired = True
+
     def _info(self, token_hash: bytes, entry: _Token) -> TokenInfo:
         return TokenInfo(token_hash, entry.user_id, entry.device_id, entry.issued_at_ms, entry.expires_at_ms)
 
@@ -192,6 +206,7 @@ class MemoryTokenStore:
                 e.outcome,
                 e.finished_at_ms,
                 e.new_device_id,
+                e.paired,
             )
             for h, e in self._history.items()
             if e.user_id == user_id
@@ -330,6 +345,131 @@ class MemoryRateLimitStore:
         return len(self.limiter)
 
 
+class MemoryPairingStore:
+    """Pairings in this process, keyed by pairing hash, with an index by user code.
+
+    No call awaits before it has changed what it changes, so each is atomic among
+    the requests this process serves (a second poll finds the pairing gone).
+    """
+
+    def __init__(self, reactor: Any, tokens: MemoryTokenStore) -> None:
+        self._reactor = reactor
+        self._tokens = tokens
+        self._pairings: dict[bytes, Pairing] = {}
+        self._by_code: dict[str, bytes] = {}
+        # The pairings each client address holds, so the pending cap counts only its own.
+        self._by_address: dict[str | None, set[bytes]] = {}
+
+    def _live(self, user_code: str, now_ms: int) -> Pairing | None:
+        pairing_hash = self._by_code.get(user_code)
+        pairing = None if pairing_hash is None else self._pairings.get(pairing_hash)
+        if pairing is None or pairing.expires_at_ms <= now_ms:
+            return None
+        return pairing
+
+    def _drop(self, pairing: Pairing) -> None:
+        self._pairings.pop(pairing.pairing_hash, None)
+        if self._by_code.get(pairing.user_code) == pairing.pairing_hash:
+            del self._by_code[pairing.user_code]
+        held = self._by_address.get(pairing.client_address)
+        if held is not None:
+            held.discard(pairing.pairing_hash)
+            if not held:
+                del self._by_address[pairing.client_address]
+
+    async def start(self, pairing: Pairing, now_ms: int, max_pending_per_address: int) -> StartOutcome:
+        taken = self._by_code.get(pairing.user_code)
+        if taken is not None:
+            held = self._pairings.get(taken)
+            if held is not None and held.expires_at_ms > now_ms:
+                return "code_taken"
+            if held is not None:
+                self._drop(held)
+        pending = 0
+        for pairing_hash in self._by_address.get(pairing.client_address, ()):
+            held = self._pairings[pairing_hash]
+            if held.status == "pending" and held.expires_at_ms > now_ms:
+                pending += 1
+        if pending >= max_pending_per_address:
+            return "address_full"
+        self._pairings[pairing.pairing_hash] = pairing
+        self._by_code[pairing.user_code] = pairing.pairing_hash
+        self._by_address.setdefault(pairing.client_address, set()).add(pairing.pairing_hash)
+        return "started"
+
+    async def find(self, user_code: str, now_ms: int) -> Pairing | None:
+        pairing = self._live(user_code, now_ms)
+        return pairing if pairing is not None and pairing.status == "pending" else None
+
+    async def approve(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+        sealed_token: bytes,
+        token_hash: bytes,
+        token_expires_at_ms: int,
+    ) -> Pairing | None:
+        pairing = await self.find(user_code, now_ms)
+        if pairing is None:
+            return None
+        approved = replace(
+            pairing,
+            status="approved",
+            user_id=user_id,
+            device_id=device_id,
+            approver_address=approver_address,
+            sealed_token=sealed_token,
+            token_expires_at_ms=token_expires_at_ms,
+            expires_at_ms=min(pairing.expires_at_ms, token_expires_at_ms),
+        )
+        self._pairings[pairing.pairing_hash] = approved
+        self._tokens.mark_paired(token_hash)
+        return approved
+
+    async def deny(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+    ) -> Pairing | None:
+        pairing = await self.find(user_code, now_ms)
+        if pairing is None:
+            return None
+        denied = replace(
+            pairing, status="denied", user_id=user_id, device_id=device_id, approver_address=approver_address
+        )
+        self._pairings[pairing.pairing_hash] = denied
+        return denied
+
+    async def poll(self, pairing_hash: bytes, now_ms: int) -> Pairing | None:
+        pairing = self._pairings.get(pairing_hash)
+        if pairing is None or pairing.expires_at_ms <= now_ms:
+            return None
+        if pairing.status != "pending":
+            self._drop(pairing)
+        return pairing
+
+    async def sweep(self, now_ms: int) -> int:
+        removed = 0
+        expired = [pairing for pairing in self._pairings.values() if pairing.expires_at_ms <= now_ms]
+        for index, pairing in enumerate(expired):
+            self._drop(pairing)
+            removed += 1
+            if index % SWEEP_SLICE == SWEEP_SLICE - 1:
+                await deferLater(self._reactor, 0, lambda: None)
+        return removed
+
+    async def count(self) -> int:
+        return len(self._pairings)
+
+
 class MemoryBackend:
     """Tokens, UIA sessions and rate limits all in this process: one process only."""
 
@@ -338,6 +478,7 @@ class MemoryBackend:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self.tokens = MemoryTokenStore(reactor)
+        self.pairings = MemoryPairingStore(reactor, self.tokens)
 
     def uia_sessions(self, lifetime_seconds: float) -> MemoryUiaSessionStore:
         return MemoryUiaSessionStore(self._reactor, lifetime_seconds)

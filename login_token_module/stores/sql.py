@@ -24,7 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 from login_token_module.audit import fingerprint_prefix
-from login_token_module.stores import LineageEntry, SpendOutcome, TokenInfo, TokenSpend
+from login_token_module.stores import (
+    LineageEntry,
+    Pairing,
+    SpendOutcome,
+    StartOutcome,
+    TokenInfo,
+    TokenSpend,
+)
 from login_token_module.stores.engines.connection import Conn, Database
 from login_token_module.stores.engines.schema import Migration, Schema
 from login_token_module.stores.memory import MemoryRateLimitStore, MemoryUiaSessionStore
@@ -104,6 +111,29 @@ STATE_SCHEMA = Schema(
                 HISTORY_TABLE_POSTGRES,
                 "CREATE INDEX login_token_history_user ON login_token_history (user_id, issued_at_ms)",
                 "CREATE INDEX login_token_history_issued ON login_token_history (issued_at_ms)",
+            ),
+        ),
+        # 4: pairings (sign in a device by code), and which tokens a pairing's approval minted.
+        Migration(
+            sqlite=(
+                "CREATE TABLE login_token_pairings ("
+                " pairing_hash BLOB PRIMARY KEY, user_code TEXT NOT NULL UNIQUE, seal_key BLOB NOT NULL,"
+                " display_name TEXT, client_address TEXT NOT NULL, created_at_ms INTEGER NOT NULL,"
+                " expires_at_ms INTEGER NOT NULL, status TEXT NOT NULL, user_id TEXT, device_id TEXT,"
+                " approver_address TEXT, sealed_token BLOB, token_expires_at_ms INTEGER) WITHOUT ROWID",
+                "CREATE INDEX login_token_pairings_address ON login_token_pairings (client_address, status)",
+                "CREATE INDEX login_token_pairings_expiry ON login_token_pairings (expires_at_ms)",
+                "ALTER TABLE login_token_history ADD COLUMN paired INTEGER NOT NULL DEFAULT 0",
+            ),
+            postgres=(
+                "CREATE TABLE login_token_pairings ("
+                " pairing_hash BYTEA PRIMARY KEY, user_code TEXT NOT NULL UNIQUE, seal_key BYTEA NOT NULL,"
+                " display_name TEXT, client_address TEXT NOT NULL, created_at_ms BIGINT NOT NULL,"
+                " expires_at_ms BIGINT NOT NULL, status TEXT NOT NULL, user_id TEXT, device_id TEXT,"
+                " approver_address TEXT, sealed_token BYTEA, token_expires_at_ms BIGINT)",
+                "CREATE INDEX login_token_pairings_address ON login_token_pairings (client_address, status)",
+                "CREATE INDEX login_token_pairings_expiry ON login_token_pairings (expires_at_ms)",
+                "ALTER TABLE login_token_history ADD COLUMN paired BOOLEAN NOT NULL DEFAULT FALSE",
             ),
         ),
     ),
@@ -344,7 +374,8 @@ def list_tokens(conn: Conn, now_ms: int, user_id: str | None = None) -> list[Tok
 def lineage(conn: Conn, user_id: str) -> list[LineageEntry]:
     rows = conn.execute(
         "SELECT token_hash, user_id, device_id, issued_at_ms, expires_at_ms, outcome, finished_at_ms,"
-        " new_device_id FROM login_token_history WHERE user_id = ? ORDER BY issued_at_ms, token_hash",
+        " new_device_id, paired FROM login_token_history WHERE user_id = ?"
+        " ORDER BY issued_at_ms, token_hash",
         (user_id,),
     ).fetchall()
     return [
@@ -357,6 +388,7 @@ def lineage(conn: Conn, user_id: str) -> list[LineageEntry]:
             _text(r[5]),
             None if r[6] is None else int(r[6]),
             _text(r[7]),
+            bool(r[8]),
         )
         for r in rows
     ]
@@ -655,6 +687,231 @@ class SqlRateLimitStore:
         return await self._db.run(_count_buckets, self._table, self.name)
 
 
+# -- pairings -----------------------------------------------------------------------
+
+_PAIRING_COLUMNS = (
+    "pairing_hash, user_code, seal_key, display_name, client_address, created_at_ms, expires_at_ms,"
+    " status, user_id, device_id, approver_address, sealed_token, token_expires_at_ms"
+)
+# PostgreSQL: starts from one address take turns (a transaction-scoped advisory
+# lock on the address), so racing starts cannot all slip under the pending cap.
+# The key's first number keeps the module's locks apart from anyone else's.
+_PAIRING_LOCK = 0x4C54
+
+
+def _pairing(row: Any) -> Pairing:
+    return Pairing(
+        pairing_hash=bytes(row[0]),
+        user_code=str(row[1]),
+        seal_key=bytes(row[2]),
+        display_name=_text(row[3]),
+        client_address=str(row[4]) or None,
+        created_at_ms=int(row[5]),
+        expires_at_ms=int(row[6]),
+        status=row[7],
+        user_id=_text(row[8]),
+        device_id=_text(row[9]),
+        approver_address=_text(row[10]),
+        sealed_token=None if row[11] is None else bytes(row[11]),
+        token_expires_at_ms=None if row[12] is None else int(row[12]),
+    )
+
+
+def _start_pairing(conn: Conn, pairing: Pairing, now_ms: int, max_pending: int) -> StartOutcome:
+    address = pairing.client_address or ""
+
+    def run(txn: Conn) -> StartOutcome:
+        if txn.engine == "postgres":
+            txn.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_PAIRING_LOCK, address))
+        # An expired pairing that still holds the code (not swept yet) gives it up.
+        txn.execute(
+            "DELETE FROM login_token_pairings WHERE user_code = ? AND expires_at_ms <= ?",
+            (pairing.user_code, now_ms),
+        )
+        pending = txn.execute(
+            "SELECT COUNT(*) FROM login_token_pairings"
+            " WHERE client_address = ? AND status = 'pending' AND expires_at_ms > ?",
+            (address, now_ms),
+        ).fetchone()[0]
+        if int(pending) >= max_pending:
+            return "address_full"
+        added = txn.execute(
+            f"INSERT INTO login_token_pairings ({_PAIRING_COLUMNS})"  # noqa: S608 (fixed columns)
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', NULL, NULL, NULL, NULL, NULL) ON CONFLICT DO NOTHING",
+            (
+                pairing.pairing_hash,
+                pairing.user_code,
+                pairing.seal_key,
+                pairing.display_name,
+                address,
+                pairing.created_at_ms,
+                pairing.expires_at_ms,
+            ),
+        ).rowcount
+        return "started" if added == 1 else "code_taken"
+
+    return conn.transaction(run)
+
+
+def _find_pairing(conn: Conn, user_code: str, now_ms: int) -> Pairing | None:
+    row = conn.execute(
+        f"SELECT {_PAIRING_COLUMNS} FROM login_token_pairings"  # noqa: S608 (fixed columns)
+        " WHERE user_code = ? AND status = 'pending' AND expires_at_ms > ?",
+        (user_code, now_ms),
+    ).fetchone()
+    return None if row is None else _pairing(row)
+
+
+def _approve_pairing(
+    conn: Conn,
+    user_code: str,
+    now_ms: int,
+    user_id: str,
+    device_id: str | None,
+    approver_address: str | None,
+    sealed_token: bytes,
+    token_hash: bytes,
+    token_expires_at_ms: int,
+) -> Pairing | None:
+    def run(txn: Conn) -> Pairing | None:
+        # Only a pending pairing changes (the row lock decides racing approvals and
+        # denials); it now expires with its token, if that is sooner.
+        row = txn.execute(
+            "UPDATE login_token_pairings SET status = 'approved', user_id = ?, device_id = ?,"  # noqa: S608
+            " approver_address = ?, sealed_token = ?, token_expires_at_ms = ?,"
+            " expires_at_ms = CASE WHEN expires_at_ms < ? THEN expires_at_ms ELSE ? END"
+            " WHERE user_code = ? AND status = 'pending' AND expires_at_ms > ?"
+            f" RETURNING {_PAIRING_COLUMNS}",
+            (
+                user_id,
+                device_id,
+                approver_address,
+                sealed_token,
+                token_expires_at_ms,
+                token_expires_at_ms,
+                token_expires_at_ms,
+                user_code,
+                now_ms,
+            ),
+        ).fetchone()
+        if row is None:
+            return None
+        txn.execute(
+            "UPDATE login_token_history SET paired = ? WHERE token_hash = ?",
+            (True, token_hash),
+        )
+        return _pairing(row)
+
+    return conn.transaction(run)
+
+
+def _deny_pairing(
+    conn: Conn, user_code: str, now_ms: int, user_id: str, device_id: str | None, approver_address: str | None
+) -> Pairing | None:
+    row = conn.execute(
+        "UPDATE login_token_pairings SET status = 'denied', user_id = ?, device_id = ?,"  # noqa: S608
+        " approver_address = ?"
+        " WHERE user_code = ? AND status = 'pending' AND expires_at_ms > ?"
+        f" RETURNING {_PAIRING_COLUMNS}",
+        (user_id, device_id, approver_address, user_code, now_ms),
+    ).fetchone()
+    return None if row is None else _pairing(row)
+
+
+def _poll_pairing(conn: Conn, pairing_hash: bytes, now_ms: int) -> Pairing | None:
+    # An approved or denied pairing is delivered by deleting it: of racing polls, one
+    # gets the row. A pending one is only read; if it was decided between the two
+    # statements, the delete is tried once more (and either delivers it here, or
+    # finds that a racing poll did).
+    for _ in range(2):
+        row = conn.execute(
+            "DELETE FROM login_token_pairings WHERE pairing_hash = ? AND status <> 'pending'"  # noqa: S608
+            f" AND expires_at_ms > ? RETURNING {_PAIRING_COLUMNS}",
+            (pairing_hash, now_ms),
+        ).fetchone()
+        if row is not None:
+            return _pairing(row)
+        row = conn.execute(
+            f"SELECT {_PAIRING_COLUMNS} FROM login_token_pairings"  # noqa: S608 (fixed columns)
+            " WHERE pairing_hash = ? AND expires_at_ms > ?",
+            (pairing_hash, now_ms),
+        ).fetchone()
+        if row is None or row[7] == "pending":
+            return None if row is None else _pairing(row)
+    return None
+
+
+_SWEEP_PAIRINGS = {
+    "sqlite": "DELETE FROM login_token_pairings WHERE pairing_hash IN ("
+    " SELECT pairing_hash FROM login_token_pairings WHERE expires_at_ms <= ? LIMIT ?)",
+    "postgres": "DELETE FROM login_token_pairings WHERE pairing_hash IN ("
+    " SELECT pairing_hash FROM login_token_pairings WHERE expires_at_ms <= ? LIMIT ? FOR UPDATE SKIP LOCKED)",
+}
+
+
+def _sweep_pairings_batch(conn: Conn, now_ms: int) -> int:
+    return int(conn.execute(_SWEEP_PAIRINGS[conn.engine], (now_ms, SWEEP_BATCH)).rowcount)
+
+
+def _count_pairings(conn: Conn) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM login_token_pairings").fetchone()[0])
+
+
+class SqlPairingStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def start(self, pairing: Pairing, now_ms: int, max_pending_per_address: int) -> StartOutcome:
+        return await self._db.run(_start_pairing, pairing, now_ms, max_pending_per_address)
+
+    async def find(self, user_code: str, now_ms: int) -> Pairing | None:
+        return await self._db.run(_find_pairing, user_code, now_ms)
+
+    async def approve(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+        sealed_token: bytes,
+        token_hash: bytes,
+        token_expires_at_ms: int,
+    ) -> Pairing | None:
+        return await self._db.run(
+            _approve_pairing,
+            user_code,
+            now_ms,
+            user_id,
+            device_id,
+            approver_address,
+            sealed_token,
+            token_hash,
+            token_expires_at_ms,
+        )
+
+    async def deny(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+    ) -> Pairing | None:
+        return await self._db.run(_deny_pairing, user_code, now_ms, user_id, device_id, approver_address)
+
+    async def poll(self, pairing_hash: bytes, now_ms: int) -> Pairing | None:
+        return await self._db.run(_poll_pairing, pairing_hash, now_ms)
+
+    async def sweep(self, now_ms: int) -> int:
+        return await _in_batches(self._db, _sweep_pairings_batch, now_ms)
+
+    async def count(self) -> int:
+        return await self._db.run(_count_pairings)
+
+
 class SqlBackend:
     """Tokens in a SQL database; UIA sessions and rate limits there too when ``shared``,
     else in this process's memory (faster, for a single process)."""
@@ -664,6 +921,7 @@ class SqlBackend:
         self.db = db
         self.shared = shared
         self.tokens = SqlTokenStore(db)
+        self.pairings = SqlPairingStore(db)
 
     def uia_sessions(self, lifetime_seconds: float) -> SqlUiaSessionStore | MemoryUiaSessionStore:
         if self.shared:

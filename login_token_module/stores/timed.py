@@ -16,7 +16,10 @@ from typing import Protocol
 from login_token_module.metrics import timed
 from login_token_module.stores import (
     LineageEntry,
+    Pairing,
+    PairingStore,
     RateLimitStore,
+    StartOutcome,
     StateBackend,
     TokenInfo,
     TokenSpend,
@@ -141,16 +144,83 @@ class TimedRateLimitStore:
         return await self.inner.count()
 
 
+class TimedPairingStore:
+    def __init__(self, inner: PairingStore) -> None:
+        self.inner = inner
+
+    async def start(self, pairing: Pairing, now_ms: int, max_pending_per_address: int) -> StartOutcome:
+        return await timed("pair_start", self.inner.start(pairing, now_ms, max_pending_per_address))
+
+    async def find(self, user_code: str, now_ms: int) -> Pairing | None:
+        return await timed("pair_find", self.inner.find(user_code, now_ms))
+
+    async def approve(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+        sealed_token: bytes,
+        token_hash: bytes,
+        token_expires_at_ms: int,
+    ) -> Pairing | None:
+        return await timed(
+            "pair_approve",
+            self.inner.approve(
+                user_code,
+                now_ms,
+                user_id=user_id,
+                device_id=device_id,
+                approver_address=approver_address,
+                sealed_token=sealed_token,
+                token_hash=token_hash,
+                token_expires_at_ms=token_expires_at_ms,
+            ),
+        )
+
+    async def deny(
+        self,
+        user_code: str,
+        now_ms: int,
+        *,
+        user_id: str,
+        device_id: str | None,
+        approver_address: str | None,
+    ) -> Pairing | None:
+        return await timed(
+            "pair_deny",
+            self.inner.deny(
+                user_code, now_ms, user_id=user_id, device_id=device_id, approver_address=approver_address
+            ),
+        )
+
+    async def poll(self, pairing_hash: bytes, now_ms: int) -> Pairing | None:
+        return await timed("pair_poll", self.inner.poll(pairing_hash, now_ms))
+
+    async def sweep(self, now_ms: int) -> int:
+        return await timed("sweep_pairings", self.inner.sweep(now_ms))
+
+    async def count(self) -> int:
+        return await self.inner.count()
+
+
 class TimedBackend:
     """A state backend whose stores are all timed (see the module docstring)."""
 
     def __init__(self, inner: StateBackend) -> None:
         self.inner = inner
         self._tokens = TimedTokenStore(inner.tokens)
+        self._pairings = TimedPairingStore(inner.pairings)
 
     @property
     def tokens(self) -> TimedTokenStore:
         return self._tokens
+
+    @property
+    def pairings(self) -> TimedPairingStore:
+        return self._pairings
 
     @property
     def shared(self) -> bool:

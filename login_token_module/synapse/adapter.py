@@ -162,6 +162,11 @@ class SynapseModuleApi:
     def abilities(self) -> HostAbilities:
         return SYNAPSE_ABILITIES
 
+    @property
+    def public_baseurl(self) -> str:
+        # Synapse's own value (its public_baseurl, or https://server_name/), ending in "/".
+        return str(self._api._hs.config.server.public_baseurl)  # type: ignore[attr-defined]
+
     async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
         return str(await self._api.create_login_token(user_id, duration_in_ms))
 

@@ -1,0 +1,362 @@
+"""Pairing (sign in a device by code) over real HTTP against the reference host:
+start, approve with UIA, poll, m.login.token; deny; expiry; delivery once; limits.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from login_token_module.config import ConfigError, parse_config
+from login_token_module.host.config import parse_homeserver_config
+from login_token_module.pairing import APPROVE_PATH, DENY_PATH, POLL_PATH, START_PATH
+from tests.helpers import (
+    GET_TOKEN,
+    PASSWORD,
+    AuditRecords,
+    HttpClient,
+    InProcessServer,
+    Response,
+    homeserver_yaml,
+    running,
+    sleep,
+)
+
+PAIRING = {"enabled": True, "lifetime_ms": 600_000, "interval_ms": 10}
+CODE_RE = re.compile(r"^[BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4}$")
+
+
+def config(**pairing: Any) -> dict[str, Any]:
+    return {"pairing": {**PAIRING, **pairing}}
+
+
+async def start(client: HttpClient, name: str | None = "Living-room TV") -> dict[str, Any]:
+    response = await client.post(START_PATH, {} if name is None else {"initial_device_display_name": name})
+    assert response.code == 200, response
+    return response.json
+
+
+async def poll(client: HttpClient, pairing_id: Any) -> Response:
+    return await client.post(POLL_PATH, {"pairing_id": pairing_id})
+
+
+async def approve(client: HttpClient, access: str, code: str, password: str = PASSWORD) -> Response:
+    """The UIA dance on pair/approve: ask, then answer the challenge with the password."""
+    challenge = await client.post(APPROVE_PATH, {"user_code": code}, access)
+    if challenge.code != 401:
+        return challenge
+    auth = {"type": "m.login.password", "password": password, "session": challenge.json["session"]}
+    return await client.post(APPROVE_PATH, {"user_code": code, "auth": auth}, access)
+
+
+def assert_not_found(response: Response) -> None:
+    assert response.code == 404, response
+    assert response.json["errcode"] == "M_NOT_FOUND"
+    assert "login_token" not in response.json
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_whole_flow_signs_in_the_new_device(tmp_path: Path, audit_log: AuditRecords) -> None:
+    async with running(tmp_path, config()) as srv:
+        client = srv.client
+        started = await start(client)
+        assert CODE_RE.match(started["user_code"]), started
+        assert len(started["pairing_id"]) >= 43  # 256 bits, base64url
+        assert started["verification_uri"] == client.base_url + "/_synapse/client/login_token/pair"
+        assert started["verification_uri_complete"] == (
+            started["verification_uri"] + "?code=" + started["user_code"]
+        )
+        assert (started["expires_in_ms"], started["interval_ms"]) == (600_000, 10)
+        assert (await poll(client, started["pairing_id"])).json == {"status": "pending"}
+
+        access = await client.access_token("alice")
+        seen = await client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", access)
+        assert seen.code == 200, seen
+        assert seen.json["user_code"] == started["user_code"]
+        assert seen.json["initial_device_display_name"] == "Living-room TV"
+        assert seen.json["client_address"] == "127.0.0.1"
+        assert 0 < seen.json["expires_in_ms"] <= 600_000
+        assert isinstance(seen.json["created_at_ms"], int)
+
+        # Approving asks for the password first, as get_token does.
+        challenge = await client.post(APPROVE_PATH, {"user_code": started["user_code"]}, access)
+        assert challenge.code == 401 and challenge.json["flows"] == [{"stages": ["m.login.password"]}]
+        wrong = await client.post(
+            APPROVE_PATH,
+            {
+                "user_code": started["user_code"],
+                "auth": {
+                    "type": "m.login.password",
+                    "password": "nope",
+                    "session": challenge.json["session"],
+                },
+            },
+            access,
+        )
+        assert wrong.code == 401 and wrong.json["errcode"] == "M_FORBIDDEN"
+        assert (await poll(client, started["pairing_id"])).json == {"status": "pending"}
+        approved = await approve(client, access, started["user_code"])
+        assert approved.code == 200, approved
+        assert approved.json == {
+            "user_code": started["user_code"],
+            "initial_device_display_name": "Living-room TV",
+        }
+
+        await sleep(0.02)
+        delivered = await poll(client, started["pairing_id"])
+        assert delivered.code == 200, delivered
+        assert delivered.json["status"] == "approved"
+        assert delivered.json["user_id"] == "@alice:test.local"
+        assert 0 < delivered.json["expires_in_ms"] <= 120_000
+        login = await client.token_login(delivered.json["login_token"], initial_device_display_name="TV")
+        assert login.code == 200, login
+        assert login.json["user_id"] == "@alice:test.local"
+        assert_not_found(await poll(client, started["pairing_id"]))
+
+        history = await srv.module.store.lineage("@alice:test.local")
+        assert [(entry.paired, entry.outcome, entry.new_device_id) for entry in history] == [
+            (True, "spent", login.json["device_id"])
+        ]
+    events = [
+        record.audit["event"]  # type: ignore[attr-defined]
+        for record in audit_log.records
+        if record.audit["event"].startswith("pair_")  # type: ignore[attr-defined]
+    ]
+    assert events == ["pair_start", "pair_approve", "pair_deliver"]
+    approval = audit_log.of("pair_approve")[0]
+    assert approval["user_id"] == "@alice:test.local"
+    assert approval["minted_by_device"] is not None
+    assert approval["new_device_address"] == "127.0.0.1"
+    assert audit_log.of("pair_deliver")[0]["token_fingerprint"] == approval["token_fingerprint"]
+    assert all("login_token" not in str(record.getMessage()) for record in audit_log.records)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_code_is_taken_in_any_case_with_or_without_the_dash(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        started = await start(srv.client, name=None)
+        access = await srv.client.access_token("alice")
+        typed = started["user_code"].replace("-", "").lower()
+        seen = await srv.client.get(f"{APPROVE_PATH}?user_code=%20{typed}%20", access)
+        assert seen.code == 200, seen
+        assert seen.json["initial_device_display_name"] is None
+        assert (await approve(srv.client, access, started["user_code"].lower())).code == 200
+        assert (await poll(srv.client, started["pairing_id"])).json["status"] == "approved"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_denied_pairing_says_so_once_and_cannot_be_approved(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        started = await start(srv.client)
+        access = await srv.client.access_token("alice")
+        denied = await srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, access)
+        assert denied.code == 200, denied
+        assert_not_found(await approve(srv.client, access, started["user_code"]))
+        assert (await poll(srv.client, started["pairing_id"])).json == {"status": "denied"}
+        assert_not_found(await poll(srv.client, started["pairing_id"]))
+        assert await srv.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_pairing_gives_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path, config(lifetime_ms=1000)) as srv:
+        started = await start(srv.client)
+        access = await srv.client.access_token("alice")
+        await sleep(1.1)
+        assert_not_found(await poll(srv.client, started["pairing_id"]))
+        assert_not_found(await srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", access))
+        assert_not_found(await srv.client.post(APPROVE_PATH, {"user_code": started["user_code"]}, access))
+        await srv.module.pairings.sweep()
+        assert await srv.module.state.pairings.count() == 0
+        assert await srv.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_guessed_or_another_pairings_id_gets_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        mine, other = await start(srv.client), await start(srv.client, "Someone else's")
+        access = await srv.client.access_token("alice")
+        assert (await approve(srv.client, access, mine["user_code"])).code == 200
+        await sleep(0.02)
+        # The other pairing is still pending, and says nothing of mine.
+        assert (await poll(srv.client, other["pairing_id"])).json == {"status": "pending"}
+        for guess in (secrets.token_urlsafe(32), mine["pairing_id"][:-1], mine["user_code"], "x" * 129):
+            assert_not_found(await poll(srv.client, guess))
+        for bad in (None, 7, ["a"], {"pairing_id": "a"}):
+            refused = await poll(srv.client, bad)
+            assert refused.code == 400 and refused.json["errcode"] == "M_BAD_JSON", refused
+        assert (await poll(srv.client, mine["pairing_id"])).json["status"] == "approved"
+
+
+@pytest_twisted.ensureDeferred
+async def test_32_parallel_polls_after_approval_deliver_one_token(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        started = await start(srv.client)
+        access = await srv.client.access_token("alice")
+        assert (await approve(srv.client, access, started["user_code"])).code == 200
+        answers = await defer.gatherResults(
+            [defer.ensureDeferred(poll(srv.client, started["pairing_id"])) for _ in range(32)]
+        )
+        delivered = [answer for answer in answers if answer.code == 200]
+        assert len(delivered) == 1, [answer.code for answer in answers]
+        assert all(answer.code == 404 for answer in answers if answer.code != 200)
+        assert (await srv.client.token_login(delivered[0].json["login_token"])).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_polling_faster_than_the_interval_is_refused(tmp_path: Path) -> None:
+    async with running(tmp_path, config(interval_ms=5000)) as srv:
+        started = await start(srv.client)
+        assert started["interval_ms"] == 5000
+        assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
+        fast = await poll(srv.client, started["pairing_id"])
+        assert fast.code == 429 and fast.json["errcode"] == "M_LIMIT_EXCEEDED", fast
+        assert 0 < fast.json["retry_after_ms"] <= 5000
+
+
+@pytest_twisted.ensureDeferred
+async def test_approving_takes_the_get_token_allowance(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        access = await srv.client.access_token("alice")
+        assert (await srv.client.get_login_token(access)).code == 200
+        started = await start(srv.client)
+        limited = await approve(srv.client, access, started["user_code"])
+        assert limited.code == 429 and limited.json["errcode"] == "M_LIMIT_EXCEEDED", limited
+        # Nothing changed: the pairing still waits, and no second token exists.
+        assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
+        assert await srv.module.store.count_tokens() == 1
+
+    (tmp_path / "second").mkdir()
+    async with running(tmp_path / "second", config()) as srv:
+        access = await srv.client.access_token("alice")
+        started = await start(srv.client)
+        assert (await approve(srv.client, access, started["user_code"])).code == 200
+        # ... and after an approval, get_token waits as after a get_token.
+        challenge = await srv.client.post(GET_TOKEN, {}, access)
+        auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
+        limited = await srv.client.post(GET_TOKEN, {"auth": auth}, access)
+        assert limited.code == 429, limited
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_codes_hit_the_limit_per_user_and_per_address(tmp_path: Path) -> None:
+    async with running(tmp_path, config(), users=("alice", "bob")) as srv:
+        started = await start(srv.client)
+        alice = await srv.client.access_token("alice")
+        wrong = ["BBBBBBBB", "bcdf-ghjk", "AEIOUAEI", "", "x" * 40]
+        for code in wrong:
+            if code.upper().replace("-", "") == started["user_code"].replace("-", ""):
+                continue
+            assert_not_found(await srv.client.post(DENY_PATH, {"user_code": code}, alice))
+        # Over the limit: even the right code waits, and the pairing is untouched.
+        for attempt in (
+            srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, alice),
+            srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", alice),
+            srv.client.post(APPROVE_PATH, {"user_code": started["user_code"]}, alice),
+        ):
+            limited = await attempt
+            assert limited.code == 429 and limited.json["errcode"] == "M_LIMIT_EXCEEDED", limited
+        # The address is over the limit too: bob, from the same address, waits as well.
+        bob = await srv.client.access_token("bob")
+        limited = await srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, bob)
+        assert limited.code == 429, limited
+        assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_is_limited_per_address(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        for _ in range(10):
+            await start(srv.client)
+        limited = await srv.client.post(START_PATH, {})
+        assert limited.code == 429 and limited.json["errcode"] == "M_LIMIT_EXCEEDED", limited
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_client_strings_get_matrix_errors_without_echo(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        access = await srv.client.access_token("alice")
+        marker = "<script>evil</script>"
+        cases: list[tuple[str, Any, str | None]] = [
+            (START_PATH, {"initial_device_display_name": 5}, None),
+            (START_PATH, {"initial_device_display_name": marker * 10}, None),
+            (START_PATH, {"initial_device_display_name": "a\nb" + marker}, None),
+            (START_PATH, {"initial_device_display_name": "a\u202eb" + marker}, None),
+            (START_PATH, {"initial_device_display_name": "a\x00b" + marker}, None),
+            (POLL_PATH, {"pairing_id": marker + "\ud800"}, None),
+            (POLL_PATH, {}, None),
+            (APPROVE_PATH, {"user_code": ["BCDF-GHJK"]}, access),
+            (DENY_PATH, {"user_code": {"a": marker}}, access),
+        ]
+        for path, body, token in cases:
+            response = await srv.client.post(path, body, token)
+            assert 400 <= response.code < 500, (path, body, response)
+            assert "errcode" in response.json
+            assert "evil" not in str(response.body)
+        not_json = await srv.client.request("POST", POLL_PATH, raw_body=b"\xff\xfe{")
+        assert not_json.code == 400 and not_json.json["errcode"] == "M_NOT_JSON"
+        # Approving and denying need an access token; looking a code up too.
+        for path in (APPROVE_PATH, DENY_PATH):
+            assert (await srv.client.post(path, {"user_code": "BCDF-GHJK"})).code == 401
+        assert (await srv.client.get(f"{APPROVE_PATH}?user_code=BCDFGHJK")).code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_pairing_is_off_unless_enabled(tmp_path: Path) -> None:
+    async with running(tmp_path, {}) as srv:
+        for path in (START_PATH, POLL_PATH, APPROVE_PATH, DENY_PATH):
+            response = await srv.client.post(path, {})
+            assert response.code == 404 and response.json["errcode"] == "M_UNRECOGNIZED", response
+
+
+@pytest_twisted.ensureDeferred
+async def test_verification_uri_uses_public_baseurl(tmp_path: Path) -> None:
+    from tests.helpers import start_in_process
+
+    srv: InProcessServer = await start_in_process(
+        tmp_path,
+        {"store": {"type": "sqlite", "path": "tokens.db"}, **config()},
+        public_baseurl="https://matrix.example.org",
+    )
+    try:
+        started = await start(srv.client)
+        assert started["verification_uri"] == "https://matrix.example.org/_synapse/client/login_token/pair"
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("pairing", "key"),
+    [
+        ({"enabled": "yes"}, "enabled"),
+        ({"lifetime_ms": 0}, "lifetime_ms"),
+        ({"lifetime_ms": "600000"}, "lifetime_ms"),
+        ({"interval_ms": 5}, "interval_ms"),
+        ({"interval_ms": True}, "interval_ms"),
+        ({"lifetime_ms": 2000, "interval_ms": 2000}, "interval_ms"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_pairing_config_is_refused_naming_the_key(pairing: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config({"pairing": pairing})
+    assert raised.value.path == ["pairing", key]
+
+
+def test_pairing_config_defaults() -> None:
+    parsed = parse_config({}).pairing
+    assert (parsed.enabled, parsed.lifetime_ms, parsed.interval_ms) == (False, 600_000, 5000)
+    assert parse_config({"pairing": {"enabled": True}}).pairing.enabled
+
+
+@pytest.mark.parametrize("value", ["matrix.example.org", "ftp://x/", "https://a b/", 5, "https://x/?q=1"])
+def test_a_bad_public_baseurl_is_refused(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_homeserver_config(homeserver_yaml(tmp_path, public_baseurl=value), str(tmp_path))
+    assert raised.value.path == ["public_baseurl"]
