@@ -35,6 +35,7 @@ import yaml
 from benchmarks import servers
 from tests.external import missing
 from tests.helpers import Response, call
+from tests.watchdog import Watchdog, watch
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_NAME = servers.SERVER_NAME
@@ -134,6 +135,8 @@ class Synapse:
     shared_secret: str
     directory: Path
     metrics_port: int | None = None
+    # Kills Synapse if the test process dies without stop().
+    watchdog: Watchdog | None = None
 
     @property
     def direct(self) -> Client:
@@ -182,6 +185,9 @@ class Synapse:
 
     def stop(self) -> None:
         self.server.stop()
+        if self.watchdog is not None:
+            self.watchdog.release()
+            self.watchdog = None
 
 
 def synapse_config(
@@ -216,7 +222,7 @@ def start_synapse(
         config_path.write_text(yaml.safe_dump(config))
     port = int(config["listeners"][0]["port"])
     server = servers.start_synapse(synapse_python(), config_path, port)
-    return Synapse(server, secret, directory, metrics_port)
+    return Synapse(server, secret, directory, metrics_port, watch(pids=[server.pid]))
 
 
 def synapse_refuses_to_start(
@@ -264,6 +270,12 @@ class Proxy:
     process: subprocess.Popen[bytes]
     port: int
     directory: Path
+    # Kills the proxy if the test process dies without stop().
+    watchdog: Watchdog | None = None
+
+    def __post_init__(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = watch(pids=[self.process.pid])
 
     @property
     def client(self) -> Client:
@@ -277,6 +289,9 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        if self.watchdog is not None:
+            self.watchdog.release()
+            self.watchdog = None
 
 
 def _wait_for_port(proxy: Proxy, log: Path, timeout: float = 30) -> Proxy:
