@@ -147,7 +147,16 @@ class PostgresCluster:
             if owner is not None:
                 os.chown(folder, owner.pw_uid, owner.pw_gid)
             cluster._initdb()
-            cluster.start()
+            # The free port may be taken between finding it and the server binding it
+            # (by another test process, e.g. two mutation runs at once): try another.
+            for attempt in range(3):
+                try:
+                    cluster.start()
+                    break
+                except ClusterUnavailableError as error:
+                    if "already in use" not in str(error) or attempt == 2:
+                        raise
+                    cluster.port = _free_port()
         except BaseException:
             cluster.destroy()
             raise

@@ -1,4 +1,5 @@
-"""Servers a test starts die with the test process, even one killed with SIGKILL.
+"""The test set-up's servers: they die with the test process, even one killed with SIGKILL,
+and a PostgreSQL cluster whose port is taken meanwhile starts on another.
 
 Each test here plays the test process in a child Python process: it starts a
 server there, SIGKILLs the child (no clean-up code can run), and checks that
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests import pgcluster
 from tests.helpers import ROOT
 from tests.pgcluster import driver_missing_reason, find_bindir
 from tests.watchdog import watch
@@ -138,3 +140,24 @@ def test_a_released_watchdog_leaves_everything_alone(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait(10)
+
+
+def test_a_cluster_whose_port_is_taken_meanwhile_starts_on_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process may bind the free port found before the server binds it."""
+    if driver_missing_reason() is not None or find_bindir() is None:
+        pytest.skip("needs PostgreSQL's server binaries and psycopg2")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real_free_port = pgcluster._free_port
+    monkeypatch.setattr(pgcluster, "_free_port", lambda: next(ports, None) or real_free_port())
+    try:
+        cluster = pgcluster.PostgresCluster.create()
+        try:
+            assert cluster.port != taken.getsockname()[1]
+            assert cluster.query("postgres", "SELECT 1") == [(1,)]
+        finally:
+            cluster.destroy()
+    finally:
+        taken.close()
