@@ -429,6 +429,17 @@ def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Clie
     assert any(name.startswith("synapse_") for name, _ in after)
     latency = [key for key in after if key[0] == "login_token_module_http_request_duration_seconds_count"]
     assert any(dict(labels)["endpoint"].startswith(MODULE_PREFIX) for _, labels in latency), latency
+    # The password check's database transaction is named in Synapse's own metrics.
+    assert transactions(after, "login_token_module_password_hash") > 0
+
+
+def transactions(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], desc: str) -> float:
+    """How many database transactions named ``desc`` Synapse has counted."""
+    return sum(
+        value
+        for (name, labels), value in metrics.items()
+        if name.startswith("synapse_storage_transaction_time_count") and dict(labels).get("desc") == desc
+    )
 
 
 def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, client: Client) -> None:
@@ -444,7 +455,12 @@ def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, cl
     new = client.token_login(from_second)
     assert new.code == 200, new
     revoked = ("login_token_module_tokens_revoked_total", (("reason", "logout"),))
-    assert synapse_metrics(synapse)[revoked] - before.get(revoked, 0) == 1
+    after = synapse_metrics(synapse)
+    assert after[revoked] - before.get(revoked, 0) == 1
+    # The revocation's database transaction is named in Synapse's own metrics.
+    assert transactions(after, "login_token_module_invalidate") > transactions(
+        before, "login_token_module_invalidate"
+    )
     user_id = f"@{localpart}:{SERVER_NAME}"
     log = synapse.log_once_it_shows(
         f"event=revoke outcome=revoked user_id={user_id} minted_by_device={first['device_id']}"
