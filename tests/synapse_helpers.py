@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import servers
 from tests.external import missing
@@ -188,6 +189,27 @@ class Synapse:
         if self.watchdog is not None:
             self.watchdog.release()
             self.watchdog = None
+
+
+def synapse_metrics(synapse: Synapse) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert synapse.metrics_port is not None
+    reply = call(f"http://127.0.0.1:{synapse.metrics_port}", "GET", "/_synapse/metrics")
+    assert reply.code == 200, reply
+    text = reply.body.decode() if isinstance(reply.body, bytes) else str(reply.body)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def transactions(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], desc: str) -> float:
+    """How many database transactions named ``desc`` Synapse has counted."""
+    return sum(
+        value
+        for (name, labels), value in metrics.items()
+        if name.startswith("synapse_storage_transaction_time_count") and dict(labels).get("desc") == desc
+    )
 
 
 def synapse_config(

@@ -42,6 +42,8 @@ from tests.synapse_helpers import (
     start_caddy,
     start_nginx,
     start_synapse,
+    synapse_metrics,
+    transactions,
 )
 
 PEPPER = "a pepper only homeserver.yaml knows"
@@ -399,20 +401,6 @@ def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synaps
 # -- operators: metrics, revocation -------------------------------------------------
 
 
-def synapse_metrics(synapse: Synapse) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    assert synapse.metrics_port is not None
-    reply = call(f"http://127.0.0.1:{synapse.metrics_port}", "GET", "/_synapse/metrics")
-    assert reply.code == 200, reply
-    text = reply.body.decode() if isinstance(reply.body, bytes) else str(reply.body)
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Client) -> None:
     issued = ("login_token_module_tokens_issued_total", ())
     before = synapse_metrics(synapse)
@@ -431,15 +419,6 @@ def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Clie
     assert any(dict(labels)["endpoint"].startswith(MODULE_PREFIX) for _, labels in latency), latency
     # The password check's database transaction is named in Synapse's own metrics.
     assert transactions(after, "login_token_module_password_hash") > 0
-
-
-def transactions(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], desc: str) -> float:
-    """How many database transactions named ``desc`` Synapse has counted."""
-    return sum(
-        value
-        for (name, labels), value in metrics.items()
-        if name.startswith("synapse_storage_transaction_time_count") and dict(labels).get("desc") == desc
-    )
 
 
 def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, client: Client) -> None:
