@@ -51,6 +51,22 @@ STATUS = {
 # A mutant the tests noticed: they failed, hung, or crashed on it.
 DETECTED = {"killed", "timeout", "crashed", "type check"}
 
+# The self-check (scripts/mutation runs it after every run): mutants that are
+# equivalent to the original code, each with the text its function must hold.
+# No test can fail on them, so each must survive every run. One recorded as
+# killed means a test failed for a reason that was not the mutant (in the past:
+# two mutants' test runs at once sharing one Twisted reactor), and then any
+# other kill of the run may be false too. They live in tokens.py's minting and
+# hashing, which nearly every test reaches: a run that can go wrong goes wrong
+# there first. If tokens.py is edited and mutmut renumbers them, the check says
+# so; find the new names with `.venv/bin/mutmut show`.
+SELF_CHECK = {
+    "login_token_module.tokens.x__checksum__mutmut_8": 'zlib.crc32(text.encode("ASCII"))',
+    "login_token_module.tokens.x_generate_token__mutmut_10": "secrets.token_bytes(_RANDOM_BYTES), )",
+    "login_token_module.tokens.x_generate_token__mutmut_11": 'secrets.token_bytes(None), "big")',
+    "login_token_module.tokens.x_hash_token__mutmut_4": 'token.encode("UTF-8")',
+}
+
 
 def target_files() -> list[str]:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
@@ -71,6 +87,48 @@ def load_results(path: str) -> dict[str, str]:
     return {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
 
 
+def mutant_source(name: str) -> str | None:
+    """The source of mutant ``name``'s function in mutants/, or None if there is no such mutant."""
+    module, _, function = name.rpartition(".")
+    path = ROOT / "mutants" / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        return None
+    match = re.search(
+        rf"^ *(?:async )?def {re.escape(function)}\(.*?(?=^\S|^ *(?:async )?def )",
+        path.read_text(),
+        re.M | re.S,
+    )
+    return match.group(0) if match else None
+
+
+def self_check() -> int:
+    """0 when every SELF_CHECK mutant survived; otherwise says which did not, and why that matters."""
+    stale = [name for name, text in SELF_CHECK.items() if text not in (mutant_source(name) or "")]
+    if stale:
+        print("\nMUTATION SELF-CHECK CANNOT RUN: these mutants no longer make the change it expects")
+        print("(their file was edited and mutmut renumbered them); update SELF_CHECK in")
+        print("scripts/mutation_report.py with the new names (.venv/bin/mutmut show NAME):")
+        for name in stale:
+            print(f"  {name}  (expected: {SELF_CHECK[name]})")
+        return 2
+    results: dict[str, str] = {}
+    for name in SELF_CHECK:
+        path = name.rpartition(".")[0].replace(".", "/") + ".py"
+        results[name] = load_results(path).get(name, "not run")
+    wrong = {name: status for name, status in results.items() if status != "survived"}
+    if not wrong:
+        print(f"\nSelf-check passed: the {len(SELF_CHECK)} equivalent mutants all survived.")
+        return 0
+    print("\nMUTATION SELF-CHECK FAILED: these mutants are equivalent to the original code, so no")
+    print("test can fail on them, yet this run did not record them as survivors:")
+    for name, status in sorted(wrong.items()):
+        print(f"  {name}  ({status})")
+    print("A test failed (or was not run) for a reason that was not the mutant, so other kills")
+    print("of this run may be false too. See docs/mutation.md, 'Settings, and why'. To run one")
+    print("mutant at a time: MUTATION_JOBS=1 bash scripts/mutation ...")
+    return 3
+
+
 def percent(score: float | None) -> str:
     return "      -" if score is None else f"{score:6.1f}%"
 
@@ -78,7 +136,18 @@ def percent(score: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", type=Path, help="also write the per-file numbers to this file")
+    parser.add_argument(
+        "--self-check-names", action="store_true", help="print the self-check's mutant names and stop"
+    )
+    parser.add_argument(
+        "--self-check", action="store_true", help="check that the self-check's mutants survived, and stop"
+    )
     args = parser.parse_args()
+    if args.self_check_names:
+        print("\n".join(SELF_CHECK))
+        return 0
+    if args.self_check:
+        return self_check()
 
     accepted, elsewhere_prefix = read_accepted_doc()
     rows: list[dict[str, object]] = []
@@ -156,7 +225,12 @@ def main() -> int:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
     # Accepted mutants that were run and killed, or that no longer exist (an edit renumbered them).
-    stale = sorted(accepted - seen_survivors - not_run_names)
+    # Those of code measured elsewhere (scripts/mutation_synapse.py) are that runner's to check.
+    stale = sorted(
+        name
+        for name in accepted - seen_survivors - not_run_names
+        if not (elsewhere_prefix and name.startswith(elsewhere_prefix))
+    )
     if stale:
         print(
             f"\n{len(stale)} mutant(s) in docs/mutation.md no longer survive (killed, or renamed by edits):"

@@ -34,6 +34,7 @@ from login_token_module.host import database
 from login_token_module.host.config import parse_homeserver_config
 from login_token_module.host.server import Homeserver
 from login_token_module.module import LoginTokenModule
+from tests.watchdog import Watchdog, watch
 
 REACTOR: Any = reactor
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,6 +214,8 @@ class ChildServer:
     process: subprocess.Popen[str]
     port: int
     log_path: Path
+    # Kills the server's process group if the test process dies without kill_all().
+    watchdog: Watchdog | None = None
 
     @property
     def base_url(self) -> str:
@@ -232,6 +235,9 @@ class ChildServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+        if self.watchdog is not None:
+            self.watchdog.release()
+            self.watchdog = None
 
 
 def cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -272,17 +278,23 @@ def start_child(
         start_new_session=True,
         preexec_fn=preexec_fn,
     )
+    watchdog = watch(groups=[process.pid])
     # With --workers N, serving starts when the parent says all N are up.
     ready = re.compile(r"workers serving http://[^:]+:(\d+)") if "--workers" in extra_args else LISTENING_RE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = ready.search(log_path.read_text())
         if match:
-            return ChildServer(process, int(match.group(1)), log_path)
+            return ChildServer(process, int(match.group(1)), log_path, watchdog)
         if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+            break
         time.sleep(0.05)
-    process.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the server and any worker it started
+    process.wait(10)
+    watchdog.release()
+    if process.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
     raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
 
 

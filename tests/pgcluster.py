@@ -10,6 +10,10 @@ Nothing depends on a PostgreSQL service already running on the machine.
 By default durability is turned off (``fsync``, ``synchronous_commit``): these
 clusters hold test data only, and the tests measure behaviour, not disks. The
 benchmarks pass settings of their own.
+
+A cluster dies with the process that made it: a watchdog (tests/watchdog.py)
+stops the server and removes its folder if that process ends without
+``destroy()``, killed or not.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.watchdog import Watchdog, watch
 
 SUPERUSER = "ltm"
 _NAMES = itertools.count(1)
@@ -107,6 +113,7 @@ class PostgresCluster:
     settings: Mapping[str, str] = field(default_factory=lambda: dict(FAST_SETTINGS))
     running: bool = False
     _log: Path = field(init=False)
+    _watchdog: Watchdog | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._log = self.folder / "postgres.log"
@@ -135,11 +142,21 @@ class PostgresCluster:
             owner,
             dict(FAST_SETTINGS if settings is None else settings),
         )
+        cluster._watchdog = watch(postgres=[cluster.data], remove=[folder])
         try:
             if owner is not None:
                 os.chown(folder, owner.pw_uid, owner.pw_gid)
             cluster._initdb()
-            cluster.start()
+            # The free port may be taken between finding it and the server binding it
+            # (by another test process, e.g. two mutation runs at once): try another.
+            for attempt in range(3):
+                try:
+                    cluster.start()
+                    break
+                except ClusterUnavailableError as error:
+                    if "already in use" not in str(error) or attempt == 2:
+                        raise
+                    cluster.port = _free_port()
         except BaseException:
             cluster.destroy()
             raise
@@ -234,6 +251,9 @@ class PostgresCluster:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+            if self._watchdog is not None:
+                self._watchdog.release()
+                self._watchdog = None
 
     # -- naming and using databases ----------------------------------------------------
 

@@ -31,10 +31,12 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import servers
 from tests.external import missing
 from tests.helpers import Response, call
+from tests.watchdog import Watchdog, watch
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_NAME = servers.SERVER_NAME
@@ -134,6 +136,8 @@ class Synapse:
     shared_secret: str
     directory: Path
     metrics_port: int | None = None
+    # Kills Synapse if the test process dies without stop().
+    watchdog: Watchdog | None = None
 
     @property
     def direct(self) -> Client:
@@ -182,6 +186,30 @@ class Synapse:
 
     def stop(self) -> None:
         self.server.stop()
+        if self.watchdog is not None:
+            self.watchdog.release()
+            self.watchdog = None
+
+
+def synapse_metrics(synapse: Synapse) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert synapse.metrics_port is not None
+    reply = call(f"http://127.0.0.1:{synapse.metrics_port}", "GET", "/_synapse/metrics")
+    assert reply.code == 200, reply
+    text = reply.body.decode() if isinstance(reply.body, bytes) else str(reply.body)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def transactions(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], desc: str) -> float:
+    """How many database transactions named ``desc`` Synapse has counted."""
+    return sum(
+        value
+        for (name, labels), value in metrics.items()
+        if name.startswith("synapse_storage_transaction_time_count") and dict(labels).get("desc") == desc
+    )
 
 
 def synapse_config(
@@ -216,7 +244,7 @@ def start_synapse(
         config_path.write_text(yaml.safe_dump(config))
     port = int(config["listeners"][0]["port"])
     server = servers.start_synapse(synapse_python(), config_path, port)
-    return Synapse(server, secret, directory, metrics_port)
+    return Synapse(server, secret, directory, metrics_port, watch(pids=[server.pid]))
 
 
 def synapse_refuses_to_start(
@@ -261,6 +289,12 @@ class Proxy:
     process: subprocess.Popen[bytes]
     port: int
     directory: Path
+    # Kills the proxy if the test process dies without stop().
+    watchdog: Watchdog | None = None
+
+    def __post_init__(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = watch(pids=[self.process.pid])
 
     @property
     def client(self) -> Client:
@@ -274,6 +308,9 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        if self.watchdog is not None:
+            self.watchdog.release()
+            self.watchdog = None
 
 
 def _wait_for_port(proxy: Proxy, log: Path, timeout: float = 30) -> Proxy:

@@ -42,6 +42,8 @@ from tests.synapse_helpers import (
     start_caddy,
     start_nginx,
     start_synapse,
+    synapse_metrics,
+    transactions,
 )
 
 PEPPER = "a pepper only homeserver.yaml knows"
@@ -416,20 +418,6 @@ def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synaps
 # -- operators: metrics, revocation -------------------------------------------------
 
 
-def synapse_metrics(synapse: Synapse) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    assert synapse.metrics_port is not None
-    reply = call(f"http://127.0.0.1:{synapse.metrics_port}", "GET", "/_synapse/metrics")
-    assert reply.code == 200, reply
-    text = reply.body.decode() if isinstance(reply.body, bytes) else str(reply.body)
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Client) -> None:
     issued = ("login_token_module_tokens_issued_total", ())
     before = synapse_metrics(synapse)
@@ -446,6 +434,8 @@ def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Clie
     assert any(name.startswith("synapse_") for name, _ in after)
     latency = [key for key in after if key[0] == "login_token_module_http_request_duration_seconds_count"]
     assert any(dict(labels)["endpoint"].startswith(MODULE_PREFIX) for _, labels in latency), latency
+    # The password check's database transaction is named in Synapse's own metrics.
+    assert transactions(after, "login_token_module_password_hash") > 0
 
 
 def test_module_metrics_in_synapse_label_the_route_never_the_spelling(synapse: Synapse) -> None:
@@ -484,7 +474,12 @@ def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, cl
     new = client.token_login(from_second)
     assert new.code == 200, new
     revoked = ("login_token_module_tokens_revoked_total", (("reason", "logout"),))
-    assert synapse_metrics(synapse)[revoked] - before.get(revoked, 0) == 1
+    after = synapse_metrics(synapse)
+    assert after[revoked] - before.get(revoked, 0) == 1
+    # The revocation's database transaction is named in Synapse's own metrics.
+    assert transactions(after, "login_token_module_invalidate") > transactions(
+        before, "login_token_module_invalidate"
+    )
     user_id = f"@{localpart}:{SERVER_NAME}"
     log = synapse.log_once_it_shows(
         f"event=revoke outcome=revoked user_id={user_id} minted_by_device={first['device_id']}"

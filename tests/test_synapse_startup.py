@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks import servers
 from tests.synapse_helpers import (
     CAPABILITIES,
     LOGIN,
@@ -17,6 +18,7 @@ from tests.synapse_helpers import (
     doc_block,
     start_nginx,
     start_synapse,
+    synapse_metrics,
     synapse_refuses_to_start,
 )
 
@@ -49,7 +51,7 @@ def test_the_documented_homeserver_block_works_as_pasted(tmp_path: Path) -> None
 def test_a_short_token_lifetime_really_expires(tmp_path: Path) -> None:
     lifetime_ms = 3_000
     config = {"token_lifetime_ms": lifetime_ms, "ratelimit": {"per_second": 10, "burst_count": 10}}
-    synapse = start_synapse(tmp_path / "synapse", config)
+    synapse = start_synapse(tmp_path / "synapse", config, metrics_port=servers.free_port())
     proxy = None
     try:
         proxy = start_nginx(tmp_path / "nginx", synapse.port)
@@ -61,6 +63,7 @@ def test_a_short_token_lifetime_really_expires(tmp_path: Path) -> None:
         assert fresh.code == 200, fresh
         assert fresh.json["expires_in_ms"] == lifetime_ms
         stale = client.get_login_token(access, "short lived password")
+        never_tried = client.get_login_token(access, "short lived password")
         issued_at = time.monotonic()
 
         # Synapse itself honours the lifetime the module asked for: good at once, refused after it.
@@ -71,6 +74,13 @@ def test_a_short_token_lifetime_really_expires(tmp_path: Path) -> None:
         expired = client.token_login(stale)
         assert expired.code == 403, expired
         assert expired.json["errcode"] == "M_FORBIDDEN"
+
+        # Logging out revokes the device's unused tokens, not those already expired.
+        revoked = ("login_token_module_tokens_revoked_total", (("reason", "logout"),))
+        before = synapse_metrics(synapse).get(revoked, 0)
+        assert client.post("/_matrix/client/v3/logout", {}, access).code == 200
+        assert synapse_metrics(synapse).get(revoked, 0) == before
+        assert client.token_login(never_tried).code == 403
     finally:
         if proxy is not None:
             proxy.stop()

@@ -85,6 +85,10 @@ MISSHAPEN_WITH_GOOD_CHECKSUMS = [
     with_checksum("a" * 47),
     "mlt_" + "a" * 36 + "_" + "a" * 13,  # the right length, split at another underscore
 ]
+# The right length, with no underscore but the prefix's: the part after the last
+# underscore is 50 characters, and not ASCII (which secrets.compare_digest refuses
+# with a TypeError, so only the length check keeps it from there).
+SPLIT_AT_THE_PREFIX = "mlt_" + "\u00e9" * 50
 
 
 def test_tokens_have_the_documented_shape() -> None:
@@ -110,6 +114,8 @@ def test_misshapen_tokens_are_not_well_formed() -> None:
     token = generate_token()
     assert not is_well_formed(token[:47] + "-" + token[48:])
     assert not is_well_formed(token[:47] + "_" + token[48:-1])
+    assert len(SPLIT_AT_THE_PREFIX) == len(token)
+    assert not is_well_formed(SPLIT_AT_THE_PREFIX)
 
 
 @pytest_twisted.ensureDeferred
@@ -145,6 +151,7 @@ async def test_bad_tokens_are_forbidden(server: InProcessServer) -> None:
         token + "A",
         " " + token,
         token.upper(),
+        SPLIT_AT_THE_PREFIX,
         "not a token",
         "",
         12345,

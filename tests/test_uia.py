@@ -11,6 +11,7 @@ import pytest_twisted
 from login_token_module.uia import MAX_SESSIONS_PER_USER
 from tests.helpers import (
     GET_TOKEN,
+    PASSWORD,
     PASSWORD_FLOWS,
     InProcessServer,
     Response,
@@ -334,6 +335,43 @@ async def test_malformed_auth_fields_are_400_and_change_nothing(server: InProces
     assert await server.module.store.count_tokens() == 0
     # Nothing was spent: the same session still completes.
     assert_token(await server.client.post(GET_TOKEN, password_auth(session), access))
+
+
+# Every 400 that get_token's checks of ``auth`` give, each with the errcode it must carry.
+AUTH_400S: list[tuple[Any, str]] = [
+    ("m.login.password", "M_BAD_JSON"),  # auth is not an object
+    (["m.login.password"], "M_BAD_JSON"),
+    (1, "M_BAD_JSON"),
+    (True, "M_BAD_JSON"),
+    ({"session": 1}, "M_BAD_JSON"),  # the session is not a string
+    ({"type": "m.login.dummy", "password": PASSWORD}, "M_UNRECOGNIZED"),  # another stage
+    ({"type": 7, "password": PASSWORD}, "M_UNRECOGNIZED"),
+    ({"type": "m.login.password"}, "M_MISSING_PARAM"),  # no password
+    ({"type": "m.login.password", "password": 1234}, "M_BAD_JSON"),  # the password is not a string
+    (
+        {"type": "m.login.password", "password": PASSWORD, "identifier": {"type": "m.id.phone"}},
+        "M_INVALID_PARAM",
+    ),
+    ({"type": "m.login.password", "password": PASSWORD, "identifier": "alice"}, "M_BAD_JSON"),
+    (
+        {"type": "m.login.password", "password": PASSWORD, "identifier": {"type": "m.id.user", "user": 7}},
+        "M_BAD_JSON",
+    ),
+    ({"type": "m.login.password", "password": PASSWORD, "user": ["alice"]}, "M_BAD_JSON"),
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_400_of_the_auth_checks_says_why_in_a_string(server: InProcessServer) -> None:
+    """A client shows ``error`` to its user: a 400 never answers with a null or empty one."""
+    access = await server.client.access_token("alice")
+    for auth, errcode in AUTH_400S:
+        response = await server.client.post(GET_TOKEN, {"auth": auth}, access)
+        assert (response.code, response.json.get("errcode")) == (400, errcode), (auth, response)
+        error = response.json.get("error")
+        assert isinstance(error, str) and error.strip(), (auth, response)
+        assert "login_token" not in response.json, auth
+    assert await server.module.store.count_tokens() == 0
 
 
 @pytest_twisted.ensureDeferred
