@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.web.resource import IResource
 from twisted.web.server import Request
+
+if TYPE_CHECKING:
+    # For the annotation only: the contract names the engines' Database Protocol.
+    from login_token_module.stores.engines.connection import Database
 
 JsonDict = dict[str, Any]
 
@@ -85,6 +89,14 @@ class ModuleApi(Protocol):
     @property
     def abilities(self) -> HostAbilities:
         """What this host does itself (see :class:`HostAbilities`)."""
+
+    @property
+    def state_database(self) -> Database | None:
+        """A database of the host's, shared by all its processes, where the module may
+        keep tables of its own (its UIA sessions, rate limits and notes of the tokens it
+        asked for), or None. Used only when ``abilities.mints_login_tokens`` is true: a
+        host that keeps the tokens lends the module its database for the rest (Synapse).
+        """
 
     async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
         """A host login token for ``user_id``, valid for ``duration_in_ms`` (Synapse's name).
