@@ -89,7 +89,11 @@ class SynapseConn:
         return self._engine
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        # Synapse's transaction converts '?' to the driver's placeholders itself.
+        # Synapse's transaction converts '?' to the driver's placeholders itself. On
+        # PostgreSQL Synapse refuses ``bytes`` parameters (they are too easily text sent
+        # by mistake); the module's token hashes are binary on purpose: sent as memoryview.
+        if self._engine == "postgres":
+            params = [memoryview(value) if isinstance(value, bytes) else value for value in params]
         self._txn.execute(synapse_statement(sql), tuple(params))
         cursor: Cursor = self._txn
         return cursor
