@@ -52,6 +52,8 @@ MODULE_CONFIG = {
     "ratelimit": {"per_second": 0.001, "burst_count": BURST},
     "failed_auth_ratelimit": {"per_second": 0.001, "burst_count": BURST + 8},
     "sweep_interval_ms": 500,
+    # Short enough to see a sweep drop one; long enough for every test's UIA.
+    "ui_auth_session_lifetime_ms": 6_000,
 }
 
 _numbers = itertools.count()
@@ -363,6 +365,22 @@ def test_a_logout_on_one_process_revokes_the_tokens_minted_on_the_other(deployme
     # The other device's token is untouched.
     signed_in = worker.token_login(kept)
     assert signed_in.code == 200, signed_in
+
+
+def test_both_processes_sweep_expired_sessions_from_the_shared_tables(
+    deployment: Deployment, pg_cluster: PostgresCluster
+) -> None:
+    localpart, password = deployment.new_user()
+    access = _signed_in(deployment.on_worker, localpart, password)["access_token"]
+    session = _challenge(deployment.on_worker, access)
+    query = "SELECT count(*) FROM login_token_module_uia_sessions WHERE session_id = %s"
+    assert pg_cluster.query(_database_name(deployment), query, (session,)) == [(1,)]
+    deadline = time.monotonic() + 20
+    while pg_cluster.query(_database_name(deployment), query, (session,)) != [(0,)]:
+        assert time.monotonic() < deadline, "the expired session was never swept"
+        time.sleep(0.5)
+    expired = _answer(deployment.on_main, access, session, password)
+    assert expired.code == 401 and expired.json["session"] != session, expired
 
 
 def test_neither_log_shows_log_context_trouble(deployment: Deployment) -> None:
