@@ -154,3 +154,32 @@ def test_the_log_shows_no_trouble_and_no_password(synapse: Synapse, client: Clie
     log = synapse.log_once_it_shows("login token event=issue outcome=issued")
     assert not [line for line in log.splitlines() if any(word in line for word in LOGCONTEXT_TROUBLE)]
     assert password not in log
+
+
+def test_with_local_passwords_off_the_providers_alone_confirm(tmp_path: Path) -> None:
+    directory = tmp_path / "synapse"
+    directory.mkdir()
+    shutil.copy(PROVIDER_FILE, directory / PROVIDER_FILE.name)
+    modules = [
+        {"module": "login_token_module.LoginTokenModule", "config": MODULE_CONFIG},
+        {"module": "synapse_password_provider.PasswordProvider", "config": {"users": PROVIDER_USERS}},
+    ]
+    synapse = start_synapse(
+        directory, None, {"modules": modules, "password_config": {"localdb_enabled": False}}
+    )
+    proxy: Proxy | None = None
+    try:
+        proxy = start_nginx(tmp_path / "nginx", synapse.port)
+        client = proxy.client
+        localpart, password = _directory_user(6)
+        access = client.access_token(localpart, password)
+        session = client.challenge(access)
+        wrong = client.answer(access, session, "not it")
+        assert wrong.code == 401 and wrong.json["errcode"] == "M_FORBIDDEN", wrong
+        right = client.answer(access, session, password)
+        assert right.code == 200, right
+        assert client.token_login(right.json["login_token"]).code == 200
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        synapse.stop()
