@@ -46,8 +46,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 SYNAPSE_VENV = BENCH_DIR / ".venv-synapse"
 SYNAPSE_VERSION = "1.163.2"
-# With the drivers Synapse's workers need: PostgreSQL (psycopg2) and Redis (txredisapi).
-SYNAPSE_REQUIREMENT = f"matrix-synapse[postgres,redis]=={SYNAPSE_VERSION}"
+# With the drivers Synapse's workers need (PostgreSQL: psycopg2, Redis: txredisapi) and its
+# single sign-on (authlib).
+SYNAPSE_REQUIREMENT = f"matrix-synapse[postgres,redis,oidc]=={SYNAPSE_VERSION}"
 LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
 WORKERS_RE = re.compile(r"workers serving http://[^:]+:(\d+)")
 SERVER_NAME = "bench.local"
@@ -322,7 +323,8 @@ def synapse_version(python: Path) -> str | None:
             [
                 str(python),
                 "-c",
-                "import importlib.metadata as m, synapse, psycopg2, txredisapi, login_token_module as l; "
+                "import importlib.metadata as m, synapse, login_token_module as l; "
+                "import psycopg2, txredisapi, authlib; "
                 "print(m.version('matrix-synapse')); print(l.__file__)",
             ],
             capture_output=True,

@@ -138,6 +138,20 @@ class ModuleApi(Protocol):
         (an account with no password, signed in through single sign-on).
         """
 
+    async def single_sign_on_available(self, user_id: str) -> bool:
+        """Whether the host can confirm this user by single sign-on (``m.login.sso``
+        through the host's own UIA fallback page): the user has an identity at one of
+        the host's identity providers."""
+
+    async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
+        """Open a UIA session of the host's in which ``user_id`` can complete
+        ``m.login.sso`` at the host's fallback page; its id, which the module's session
+        for ``endpoint`` then takes. Called only when ``single_sign_on_available``."""
+
+    async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
+        """Whether the host's session ``session_id`` has completed ``m.login.sso`` as
+        ``user_id`` (false for a session the host does not know)."""
+
     def add_login_flow_fields(self, login_type: str, fields: JsonDict) -> None:
         """Extra fields on ``login_type``'s entry in GET /login flows.
 

@@ -117,7 +117,12 @@ class LoginTokenModule:
             now=clock,
         )
         uia = UiaFlow(
-            sessions=self._uia, failed_auth=self._failed_auth, api=api, metrics=self.metrics, now=clock
+            sessions=self._uia,
+            failed_auth=self._failed_auth,
+            api=api,
+            metrics=self.metrics,
+            now=clock,
+            lifetime_seconds=config.ui_auth_session_lifetime_ms / 1000,
         )
         issuing = Issuing(
             config=config,

@@ -47,6 +47,16 @@ class HostModuleApi:
         # modules register: the module mints, spends and advertises.
         return HostAbilities(mints_login_tokens=False, advertises_get_login_token=False)
 
+    async def single_sign_on_available(self, user_id: str) -> bool:
+        # The reference host has no single sign-on.
+        return False
+
+    async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
+        raise NotImplementedError("the reference host has no single sign-on")
+
+    async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
+        return False
+
     @property
     def state_database(self) -> Database | None:
         # The module keeps its state where its own ``store`` config says.

@@ -84,6 +84,7 @@ class SynapseApi(Protocol):
 
 
 PASSWORD_LOGIN = "m.login.password"
+SSO_LOGIN = "m.login.sso"
 
 
 class SynapseSettings:
@@ -109,6 +110,25 @@ class SynapseSettings:
             for name in ("check_auth", "get_supported_login_types"):
                 if not callable(getattr(self.password_providers, name)):
                     raise AttributeError(f"PasswordAuthProvider.{name}")
+            # Single sign-on in UIA: Synapse's SSO handler (the user's identity providers),
+            # its UIA sessions (created here, completed by Synapse's fallback page).
+            hs = api._hs  # type: ignore[attr-defined]
+            self.sso_handler: Any = hs.get_sso_handler()
+            self.auth_handler: Any = hs.get_auth_handler()
+            self.uia_store: Any = api._store  # type: ignore[attr-defined]
+            for owner, name in (
+                (self.sso_handler, "get_identity_providers_for_user"),
+                (self.auth_handler, "set_session_data"),
+                (self.uia_store, "create_ui_auth_session"),
+                (self.uia_store, "get_completed_ui_auth_stages"),
+            ):
+                if not callable(getattr(owner, name)):
+                    raise AttributeError(f"{type(owner).__name__}.{name}")
+            from synapse.api.errors import StoreError
+            from synapse.handlers.ui_auth import UIAuthSessionDataConstants
+
+            self.store_error: type[Exception] = StoreError
+            self.request_user_id_key = str(UIAuthSessionDataConstants.REQUEST_USER_ID)
             # Synapse's database pool, for the module's own tables.
             self.internals: SynapseInternals | None = SynapseInternals(api)
         except (AttributeError, ImportError) as error:
@@ -297,6 +317,32 @@ class SynapseModuleApi:
             return False
         # A provider confirms a user, not a password: it must be this one.
         return isinstance(result, tuple) and len(result) == 2 and result[0] == user_id
+
+    async def single_sign_on_available(self, user_id: str) -> bool:
+        # The identity providers this user has signed in with that Synapse still has.
+        providers = await self._settings.sso_handler.get_identity_providers_for_user(user_id)
+        return bool(providers)
+
+    async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
+        # A UIA session of Synapse's own, which its fallback page
+        # (/_matrix/client/v3/auth/m.login.sso/fallback/web?session=...) completes once the
+        # user signs in at the identity provider as the user it names. Its uri is the
+        # module's path, so no Synapse endpoint accepts it as its own UIA.
+        session = await self._settings.uia_store.create_ui_auth_session(
+            {}, endpoint, "POST", "confirm a request for a login token"
+        )
+        session_id = str(session.session_id)
+        await self._settings.auth_handler.set_session_data(
+            session_id, self._settings.request_user_id_key, user_id
+        )
+        return session_id
+
+    async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
+        try:
+            stages = await self._settings.uia_store.get_completed_ui_auth_stages(session_id)
+        except self._settings.store_error:
+            return False  # not a session of Synapse's
+        return bool(stages.get(SSO_LOGIN) == user_id)
 
     def add_login_flow_fields(self, login_type: str, fields: JsonDict) -> None:
         raise NotImplementedError("Synapse advertises get_login_token itself")
