@@ -326,10 +326,12 @@ class SynapseModuleApi:
     async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
         # A UIA session of Synapse's own, which its fallback page
         # (/_matrix/client/v3/auth/m.login.sso/fallback/web?session=...) completes once the
-        # user signs in at the identity provider as the user it names. Its uri is the
-        # module's path, so no Synapse endpoint accepts it as its own UIA.
+        # user signs in at the identity provider as the user it names. Synapse's own UIA
+        # accepts a session only at the uri it was made for: this one is the module's
+        # path in Synapse (never the spec path, where Synapse's built-in get_token is),
+        # which none of Synapse's own endpoints serves.
         session = await self._settings.uia_store.create_ui_auth_session(
-            {}, endpoint, "POST", "confirm a request for a login token"
+            {}, synapse_path(endpoint), "POST", "confirm a request for a login token"
         )
         session_id = str(session.session_id)
         await self._settings.auth_handler.set_session_data(
