@@ -213,12 +213,13 @@ class SynapseDatabase:
 
     def prepare_now(self) -> defer.Deferred[None]:
         """Create or migrate the tables at start-up (the first ``run`` would anyway)."""
-        return self.run(_nothing)
+        return self.run(_tables_ready)
 
     def close(self) -> None:
         # Synapse owns the pool and closes it itself.
         return None
 
 
-def _nothing(conn: Conn) -> None:
+def _tables_ready(conn: Conn) -> None:
+    """Nothing more: the interaction that runs it prepares the tables first."""
     return None
