@@ -46,7 +46,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 SYNAPSE_VENV = BENCH_DIR / ".venv-synapse"
 SYNAPSE_VERSION = "1.163.2"
-SYNAPSE_REQUIREMENT = f"matrix-synapse=={SYNAPSE_VERSION}"
+# With the drivers Synapse's workers need (PostgreSQL: psycopg2, Redis: txredisapi) and its
+# single sign-on (authlib).
+SYNAPSE_REQUIREMENT = f"matrix-synapse[postgres,redis,oidc]=={SYNAPSE_VERSION}"
 LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
 WORKERS_RE = re.compile(r"workers serving http://[^:]+:(\d+)")
 SERVER_NAME = "bench.local"
@@ -322,6 +324,7 @@ def synapse_version(python: Path) -> str | None:
                 str(python),
                 "-c",
                 "import importlib.metadata as m, synapse, login_token_module as l; "
+                "import psycopg2, txredisapi, authlib; "
                 "print(m.version('matrix-synapse')); print(l.__file__)",
             ],
             capture_output=True,
@@ -369,7 +372,7 @@ def ensure_synapse(log: Any) -> tuple[Path | None, str]:
         return None, f"cannot install {SYNAPSE_REQUIREMENT}: {error} {' '.join(tail)}".strip()
     version = synapse_version(python)
     if version != SYNAPSE_VERSION:
-        return None, f"{SYNAPSE_REQUIREMENT} installed but 'import synapse, login_token_module' fails"
+        return None, f"{SYNAPSE_REQUIREMENT} installed but importing it with login_token_module fails"
     return python, version
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.web.resource import IResource
 from twisted.web.server import Request
+
+if TYPE_CHECKING:
+    # For the annotation only: the contract names the engines' Database Protocol.
+    from login_token_module.stores.engines.connection import Database
 
 JsonDict = dict[str, Any]
 
@@ -91,6 +95,14 @@ class ModuleApi(Protocol):
         """Where clients reach this homeserver, ending in ``/`` (Synapse's key): the
         base of links the module hands out, such as a pairing's verification URL."""
 
+    @property
+    def state_database(self) -> Database | None:
+        """A database of the host's, shared by all its processes, where the module may
+        keep tables of its own (its UIA sessions, rate limits and notes of the tokens it
+        asked for), or None. Used only when ``abilities.mints_login_tokens`` is true: a
+        host that keeps the tokens lends the module its database for the rest (Synapse).
+        """
+
     async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
         """A host login token for ``user_id``, valid for ``duration_in_ms`` (Synapse's name).
 
@@ -130,6 +142,20 @@ class ModuleApi(Protocol):
         Raises MatrixError when the user cannot confirm with a password at all
         (an account with no password, signed in through single sign-on).
         """
+
+    async def single_sign_on_available(self, user_id: str) -> bool:
+        """Whether the host can confirm this user by single sign-on (``m.login.sso``
+        through the host's own UIA fallback page): the user has an identity at one of
+        the host's identity providers."""
+
+    async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
+        """Open a UIA session of the host's in which ``user_id`` can complete
+        ``m.login.sso`` at the host's fallback page; its id, which the module's session
+        for ``endpoint`` then takes. Called only when ``single_sign_on_available``."""
+
+    async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
+        """Whether the host's session ``session_id`` has completed ``m.login.sso`` as
+        ``user_id`` (false for a session the host does not know)."""
 
     def add_login_flow_fields(self, login_type: str, fields: JsonDict) -> None:
         """Extra fields on ``login_type``'s entry in GET /login flows.

@@ -37,7 +37,8 @@ from login_token_module.resources import (
 from login_token_module.revocation import Revocation
 from login_token_module.spending import Spending
 from login_token_module.stores import StateBackend, TokenStore, make_state
-from login_token_module.stores.memory import MemoryBackend, MemoryTokenStore
+from login_token_module.stores.memory import MemoryBackend
+from login_token_module.stores.sql import SqlBackend
 from login_token_module.stores.timed import HostTokens, TimedBackend, TimedHostTokens
 from login_token_module.sweeping import Sweeping
 from login_token_module.synapse import as_module_api
@@ -70,14 +71,22 @@ class LoginTokenModule:
                     "this host keeps login tokens in its own database, so the module has no "
                     "token store; remove 'store' from the module's config",
                 )
-            # Only UIA sessions and rate limits are the module's here, in this process,
-            # and the hashes of the tokens it asked the host for, with the devices that
-            # asked (for revocation at logout): never the tokens themselves.
-            notes = MemoryBackend(self._reactor)
-            self.state: StateBackend = TimedBackend(notes)
-            # The notes are taken untimed (in memory, beside the host's calls, which
-            # are timed instead: minting as ``mint``, revoking as ``revoke``).
-            self.minted: MemoryTokenStore = notes.tokens
+            # Only UIA sessions and rate limits are the module's here, and notes of the
+            # tokens it asked the host for (their hashes, with the devices that asked,
+            # for revocation at logout): never the tokens themselves. They live in the
+            # database the host lends (Synapse's, shared by all its processes), else in
+            # this process's memory.
+            database = api.state_database
+            if database is not None:
+                self.state: StateBackend = TimedBackend(SqlBackend(self._reactor, database, shared=True))
+                # Timed like any store: these are database calls.
+                self.minted: TokenStore = self.state.tokens
+            else:
+                notes = MemoryBackend(self._reactor)
+                self.state = TimedBackend(notes)
+                # The notes are taken untimed (in memory, beside the host's calls, which
+                # are timed instead: minting as ``mint``, revoking as ``revoke``).
+                self.minted = notes.tokens
             host: HostTokens | None = TimedHostTokens(api)
         else:
             # Tokens, UIA sessions and rate limits all live where the store config
@@ -107,7 +116,8 @@ class LoginTokenModule:
             return self._now()
 
         # Where a token is noted when minted and revoked: the store (timed), or the
-        # notes beside the host's tokens (untimed); the sweep times either.
+        # notes beside the host's tokens (in the host's database, timed; in memory,
+        # untimed); the sweep times either.
         tokens_held: TokenStore = self.minted if self._host_tokens else self.store
         revocation = Revocation(
             tokens=tokens_held,
@@ -117,7 +127,12 @@ class LoginTokenModule:
             now=clock,
         )
         uia = UiaFlow(
-            sessions=self._uia, failed_auth=self._failed_auth, api=api, metrics=self.metrics, now=clock
+            sessions=self._uia,
+            failed_auth=self._failed_auth,
+            api=api,
+            metrics=self.metrics,
+            now=clock,
+            lifetime_seconds=config.ui_auth_session_lifetime_ms / 1000,
         )
         issuing = Issuing(
             config=config,

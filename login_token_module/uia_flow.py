@@ -23,6 +23,7 @@ from login_token_module.uia import UiaSession
 logger = logging.getLogger("login_token_module.module")
 
 PASSWORD_STAGE = "m.login.password"
+SSO_STAGE = "m.login.sso"
 
 
 class UiaFlow:
@@ -34,19 +35,25 @@ class UiaFlow:
         api: ModuleApi,
         metrics: Metrics,
         now: Callable[[], float],
+        lifetime_seconds: float,
     ) -> None:
+        self._lifetime = lifetime_seconds
         self._sessions = sessions
         self._failed_auth = failed_auth
         self._api = api
         self._metrics = metrics
         self._now = now
 
-    async def read_auth(self, requester: Requester, body: JsonDict, endpoint: str) -> tuple[str | None, str]:
+    async def read_auth(
+        self, requester: Requester, body: JsonDict, endpoint: str
+    ) -> tuple[str | None, str | None]:
         """Check the ``auth`` dict's shape and session (cheap: no password is checked
-        here); raises the 401 challenge or a 4xx unless it offers a password to check.
+        here); raises the 401 challenge or a 4xx unless it offers a password to check
+        or names a session in which the user completed single sign-on at the host.
 
         Returns the session to spend (None for credentials sent without a session: a
-        one-shot prompt, proven in this request, nothing to spend) and the password.
+        one-shot prompt, proven in this request, nothing to spend) and the password
+        (None only with a session completed by single sign-on: nothing left to check).
         """
         now = self._now()
         auth = body.get("auth")
@@ -70,8 +77,25 @@ class UiaFlow:
                 )
 
         stage = auth.get("type")
+        # After the host's fallback page the client sends the session alone (or typed
+        # m.login.sso): complete if the host says this user signed in there for it.
+        if (
+            stage in (None, SSO_STAGE)
+            and session_id is not None
+            and await self._api.completed_single_sign_on(session_id, requester.user_id)
+        ):
+            return session_id, None
         if stage is None:
             raise await self.challenge(requester, endpoint, now, session_id=session_id)
+        if stage == SSO_STAGE:
+            self._metrics.uia_failures.labels("sso").inc()
+            raise await self.challenge(
+                requester,
+                endpoint,
+                now,
+                session_id=session_id,
+                error="Single sign-on is not complete in this session",
+            )
         if stage != PASSWORD_STAGE:
             raise MatrixError(
                 400, Codes.UNRECOGNIZED, f"Unsupported authentication type; use {PASSWORD_STAGE}"
@@ -142,11 +166,25 @@ class UiaFlow:
         error: str | None = None,
         errcode: str = Codes.FORBIDDEN,
     ) -> MatrixError:
-        """The 401 that asks for (more) UIA, with a fresh session unless one is given."""
+        """The 401 that asks for (more) UIA, with a fresh session unless one is given.
+
+        A user the host can confirm by single sign-on is offered ``m.login.sso`` too; a
+        fresh session is then the host's (its fallback page completes it), held by the
+        module under the same id with the module's own lifetime and single use.
+        """
+        user_id = requester.user_id
+        flows = [{"stages": [PASSWORD_STAGE]}]
+        single_sign_on = await self._api.single_sign_on_available(user_id)
+        if single_sign_on:
+            flows.append({"stages": [SSO_STAGE]})
         if session_id is None:
-            session_id = (await self._sessions.create(requester.user_id, endpoint, now)).session_id
+            if single_sign_on:
+                session_id = await self._api.begin_single_sign_on(user_id, endpoint)
+                await self._sessions.restore(UiaSession(session_id, user_id, endpoint, now + self._lifetime))
+            else:
+                session_id = (await self._sessions.create(user_id, endpoint, now)).session_id
         extra: JsonDict = {
-            "flows": [{"stages": [PASSWORD_STAGE]}],
+            "flows": flows,
             "params": {},
             "session": session_id,
             "completed": [],

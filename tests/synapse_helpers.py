@@ -354,14 +354,40 @@ def plain_http_site(site: str, port: int) -> str:
     return "\n".join(kept)
 
 
-def start_nginx(directory: Path, synapse_port: int) -> Proxy:
-    """nginx in the foreground, as the current user, serving docs/synapse.md's nginx site."""
+WORKER_UPSTREAM_PORT = "localhost:8081"
+MODULE_PROXY_PASS = "proxy_pass http://localhost:8008;"
+
+
+def worker_site(site: str, main_port: int, worker_port: int) -> tuple[str, str]:
+    """docs/synapse.md's site as a deployment with one worker does it: its upstream block
+    (the main process and the worker), and the site with the module's ``location``
+    sending to that upstream as the page says (the rest still to the main process)."""
+    upstream_block = doc_block("nginx", 1)
+    assert WORKER_UPSTREAM_PORT in upstream_block, upstream_block
+    upstream_block = upstream(upstream_block, main_port).replace(
+        WORKER_UPSTREAM_PORT, f"127.0.0.1:{worker_port}"
+    )
+    proxy_pass = doc_block("nginx", 2).strip().splitlines()[-1].strip()
+    assert proxy_pass.startswith("proxy_pass http://") and proxy_pass.endswith(";"), proxy_pass
+    # The first proxy_pass of the site is the module's location's.
+    assert site.index(MODULE_PROXY_PASS) < site.index("# Synapse's usual location"), site
+    return upstream_block, site.replace(MODULE_PROXY_PASS, proxy_pass, 1)
+
+
+def start_nginx(directory: Path, synapse_port: int, *, worker_port: int | None = None) -> Proxy:
+    """nginx in the foreground, as the current user, serving docs/synapse.md's nginx site;
+    with ``worker_port``, the module's paths go to the main process and that worker as the
+    page's worker section says. The access log names the upstream of each request."""
     nginx = find_program("nginx")
     directory.mkdir(parents=True, exist_ok=True)
     port = servers.free_port()
     temp = {name: directory / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():
         path.mkdir(exist_ok=True)
+    site = doc_block("nginx")
+    upstreams = ""
+    if worker_port is not None:
+        upstreams, site = worker_site(site, synapse_port, worker_port)
     config = f"""
 daemon off;
 master_process off;
@@ -369,13 +395,15 @@ pid {directory}/nginx.pid;
 error_log {directory}/error.log info;
 events {{ worker_connections 256; }}
 http {{
-    access_log {directory}/access.log;
+    log_format upstreams '$upstream_addr $status $request_uri';
+    access_log {directory}/access.log upstreams;
+{upstreams}
     client_body_temp_path {temp["body"]};
     proxy_temp_path {temp["proxy"]};
     fastcgi_temp_path {temp["fastcgi"]};
     uwsgi_temp_path {temp["uwsgi"]};
     scgi_temp_path {temp["scgi"]};
-{plain_http_site(upstream(doc_block("nginx"), synapse_port), port)}
+{plain_http_site(upstream(site, synapse_port), port)}
 }}
 """
     config_path = directory / "nginx.conf"

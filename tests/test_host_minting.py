@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from login_token_module.api import HostAbilities
 from login_token_module.config import ConfigError
 from login_token_module.host import server as host_server
 from login_token_module.host.module_api import HostModuleApi
+from login_token_module.stores.engines.connection import Database
+from login_token_module.stores.engines.sqlite import SqliteDatabase
+from login_token_module.stores.sql import STATE_SCHEMA
 from tests.helpers import REACTOR, AuditRecords, InProcessServer, start_in_process
 from tests.test_operators import login_device, mint
 
@@ -256,3 +260,142 @@ async def test_a_store_in_the_config_is_refused_where_the_host_keeps_tokens(
         await start_in_process(tmp_path, {"store": {"type": "memory"}})
     assert raised.value.path == ["modules", 0, "config", "store"]
     assert "remove 'store'" in str(raised.value)
+
+
+class LendingHostApi(MintingHostApi):
+    """A host that mints the tokens and lends the module a database for the rest, as
+    Synapse does (there: its own database, through run_db_interaction)."""
+
+    database: SqliteDatabase
+
+    @property
+    def state_database(self) -> Database | None:
+        return self.database
+
+
+@pytest.fixture
+def lending_host_api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[list[LendingHostApi]]:
+    made: list[LendingHostApi] = []
+
+    def make(hs: Any, name: str) -> LendingHostApi:
+        api = LendingHostApi(hs, name)
+        api.tokens, api.lifetimes, api.invalidations = {}, [], []
+        api.database = SqliteDatabase(REACTOR, str(tmp_path / "lent.db"), schema=STATE_SCHEMA, name="lent")
+        made.append(api)
+        return api
+
+    monkeypatch.setattr(host_server, "HostModuleApi", make)
+    yield made
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_lends_a_database_gets_the_modules_state_there(
+    tmp_path: Path, lending_host_api: list[LendingHostApi]
+) -> None:
+    srv = await start(tmp_path)
+    try:
+        (api,) = lending_host_api
+        phone, laptop = await login_device(srv, "PHONE"), await login_device(srv, "LAPTOP")
+        pending = await srv.client.post("/_matrix/client/v1/login/get_token", {}, phone)
+        assert pending.code == 401, pending
+        first, kept = await mint(srv, phone), await mint(srv, laptop)
+        with sqlite3.connect(tmp_path / "lent.db") as db:
+            # The UIA session, the buckets and the notes of the host's tokens are in the lent file.
+            sessions = db.execute("SELECT session_id FROM login_token_uia_sessions").fetchall()
+            assert (pending.json["session"],) in sessions
+            limiters = {row[0] for row in db.execute("SELECT limiter FROM login_token_ratelimits")}
+            assert limiters == {"get_token", "get_token_failed_auth"}
+            notes = db.execute("SELECT token_hash, device_id FROM login_tokens ORDER BY device_id").fetchall()
+            assert notes == [
+                (hashlib.sha256(kept.encode()).digest(), "LAPTOP"),
+                (hashlib.sha256(first.encode()).digest(), "PHONE"),
+            ]
+        assert (await srv.client.post(LOGOUT, {}, phone)).code == 200
+        (asked,) = api.invalidations
+        assert asked == (USER, frozenset({hashlib.sha256(first.encode()).digest()}))
+        assert set(api.tokens) == {kept}
+        history = {entry.minted_by_device: entry.outcome for entry in await srv.module.minted.lineage(USER)}
+        assert history == {"PHONE": "revoked", "LAPTOP": None}
+    finally:
+        await srv.stop()
+        lending_host_api[0].database.close()
+
+
+class SsoHostApi(MintingHostApi):
+    """A minting host that also confirms users by single sign-on at a fallback page of its
+    own, as Synapse does; the test plays the page by marking a session completed."""
+
+    sso_users: set[str]
+    host_sessions: dict[str, str]  # host session -> the user it must confirm
+    completed: dict[str, str]  # host session -> the user who signed in there
+
+    async def single_sign_on_available(self, user_id: str) -> bool:
+        return user_id in self.sso_users
+
+    async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
+        session_id = "host" + secrets.token_hex(8)
+        self.host_sessions[session_id] = user_id
+        return session_id
+
+    async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
+        return self.completed.get(session_id) == user_id
+
+
+@pytest.fixture
+def sso_host_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[SsoHostApi]]:
+    made: list[SsoHostApi] = []
+
+    def make(hs: Any, name: str) -> SsoHostApi:
+        api = SsoHostApi(hs, name)
+        api.tokens, api.lifetimes, api.invalidations = {}, [], []
+        api.sso_users, api.host_sessions, api.completed = {USER}, {}, {}
+        made.append(api)
+        return api
+
+    monkeypatch.setattr(host_server, "HostModuleApi", make)
+    yield made
+
+
+GET_TOKEN = "/_matrix/client/v1/login/get_token"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_completed_by_the_hosts_single_sign_on_mints_once(
+    tmp_path: Path, sso_host_api: list[SsoHostApi]
+) -> None:
+    srv = await start(tmp_path, ratelimit={"per_second": 0.001, "burst_count": 2})
+    try:
+        (api,) = sso_host_api
+        phone = await login_device(srv, "PHONE")
+        challenge = await srv.client.post(GET_TOKEN, {}, phone)
+        assert challenge.code == 401, challenge
+        assert challenge.json["flows"] == [{"stages": ["m.login.password"]}, {"stages": ["m.login.sso"]}]
+        session = challenge.json["session"]
+        assert api.host_sessions == {session: USER}  # the host's session, held by the module
+
+        for auth in ({"session": session}, {"type": "m.login.sso", "session": session}):
+            early = await srv.client.post(GET_TOKEN, {"auth": auth}, phone)
+            assert early.code == 401 and early.json["session"] == session, early
+            assert "login_token" not in early.json
+        # Someone else signing in at the host's page completes nothing for this user.
+        api.completed[session] = "@mallory:test.local"
+        assert (await srv.client.post(GET_TOKEN, {"auth": {"session": session}}, phone)).code == 401
+
+        api.completed[session] = USER
+        done = await srv.client.post(GET_TOKEN, {"auth": {"session": session}}, phone)
+        assert done.code == 200, done
+        assert list(api.tokens) == [done.json["login_token"]]
+        for auth in ({"session": session}, {"type": "m.login.sso", "session": session}):
+            replayed = await srv.client.post(GET_TOKEN, {"auth": auth}, phone)
+            assert replayed.code == 401 and replayed.json["session"] != session, replayed
+        assert len(api.tokens) == 1
+
+        # Admit, then work: past the rate limit a completed session is refused and kept.
+        assert (await srv.client.get_login_token(phone)).code == 200
+        later = (await srv.client.post(GET_TOKEN, {}, phone)).json["session"]
+        api.completed[later] = USER
+        limited = await srv.client.post(GET_TOKEN, {"auth": {"session": later}}, phone)
+        assert limited.code == 429, limited
+        assert await srv.module._uia.get(later, REACTOR.seconds()) is not None
+    finally:
+        await srv.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import sqlite3
 import subprocess
 import time
 import unicodedata
@@ -485,3 +486,34 @@ def test_logout_in_synapse_revokes_only_that_devices_tokens(synapse: Synapse, cl
         f"event=revoke outcome=revoked user_id={user_id} minted_by_device={first['device_id']}"
     )
     assert from_first not in log and from_second not in log
+
+
+def test_the_modules_state_is_in_synapses_own_database(synapse: Synapse, client: Client) -> None:
+    """UIA sessions, rate limits and the notes of minted tokens are in tables of the module's
+    own (prefixed, versioned) in Synapse's database, beside Synapse's login_tokens."""
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    pending = client.challenge(access)
+    client.get_login_token(access, password)
+    user_id = f"@{localpart}:{SERVER_NAME}"
+    with sqlite3.connect(synapse.directory / "homeserver.db") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = {name for name in tables if name.startswith("login_token_module_")}
+        assert ours == {
+            "login_token_module_schema_versions",
+            "login_token_module_tokens",
+            "login_token_module_history",
+            "login_token_module_uia_sessions",
+            "login_token_module_ratelimits",
+        }, tables
+        assert "login_tokens" in tables  # Synapse's own, untouched
+        assert db.execute("SELECT component, version FROM login_token_module_schema_versions").fetchall() == [
+            ("login_token_module", 3)
+        ]
+        assert db.execute(
+            "SELECT user_id FROM login_token_module_uia_sessions WHERE session_id = ?", (pending,)
+        ).fetchall() == [(user_id,)]
+        noted = db.execute("SELECT device_id FROM login_token_module_tokens WHERE user_id = ?", (user_id,))
+        assert len(noted.fetchall()) == 1
+        limited = db.execute("SELECT limiter FROM login_token_module_ratelimits WHERE key = ?", (user_id,))
+        assert {row[0] for row in limited} == {"get_token", "get_token_failed_auth"}

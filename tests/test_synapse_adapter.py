@@ -9,6 +9,7 @@ checks the same against a real Synapse's stored hashes.
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import subprocess
 import sys
@@ -182,3 +183,27 @@ def test_the_module_imports_and_runs_without_synapse() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     with pytest.raises(ModuleNotFoundError):
         __import__("synapse")
+
+
+def test_the_modules_tables_get_their_prefix_in_synapses_database() -> None:
+    from login_token_module.stores.sql import STATE_SCHEMA
+    from login_token_module.synapse.storage import synapse_statement
+
+    assert synapse_statement("DELETE FROM login_tokens WHERE token_hash = ?") == (
+        "DELETE FROM login_token_module_tokens WHERE token_hash = ?"
+    )
+    assert synapse_statement("CREATE INDEX login_tokens_expiry ON login_tokens (expires_at_ms)") == (
+        "CREATE INDEX login_token_module_tokens_expiry ON login_token_module_tokens (expires_at_ms)"
+    )
+    assert synapse_statement("UPDATE login_token_history SET outcome = 'spent'") == (
+        "UPDATE login_token_module_history SET outcome = 'spent'"
+    )
+    assert synapse_statement("SELECT version FROM schema_versions") == (
+        "SELECT version FROM login_token_module_schema_versions"
+    )
+    # Every name the schema creates is the module's, whatever Synapse calls its own tables.
+    for migration in STATE_SCHEMA.migrations:
+        for statement in (*migration.sqlite, *migration.postgres):
+            renamed = synapse_statement(statement)
+            created = re.findall(r"CREATE (?:TABLE|INDEX)(?: IF NOT EXISTS)? (\w+)", renamed)
+            assert all(name.startswith("login_token_module_") for name in created), statement

@@ -101,10 +101,10 @@ REFUSED: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
         "set login_via_existing_session: {enabled: true}",
     ),
     (
-        "local passwords off",
+        "passwords off",
         {},
-        {"password_config": {"localdb_enabled": False}},
-        "turns local passwords off",
+        {"password_config": {"enabled": False}},
+        "turns passwords off (password_config.enabled)",
     ),
     (
         "a bad module key",

@@ -15,6 +15,7 @@ from twisted.web.server import Request
 from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.host import auth, database
 from login_token_module.host.state import HostState, LoginType
+from login_token_module.stores.engines.connection import Database
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,21 @@ class HostModuleApi:
         # This host has no login tokens of its own and advertises only what
         # modules register: the module mints, spends and advertises.
         return HostAbilities(mints_login_tokens=False, advertises_get_login_token=False)
+
+    async def single_sign_on_available(self, user_id: str) -> bool:
+        # The reference host has no single sign-on.
+        return False
+
+    async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
+        raise NotImplementedError("the reference host has no single sign-on")
+
+    async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
+        return False
+
+    @property
+    def state_database(self) -> Database | None:
+        # The module keeps its state where its own ``store`` config says.
+        return None
 
     async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
         raise NotImplementedError("the reference host keeps no login tokens; the module's store does")

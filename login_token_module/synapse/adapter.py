@@ -10,10 +10,14 @@ itself, the adapter declares in ``abilities`` so the module leaves it alone:
   ``m.get_login_token`` capability) when ``login_via_existing_session.enabled``
   is true, which the adapter therefore requires.
 
-The module keeps its own UIA, rate limit and failed-password limit. The
-password is checked against the hash Synapse stores (read with
-``run_db_interaction``), with Synapse's own pepper and normalisation
-(``passwords.py``), in Synapse's thread pool.
+The module keeps its own UIA, rate limit and failed-password limit, in tables
+of its own in Synapse's database (``storage.py``), so every Synapse process can
+serve its paths. The password is checked against the hash Synapse stores (read
+with ``run_db_interaction``), with Synapse's own pepper and normalisation
+(``passwords.py``), in Synapse's thread pool; for users that hash does not
+confirm, through the password auth providers registered with Synapse for
+``m.login.password`` (LDAP and the like), as Synapse's own re-authentication
+asks them.
 
 Synapse tracks "log contexts" across asynchronous work: request handlers run
 in the request's context, and the context must be reset when a handler gives
@@ -40,8 +44,10 @@ from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLogge
 from login_token_module.config import ConfigError
 from login_token_module.errors import Codes, MatrixError
 from login_token_module.http import Handler, JsonResource, set_route
+from login_token_module.stores.engines.connection import Database
 from login_token_module.synapse import synapse_path
 from login_token_module.synapse.passwords import check_password, select_password_hash
+from login_token_module.synapse.storage import SynapseDatabase, SynapseInternals
 from login_token_module.synapse.tokens import device_signed_in, invalidate_unused_tokens
 
 logger = logging.getLogger(__name__)
@@ -77,6 +83,10 @@ class SynapseApi(Protocol):
     def register_password_auth_provider_callbacks(self, **kwargs: Any) -> None: ...
 
 
+PASSWORD_LOGIN = "m.login.password"
+SSO_LOGIN = "m.login.sso"
+
+
 class SynapseSettings:
     """The Synapse settings the module depends on, read once at start-up.
 
@@ -94,10 +104,35 @@ class SynapseSettings:
             self.passwords_for_reauth: bool = bool(auth.password_enabled_for_reauth)
             self.local_passwords: bool = bool(auth.password_localdb_enabled)
             self.login_via_existing_session: bool = bool(auth.login_via_existing_enabled)
-        except AttributeError as error:
-            raise ConfigError(
-                [], f"cannot read Synapse's password and login settings ({error}); is this Synapse 1.163?"
-            ) from None
+            # The password auth providers' callbacks, as Synapse's own re-authentication
+            # asks them (``check_auth`` and the fields each login type requires).
+            self.password_providers: Any = api._hs.get_password_auth_provider()  # type: ignore[attr-defined]
+            for name in ("check_auth", "get_supported_login_types"):
+                if not callable(getattr(self.password_providers, name)):
+                    raise AttributeError(f"PasswordAuthProvider.{name}")
+            # Single sign-on in UIA: Synapse's SSO handler (the user's identity providers),
+            # its UIA sessions (created here, completed by Synapse's fallback page).
+            hs = api._hs  # type: ignore[attr-defined]
+            self.sso_handler: Any = hs.get_sso_handler()
+            self.auth_handler: Any = hs.get_auth_handler()
+            self.uia_store: Any = api._store  # type: ignore[attr-defined]
+            for owner, name in (
+                (self.sso_handler, "get_identity_providers_for_user"),
+                (self.auth_handler, "set_session_data"),
+                (self.uia_store, "create_ui_auth_session"),
+                (self.uia_store, "get_completed_ui_auth_stages"),
+            ):
+                if not callable(getattr(owner, name)):
+                    raise AttributeError(f"{type(owner).__name__}.{name}")
+            from synapse.api.errors import StoreError
+            from synapse.handlers.ui_auth import UIAuthSessionDataConstants
+
+            self.store_error: type[Exception] = StoreError
+            self.request_user_id_key = str(UIAuthSessionDataConstants.REQUEST_USER_ID)
+            # Synapse's database pool, for the module's own tables.
+            self.internals: SynapseInternals | None = SynapseInternals(api)
+        except (AttributeError, ImportError) as error:
+            raise ConfigError([], _unsupported_synapse(error)) from None
         if not isinstance(self.pepper, str):
             raise ConfigError([], "Synapse's password_config.pepper must be a string")
 
@@ -109,12 +144,26 @@ class SynapseSettings:
                 "set login_via_existing_session: {enabled: true} in homeserver.yaml: with it Synapse "
                 "advertises get_token to clients (the module's paths serve the requests)",
             )
-        if not (self.passwords_for_reauth and self.local_passwords):
+        if not self.passwords_for_reauth:
             raise ConfigError(
                 [],
-                "the module confirms users with the password Synapse stores, but homeserver.yaml "
-                "turns local passwords off (password_config.enabled / localdb_enabled)",
+                "the module confirms users with their password (the one Synapse stores, or through "
+                "a password auth provider), but homeserver.yaml turns passwords off "
+                "(password_config.enabled)",
             )
+
+
+def _unsupported_synapse(error: BaseException) -> str:
+    try:
+        import synapse
+
+        version = str(synapse.__version__)
+    except (ImportError, AttributeError):
+        version = "unknown"
+    return (
+        f"this Synapse ({version}) lacks what login_token_module uses of its internals ({error}); "
+        "the module is tested with Synapse 1.163"
+    )
 
 
 # Synapse's default thread pool (10) plus a queue as the reference host's (16).
@@ -136,6 +185,21 @@ class SynapseModuleApi:
         # this many password checks of the module's run or wait there at once, beyond
         # which get_token answers 429 at once rather than queueing behind a flood.
         self._bcrypt = BoundedQueue(SYNAPSE_MAX_PASSWORD_CHECKS)
+        self._database: SynapseDatabase | None = None
+        if self._settings.internals is not None:
+            self._database = SynapseDatabase(api, self._settings.internals)
+            # Create or migrate the module's tables as soon as Synapse runs (the
+            # first state call would anyway), so a problem shows in the log at once.
+            self._reactor.callWhenRunning(self._prepare_tables)
+
+    def _prepare_tables(self) -> None:
+        assert self._database is not None
+        done = _start_detached(self._database.prepare_now)
+        done.addErrback(
+            lambda failure: logger.error(
+                "cannot create the module's tables in Synapse's database: %s", failure.getErrorMessage()
+            )
+        )
 
     @property
     def server_name(self) -> str:
@@ -152,11 +216,13 @@ class SynapseModuleApi:
 
     @property
     def multiple_workers(self) -> bool:
-        # The module's UIA sessions and rate limits live in the process that
-        # serves its paths: the reverse proxy routes /_synapse/client/login_token/
-        # to one Synapse process (the main one), so none of it is split even
-        # when Synapse runs workers. Tokens are Synapse's, in its database.
+        # The module's state is in Synapse's database (``state_database``), which every
+        # Synapse process shares, so nothing is split whichever processes serve its paths.
         return False
+
+    @property
+    def state_database(self) -> Database | None:
+        return self._database
 
     @property
     def abilities(self) -> HostAbilities:
@@ -216,18 +282,74 @@ class SynapseModuleApi:
         self._api.register_password_auth_provider_callbacks(**callbacks)
 
     async def check_user_password(self, user_id: str, password: str) -> bool:
-        stored_hash = await self._api.run_db_interaction(
-            "login_token_module_password_hash", select_password_hash, user_id
-        )
-        if stored_hash is None:
-            raise MatrixError(403, Codes.FORBIDDEN, NO_PASSWORD_ERROR)
-        return bool(
-            await self._bcrypt.run(
+        """The hash Synapse stores first; where it is absent or does not match, the
+        password auth providers Synapse has for ``m.login.password`` (either confirms,
+        as in Synapse's own login, where providers come first and the hash second)."""
+        stored_hash: str | None = None
+        if self._settings.local_passwords:
+            stored_hash = await self._api.run_db_interaction(
+                "login_token_module_password_hash", select_password_hash, user_id
+            )
+        if stored_hash is not None:
+            hash_matches = await self._bcrypt.run(
                 lambda: self._api.defer_to_thread(
                     check_password, password, self._settings.pepper, stored_hash
                 )
             )
+            if hash_matches:
+                return True
+        login_dict = self._provider_login_dict(password)
+        if login_dict is None:
+            if stored_hash is None:
+                raise MatrixError(403, Codes.FORBIDDEN, NO_PASSWORD_ERROR)
+            return False
+        # Bounded as bcrypt is: a provider may ask a directory server over the network.
+        return await self._bcrypt.run(lambda: self._provider_confirms(user_id, login_dict))
+
+    def _provider_login_dict(self, password: str) -> JsonDict | None:
+        """What the providers registered for m.login.password are handed, or None if there
+        are none (or they require fields beyond the password, which UIA does not carry)."""
+        fields = self._settings.password_providers.get_supported_login_types().get(PASSWORD_LOGIN)
+        if fields is None or any(field != "password" for field in fields):
+            return None
+        return {"password": password}
+
+    async def _provider_confirms(self, user_id: str, login_dict: JsonDict) -> bool:
+        # Synapse hands providers the user as the client typed it; the full user id is one
+        # of the forms they must take, and the only one that cannot name someone else.
+        result = await self._settings.password_providers.check_auth(user_id, PASSWORD_LOGIN, login_dict)
+        if result is None:
+            return False
+        # A provider confirms a user, not a password: it must be this one.
+        return isinstance(result, tuple) and len(result) == 2 and result[0] == user_id
+
+    async def single_sign_on_available(self, user_id: str) -> bool:
+        # The identity providers this user has signed in with that Synapse still has.
+        providers = await self._settings.sso_handler.get_identity_providers_for_user(user_id)
+        return bool(providers)
+
+    async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
+        # A UIA session of Synapse's own, which its fallback page
+        # (/_matrix/client/v3/auth/m.login.sso/fallback/web?session=...) completes once the
+        # user signs in at the identity provider as the user it names. Synapse's own UIA
+        # accepts a session only at the uri it was made for: this one is the module's
+        # path in Synapse (never the spec path, where Synapse's built-in get_token is),
+        # which none of Synapse's own endpoints serves.
+        session = await self._settings.uia_store.create_ui_auth_session(
+            {}, synapse_path(endpoint), "POST", "confirm a request for a login token"
         )
+        session_id = str(session.session_id)
+        await self._settings.auth_handler.set_session_data(
+            session_id, self._settings.request_user_id_key, user_id
+        )
+        return session_id
+
+    async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
+        try:
+            stages = await self._settings.uia_store.get_completed_ui_auth_stages(session_id)
+        except self._settings.store_error:
+            return False  # not a session of Synapse's
+        return bool(stages.get(SSO_LOGIN) == user_id)
 
     def add_login_flow_fields(self, login_type: str, fields: JsonDict) -> None:
         raise NotImplementedError("Synapse advertises get_login_token itself")
