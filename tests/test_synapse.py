@@ -505,10 +505,13 @@ def test_the_modules_state_is_in_synapses_own_database(synapse: Synapse, client:
             "login_token_module_history",
             "login_token_module_uia_sessions",
             "login_token_module_ratelimits",
+            # Pairings' table comes with the schema (version 4); pairing itself is not
+            # served inside Synapse yet.
+            "login_token_module_pairings",
         }, tables
         assert "login_tokens" in tables  # Synapse's own, untouched
         assert db.execute("SELECT component, version FROM login_token_module_schema_versions").fetchall() == [
-            ("login_token_module", 3)
+            ("login_token_module", 4)
         ]
         assert db.execute(
             "SELECT user_id FROM login_token_module_uia_sessions WHERE session_id = ?", (pending,)
