@@ -417,6 +417,34 @@ def test_a_pairing_started_on_the_worker_is_approved_across_and_delivered_once_o
     assert signed_in.code == 200 and signed_in.json["user_id"] == f"@{localpart}:{SERVER_NAME}", signed_in
 
 
+def test_nginx_spreads_the_pairing_paths_over_both_processes(deployment: Deployment) -> None:
+    """docs/synapse.md's pairing location: the whole flow through nginx, its requests on both."""
+    proxy = deployment.proxy
+    localpart, password = deployment.new_user()
+    access = _signed_in(proxy, localpart, password)["access_token"]
+    access_log = deployment.nginx.directory / "access.log"
+    before = len(access_log.read_text().splitlines())
+    started = proxy.post(START_PATH, {})
+    assert started.code == 200, started
+    code, pairing_id = started.json["user_code"], started.json["pairing_id"]
+    challenge = proxy.post(APPROVE_PATH, {"user_code": code}, access)
+    assert challenge.code == 401, challenge
+    auth = {"type": "m.login.password", "session": challenge.json["session"], "password": password}
+    assert proxy.post(APPROVE_PATH, {"user_code": code, "auth": auth}, access).code == 200
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: proxy.post(POLL_PATH, {"pairing_id": pairing_id}), range(8)))
+    delivered = [answer for answer in answers if answer.code == 200]
+    assert len(delivered) == 1, [answer.code for answer in answers]
+    assert proxy.token_login(delivered[0].json["login_token"]).code == 200
+    pair_lines = [
+        line.split()[0]
+        for line in access_log.read_text().splitlines()[before:]
+        if " /_synapse/client/login_token/pair/" in line
+    ]
+    assert len(pair_lines) == 11, pair_lines
+    assert set(pair_lines) == {f"127.0.0.1:{deployment.main.port}", f"127.0.0.1:{deployment.worker_port}"}
+
+
 def test_neither_log_shows_log_context_trouble(deployment: Deployment) -> None:
     localpart, password = deployment.new_user()
     access = _signed_in(deployment.on_worker, localpart, password)["access_token"]
