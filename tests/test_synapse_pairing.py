@@ -35,6 +35,7 @@ from tests.synapse_helpers import (
     Synapse,
     start_nginx,
     synapse_config,
+    synapse_metrics,
     synapse_python,
 )
 from tests.watchdog import watch
@@ -61,10 +62,13 @@ def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synapse]:
     config = yaml.safe_load(config_path.read_text())
     # As docs/synapse.md says: Synapse takes the client's address from the proxy's X-Forwarded-For.
     config["listeners"][0]["x_forwarded"] = True
+    metrics_port = servers.free_port()
+    config["enable_metrics"] = True
+    config["listeners"].append({"type": "metrics", "port": metrics_port, "bind_addresses": ["127.0.0.1"]})
     config_path.write_text(yaml.safe_dump(config))
     port = int(config["listeners"][0]["port"])
     process = servers.start_synapse(synapse_python(), config_path, port)
-    server = Synapse(process, secret, directory, None, watch(pids=[process.pid]))
+    server = Synapse(process, secret, directory, metrics_port, watch(pids=[process.pid]))
     try:
         yield server
     finally:
@@ -101,22 +105,34 @@ def new_device_address() -> str:
     return f"127.0.{number // 250 + 1}.{number % 250 + 1}"
 
 
-def start(client: Client, name: str | None = "Living-room TV", address: str | None = None) -> dict[str, Any]:
-    """pair/start from a new device connecting from ``address`` (a fresh one by default)."""
+def post_from(
+    client: Client, source: str, path: str, body: Any, access_token: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """A JSON POST through ``client``'s proxy, connecting from the loopback address ``source``."""
     parts = urllib.parse.urlsplit(client.base_url)
-    source = address if address is not None else new_device_address()
     conn = http.client.HTTPConnection(
         parts.hostname or "", parts.port, timeout=30, source_address=(source, 0)
     )
-    body = json.dumps({} if name is None else {"initial_device_display_name": name})
+    headers = {"Content-Type": "application/json"}
+    if access_token is not None:
+        headers["Authorization"] = f"Bearer {access_token}"
     try:
-        conn.request("POST", START_PATH, body=body, headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=json.dumps(body), headers=headers)
         response = conn.getresponse()
         answer = json.loads(response.read())
     finally:
         conn.close()
-    assert response.status == 200, (response.status, answer)
-    assert isinstance(answer, dict)
+    assert isinstance(answer, dict), answer
+    return response.status, answer
+
+
+def start(client: Client, name: str | None = "Living-room TV", address: str | None = None) -> dict[str, Any]:
+    """pair/start from a new device connecting from ``address`` (a fresh one by default)."""
+    source = address if address is not None else new_device_address()
+    status, answer = post_from(
+        client, source, START_PATH, {} if name is None else {"initial_device_display_name": name}
+    )
+    assert status == 200, (status, answer)
     answer["address"] = source
     return answer
 
@@ -268,6 +284,23 @@ def test_a_guessed_or_another_pairings_id_gets_nothing(synapse: Synapse, client:
     assert poll_until_decided(client, mine["pairing_id"]).json["status"] == "approved"
 
 
+def test_wrong_codes_hit_the_limit_and_a_right_one_then_waits(synapse: Synapse, client: Client) -> None:
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    started = start(client)
+    approver = new_device_address()
+    answers = [
+        post_from(client, approver, APPROVE_PATH, {"user_code": "BBBB-BBBB"}, access) for _ in range(6)
+    ]
+    assert [status for status, _ in answers] == [404] * 5 + [429], answers
+    assert answers[-1][1]["errcode"] == "M_LIMIT_EXCEEDED" and answers[-1][1]["retry_after_ms"] > 0
+    # Over the limit, even the right code is refused (nothing to learn by guessing on).
+    status, answer = post_from(client, approver, APPROVE_PATH, {"user_code": started["user_code"]}, access)
+    assert status == 429, answer
+    time.sleep(INTERVAL_MS / 1000)
+    assert poll(client, started["pairing_id"]).json == {"status": "pending"}
+
+
 def test_other_paths_below_the_page_are_unrecognized(client: Client) -> None:
     for path in (PAGE_PATH + "/", PAGE_PATH + "/other", START_PATH + "/more"):
         answer = client.post(path, {})
@@ -344,6 +377,28 @@ def test_the_approval_page_works_inside_synapse(
         assert decided.json == {"status": "denied"}
 
 
+def test_pairing_metrics_land_in_synapses_registry(synapse: Synapse, client: Client) -> None:
+    def count(metrics: dict[Any, float], event: str) -> float:
+        return metrics.get(("login_token_module_pairings_total", (("event", event),)), 0)
+
+    before = synapse_metrics(synapse)
+    localpart, password = new_user(synapse)
+    access = client.access_token(localpart, password)
+    approved, denied = start(client), start(client)
+    assert approve(client, access, approved["user_code"], password).code == 200
+    assert client.post(DENY_PATH, {"user_code": denied["user_code"]}, access).code == 200
+    assert poll_until_decided(client, approved["pairing_id"]).json["status"] == "approved"
+    after = synapse_metrics(synapse)
+    for event, expected in (("started", 2), ("approved", 1), ("denied", 1), ("delivered", 1)):
+        assert count(after, event) - count(before, event) == expected, event
+    routes = {
+        dict(labels)["endpoint"]
+        for name, labels in after
+        if name == "login_token_module_http_request_duration_seconds_count"
+    }
+    assert {START_PATH, POLL_PATH, APPROVE_PATH, DENY_PATH} <= routes, routes
+
+
 def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synapse, client: Client) -> None:
     localpart, password = new_user(synapse)
     access = client.access_token(localpart, password)
@@ -352,7 +407,11 @@ def test_synapse_log_shows_no_log_context_trouble_and_no_secrets(synapse: Synaps
     delivered = poll_until_decided(client, started["pairing_id"])
     token = delivered.json["login_token"]
     time.sleep(1.2)  # a couple of background sweeps
-    log = synapse.log_once_it_shows(f"pair_deliver outcome=delivered user_id=@{localpart}:")
+    user = f"user_id=@{localpart}:"
+    log = synapse.log_once_it_shows(
+        f"pair_approve outcome=approved {user}", f"pair_deliver outcome=delivered {user}"
+    )
+    assert "login token event=pair_start outcome=started" in log
     trouble = [line for line in log.splitlines() if LOGCONTEXT_TROUBLE.search(line)]
     assert not trouble, "\n".join(trouble[:10])
     for secret in (password, token, started["pairing_id"], access):
