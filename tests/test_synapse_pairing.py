@@ -34,6 +34,7 @@ from tests.synapse_helpers import (
     Proxy,
     Synapse,
     start_nginx,
+    start_synapse,
     synapse_config,
     synapse_metrics,
     synapse_python,
@@ -317,6 +318,36 @@ def test_the_pairing_state_is_in_synapses_database(synapse: Synapse, client: Cli
     with sqlite3.connect(synapse.directory / "homeserver.db") as db:
         dump = "\n".join(db.iterdump())
     assert started["pairing_id"] not in dump
+
+
+def test_an_expired_pairing_is_gone_for_both_sides(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A Synapse of its own, whose pairings live 1.5 s: then poll and approve get 404, and the
+    sweep deletes the row from Synapse's database."""
+    directory = tmp_path_factory.mktemp("synapse-pairing-expiry")
+    short = {**MODULE_CONFIG, "pairing": {"enabled": True, "lifetime_ms": 1_500, "interval_ms": INTERVAL_MS}}
+    server = start_synapse(directory, short)
+    try:
+        direct = server.direct
+        server.register("expiring", "expiring password")
+        access = direct.access_token("expiring", "expiring password")
+        started = direct.post(START_PATH, {})
+        assert started.code == 200 and started.json["expires_in_ms"] == 1_500, started
+        assert direct.post(POLL_PATH, {"pairing_id": started.json["pairing_id"]}).json == {
+            "status": "pending"
+        }
+        time.sleep(1.7)
+        assert_not_found(direct.post(POLL_PATH, {"pairing_id": started.json["pairing_id"]}))
+        assert_not_found(direct.post(APPROVE_PATH, {"user_code": started.json["user_code"]}, access))
+        deadline = time.monotonic() + 10
+        while True:
+            with sqlite3.connect(directory / "homeserver.db") as db:
+                (left,) = db.execute("SELECT count(*) FROM login_token_module_pairings").fetchone()
+            if left == 0:
+                break
+            assert time.monotonic() < deadline, "the expired pairing was never swept"
+            time.sleep(0.3)
+    finally:
+        server.stop()
 
 
 # -- the browser page, as a phone's browser posts it (no JavaScript) -----------------
