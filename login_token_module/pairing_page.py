@@ -71,15 +71,21 @@ class PairPageResource(Resource):
         self._server_name = server_name
         self._now = now
 
+    # What the page answers (HEAD as GET); any other method gets Twisted's 405.
+    METHODS = (b"GET", b"HEAD", b"POST")
+
     def render_GET(self, request: Request) -> Any:
-        defer.ensureDeferred(self._answer(request, self._get))
+        defer.ensureDeferred(self.serve(request))
         return NOT_DONE_YET
 
     def render_POST(self, request: Request) -> Any:
-        defer.ensureDeferred(self._answer(request, self._post))
+        defer.ensureDeferred(self.serve(request))
         return NOT_DONE_YET
 
-    async def _answer(self, request: Request, handler: Callable[[Request], Any]) -> None:
+    async def serve(self, request: Request) -> None:
+        """Answer one request of ``METHODS`` (a host with its own way of running request
+        handlers, as Synapse's log contexts, calls this rather than ``render``)."""
+        handler = self._post if request.method == b"POST" else self._get
         try:
             await handler(request)
         except StorageUnavailableError:

@@ -361,7 +361,8 @@ MODULE_PROXY_PASS = "proxy_pass http://localhost:8008;"
 def worker_site(site: str, main_port: int, worker_port: int) -> tuple[str, str]:
     """docs/synapse.md's site as a deployment with one worker does it: its upstream block
     (the main process and the worker), and the site with the module's ``location``
-    sending to that upstream as the page says (the rest still to the main process)."""
+    sending to that upstream as the page says, and the pairing paths' ``location``
+    added (the rest still to the main process)."""
     upstream_block = doc_block("nginx", 1)
     assert WORKER_UPSTREAM_PORT in upstream_block, upstream_block
     upstream_block = upstream(upstream_block, main_port).replace(
@@ -371,7 +372,12 @@ def worker_site(site: str, main_port: int, worker_port: int) -> tuple[str, str]:
     assert proxy_pass.startswith("proxy_pass http://") and proxy_pass.endswith(";"), proxy_pass
     # The first proxy_pass of the site is the module's location's.
     assert site.index(MODULE_PROXY_PASS) < site.index("# Synapse's usual location"), site
-    return upstream_block, site.replace(MODULE_PROXY_PASS, proxy_pass, 1)
+    site = site.replace(MODULE_PROXY_PASS, proxy_pass, 1)
+    # The pairing paths' location, placed in the site as the page says (anywhere in it).
+    pairing = doc_block("nginx", 3)
+    assert "location ^~ /_synapse/client/login_token/pair" in pairing, pairing
+    usual = site.index("    # Synapse's usual location")
+    return upstream_block, site[:usual] + pairing + "\n" + site[usual:]
 
 
 def start_nginx(directory: Path, synapse_port: int, *, worker_port: int | None = None) -> Proxy:

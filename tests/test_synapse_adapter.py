@@ -19,7 +19,13 @@ import unicodedata
 import bcrypt
 import pytest
 
-from login_token_module.synapse import SYNAPSE_PREFIX, as_module_api, is_synapse_module_api, synapse_path
+from login_token_module.synapse import (
+    SYNAPSE_PREFIX,
+    as_module_api,
+    is_synapse_module_api,
+    served_path,
+    synapse_path,
+)
 from login_token_module.synapse.passwords import bcrypt_input, check_password, select_password_hash
 from login_token_module.synapse.tokens import invalidate_unused_tokens
 
@@ -111,6 +117,26 @@ def test_spec_paths_move_under_synapse_client(spec: str, served: str) -> None:
 def test_other_paths_are_not_mapped(bad: str) -> None:
     with pytest.raises(ValueError):
         synapse_path(bad)
+
+
+@pytest.mark.parametrize(
+    "path", ["/_synapse/client/login_token/pair", "/_synapse/client/login_token/pair/start"]
+)
+def test_pairing_paths_are_served_where_they_are(path: str) -> None:
+    assert served_path(path) == path
+
+
+def test_spec_paths_are_served_moved_and_others_refused() -> None:
+    assert served_path("/_matrix/client/v1/login/get_token") == synapse_path(
+        "/_matrix/client/v1/login/get_token"
+    )
+    for bad in (
+        "/_synapse/client/other",
+        "/_synapse/client/login_token/../admin",
+        "/_matrix/federation/v1/x",
+    ):
+        with pytest.raises(ValueError):
+            served_path(bad)
 
 
 def sha256(token: str) -> bytes:

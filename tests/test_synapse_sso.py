@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import http.client
 import re
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from benchmarks import servers
+from login_token_module.pairing import APPROVE_PATH, POLL_PATH, START_PATH
 from tests.oauth_provider import OAuthProvider, start_oauth_provider
 from tests.synapse_helpers import (
     SERVER_NAME,
@@ -35,7 +37,10 @@ from tests.synapse_helpers import (
 )
 
 CLIENT_URL = "http://client.invalid/"
-MODULE_CONFIG = {"ratelimit": {"per_second": 0.001, "burst_count": 10}}
+MODULE_CONFIG = {
+    "ratelimit": {"per_second": 0.001, "burst_count": 10},
+    "pairing": {"enabled": True, "interval_ms": 50},
+}
 
 
 @dataclass
@@ -206,6 +211,38 @@ def test_signing_in_as_someone_else_at_the_provider_completes_nothing(sso: Sso) 
     _through_the_provider(authorize, _cookies(headers))
     refused = sso.client.post(STABLE, {"auth": {"session": session}}, dave)
     assert refused.code == 401 and "login_token" not in refused.json, refused
+
+
+def test_an_sso_user_approves_a_pairing_at_synapses_fallback_page(sso: Sso) -> None:
+    access = _sign_up(sso, "ssohank")
+    started = sso.client.post(START_PATH, {"initial_device_display_name": "Hall TV"})
+    assert started.code == 200, started
+    code, pairing_id = started.json["user_code"], started.json["pairing_id"]
+    challenge = sso.client.post(APPROVE_PATH, {"user_code": code}, access)
+    assert challenge.code == 401 and {"stages": ["m.login.sso"]} in challenge.json["flows"], challenge
+    session = challenge.json["session"]
+    # Synapse's confirmation page says what the session is for.
+    base = sso.synapse.direct.base_url
+    _, _, page = _get(f"{base}/_matrix/client/v3/auth/m.login.sso/fallback/web?session={session}")
+    assert "approve signing in a new device by its pairing code" in html.unescape(page), page[:2000]
+
+    early = sso.client.post(APPROVE_PATH, {"user_code": code, "auth": {"session": session}}, access)
+    assert early.code == 401 and early.json["session"] == session, early
+    assert sso.client.post(POLL_PATH, {"pairing_id": pairing_id}).json == {"status": "pending"}
+
+    sso.provider.signed_in.clear()
+    sso.provider.signed_in.update({"sub": "sub-ssohank", "preferred_username": "ssohank"})
+    _complete_at_the_fallback_page(sso, session)
+    approved = sso.client.post(APPROVE_PATH, {"user_code": code, "auth": {"session": session}}, access)
+    assert approved.code == 200, approved
+    assert approved.json == {"user_code": code, "initial_device_display_name": "Hall TV"}
+    deadline = time.monotonic() + 10
+    while (delivered := sso.client.post(POLL_PATH, {"pairing_id": pairing_id})).code == 429:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert delivered.code == 200 and delivered.json["status"] == "approved", delivered
+    signed_in = sso.client.token_login(delivered.json["login_token"])
+    assert signed_in.code == 200 and signed_in.json["user_id"] == f"@ssohank:{SERVER_NAME}", signed_in
 
 
 def test_a_password_user_is_not_offered_sso(sso: Sso) -> None:

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from benchmarks import servers
+from login_token_module.pairing import APPROVE_PATH, POLL_PATH, START_PATH
 from tests.pgcluster import PostgresCluster
 from tests.synapse_helpers import (
     MODULE_PREFIX,
@@ -54,6 +55,7 @@ MODULE_CONFIG = {
     "sweep_interval_ms": 500,
     # Short enough to see a sweep drop one; long enough for every test's UIA.
     "ui_auth_session_lifetime_ms": 6_000,
+    "pairing": {"enabled": True, "interval_ms": 50},
 }
 
 _numbers = itertools.count()
@@ -384,6 +386,63 @@ def test_both_processes_sweep_expired_sessions_from_the_shared_tables(
         time.sleep(0.5)
     expired = _answer(deployment.on_main, access, session, password)
     assert expired.code == 401 and expired.json["session"] != session, expired
+
+
+def test_a_pairing_started_on_the_worker_is_approved_across_and_delivered_once_over_both(
+    deployment: Deployment,
+) -> None:
+    """Start on the worker, the approval's UIA begun on the main process and answered on the
+    worker, then 32 parallel polls, half on each process: one token, which signs in."""
+    main, worker = deployment.on_main, deployment.on_worker
+    localpart, password = deployment.new_user()
+    access = _signed_in(main, localpart, password)["access_token"]
+    started = worker.post(START_PATH, {"initial_device_display_name": "Bot"})
+    assert started.code == 200, started
+    code, pairing_id = started.json["user_code"], started.json["pairing_id"]
+    assert main.post(POLL_PATH, {"pairing_id": pairing_id}).json == {"status": "pending"}
+    challenge = main.post(APPROVE_PATH, {"user_code": code}, access)
+    assert challenge.code == 401, challenge
+    auth = {"type": "m.login.password", "session": challenge.json["session"], "password": password}
+    approved = worker.post(APPROVE_PATH, {"user_code": code, "auth": auth}, access)
+    assert approved.code == 200, approved
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(
+            pool.map(lambda n: (main, worker)[n % 2].post(POLL_PATH, {"pairing_id": pairing_id}), range(32))
+        )
+    delivered = [answer for answer in answers if answer.code == 200]
+    assert len(delivered) == 1, [answer.code for answer in answers]
+    assert all(answer.code == 404 for answer in answers if answer.code != 200), answers
+    assert delivered[0].json["status"] == "approved"
+    signed_in = worker.token_login(delivered[0].json["login_token"])
+    assert signed_in.code == 200 and signed_in.json["user_id"] == f"@{localpart}:{SERVER_NAME}", signed_in
+
+
+def test_nginx_spreads_the_pairing_paths_over_both_processes(deployment: Deployment) -> None:
+    """docs/synapse.md's pairing location: the whole flow through nginx, its requests on both."""
+    proxy = deployment.proxy
+    localpart, password = deployment.new_user()
+    access = _signed_in(proxy, localpart, password)["access_token"]
+    access_log = deployment.nginx.directory / "access.log"
+    before = len(access_log.read_text().splitlines())
+    started = proxy.post(START_PATH, {})
+    assert started.code == 200, started
+    code, pairing_id = started.json["user_code"], started.json["pairing_id"]
+    challenge = proxy.post(APPROVE_PATH, {"user_code": code}, access)
+    assert challenge.code == 401, challenge
+    auth = {"type": "m.login.password", "session": challenge.json["session"], "password": password}
+    assert proxy.post(APPROVE_PATH, {"user_code": code, "auth": auth}, access).code == 200
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: proxy.post(POLL_PATH, {"pairing_id": pairing_id}), range(8)))
+    delivered = [answer for answer in answers if answer.code == 200]
+    assert len(delivered) == 1, [answer.code for answer in answers]
+    assert proxy.token_login(delivered[0].json["login_token"]).code == 200
+    pair_lines = [
+        line.split()[0]
+        for line in access_log.read_text().splitlines()[before:]
+        if " /_synapse/client/login_token/pair/" in line
+    ]
+    assert len(pair_lines) == 11, pair_lines
+    assert set(pair_lines) == {f"127.0.0.1:{deployment.main.port}", f"127.0.0.1:{deployment.worker_port}"}
 
 
 def test_neither_log_shows_log_context_trouble(deployment: Deployment) -> None:

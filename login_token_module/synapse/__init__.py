@@ -36,6 +36,15 @@ def synapse_path(spec_path: str) -> str:
     return SYNAPSE_PREFIX + spec_path[len(SPEC_PREFIX) :]
 
 
+def served_path(path: str) -> str:
+    """Where Synapse serves one of the module's paths: a spec path moves under
+    ``/_synapse/client/login_token/`` (:func:`synapse_path`); one already there (the
+    pairing paths, which both hosts serve at the same place) stays as it is."""
+    if path.startswith(SYNAPSE_PREFIX) and path.isascii() and ".." not in path:
+        return path
+    return synapse_path(path)
+
+
 def is_synapse_module_api(api: object) -> bool:
     module = sys.modules.get(SYNAPSE_MODULE_API)
     synapse_class = getattr(module, "ModuleApi", None)

@@ -43,9 +43,11 @@ from login_token_module.admission import BoundedQueue
 from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.config import ConfigError
 from login_token_module.errors import Codes, MatrixError
-from login_token_module.http import Handler, JsonResource, set_route
+from login_token_module.http import Handler, JsonResource, render_unrecognized, set_route
+from login_token_module.pairing import APPROVE_PATH
+from login_token_module.pairing_page import PairPageResource
 from login_token_module.stores.engines.connection import Database
-from login_token_module.synapse import synapse_path
+from login_token_module.synapse import served_path
 from login_token_module.synapse.passwords import check_password, select_password_hash
 from login_token_module.synapse.storage import SynapseDatabase, SynapseInternals
 from login_token_module.synapse.tokens import device_signed_in, invalidate_unused_tokens
@@ -82,6 +84,8 @@ class SynapseApi(Protocol):
 
     def register_password_auth_provider_callbacks(self, **kwargs: Any) -> None: ...
 
+
+APPROVE_DESCRIPTION = "approve signing in a new device by its pairing code"
 
 PASSWORD_LOGIN = "m.login.password"
 SSO_LOGIN = "m.login.sso"
@@ -238,9 +242,11 @@ class SynapseModuleApi:
 
     def register_web_resource(self, path: str, resource: IResource) -> None:
         served: IResource = resource
-        served_at = synapse_path(path)
+        served_at = served_path(path)
         if isinstance(resource, JsonResource):
             served = SynapseJsonResource(resource, served_at)
+        elif isinstance(resource, PairPageResource):
+            served = SynapsePageResource(resource)
         self._api.register_web_resource(served_at, served)
 
     async def get_user_by_req(self, req: Request) -> Requester:
@@ -335,9 +341,10 @@ class SynapseModuleApi:
         # accepts a session only at the uri it was made for: this one is the module's
         # path in Synapse (never the spec path, where Synapse's built-in get_token is),
         # which none of Synapse's own endpoints serves.
-        session = await self._settings.uia_store.create_ui_auth_session(
-            {}, synapse_path(endpoint), "POST", "confirm a request for a login token"
-        )
+        uri = served_path(endpoint)
+        # What Synapse's confirmation page says the user is about to do.
+        description = APPROVE_DESCRIPTION if uri == APPROVE_PATH else "confirm a request for a login token"
+        session = await self._settings.uia_store.create_ui_auth_session({}, uri, "POST", description)
         session_id = str(session.session_id)
         await self._settings.auth_handler.set_session_data(
             session_id, self._settings.request_user_id_key, user_id
@@ -433,3 +440,43 @@ class SynapseJsonResource(Resource):
     async def _serve(self, handler: Handler, request: Any) -> None:
         with request.processing():
             await self._inner.respond(handler, request)
+
+
+class SynapsePageResource(Resource):
+    """Serves the pairing page (HTML forms, ``pairing_page.py``) the way
+    :class:`SynapseJsonResource` serves the JSON endpoints: in the request's log
+    context, reset when the page is written, inside ``request.processing()``.
+
+    Not a leaf: the page's path is the parent of the pairing endpoints
+    (``pair/start`` and the rest), which Synapse attaches to it as children.
+    Any other path below it is unrecognized."""
+
+    def __init__(self, inner: PairPageResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._inner = inner
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return UnrecognizedResource()
+
+    def render(self, request: Request) -> Any:
+        if request.method not in PairPageResource.METHODS:
+            # The page's own answer to any other method (405, at once).
+            return self._inner.render(request)  # type: ignore[no-untyped-call]
+        run_in_background(self._serve, request)
+        return NOT_DONE_YET
+
+    async def _serve(self, request: Any) -> None:
+        with request.processing():
+            await self._inner.serve(request)
+
+
+class UnrecognizedResource(Resource):
+    """404 ``M_UNRECOGNIZED``, for any path below the page that no endpoint serves."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def render(self, request: Request) -> Any:
+        return render_unrecognized(request)
