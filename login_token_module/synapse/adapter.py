@@ -240,7 +240,7 @@ class SynapseModuleApi:
         served: IResource = resource
         served_at = synapse_path(path)
         if isinstance(resource, JsonResource):
-            served = SynapseJsonResource(resource, served_at)
+            served = SynapseJsonResource(resource, served_at, self._settings.internals)
         self._api.register_web_resource(served_at, served)
 
     async def get_user_by_req(self, req: Request) -> Requester:
@@ -417,11 +417,12 @@ class SynapseJsonResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: JsonResource, route: str) -> None:
+    def __init__(self, inner: JsonResource, route: str, internals: SynapseInternals | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._inner = inner
         # The path registered with Synapse: the metric label of every request served here.
         self._route = route
+        self._internals = internals
 
     def render(self, request: Request) -> Any:
         set_route(request, self._route)
@@ -432,4 +433,22 @@ class SynapseJsonResource(Resource):
 
     async def _serve(self, handler: Handler, request: Any) -> None:
         with request.processing():
-            await self._inner.respond(handler, request)
+            await self._inner.respond(self._guarded(handler), request)
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """``handler``, with Synapse's database being unreachable (in what the request asks
+        of Synapse: the requester, the password hash, minting) answered 503, not 500."""
+        internals = self._internals
+        if internals is None:
+            return handler
+
+        async def guarded(request: Request) -> tuple[int, JsonDict]:
+            try:
+                return await handler(request)
+            except Exception as error:
+                unavailable = internals.unavailable(error)
+                if unavailable is None:
+                    raise
+                raise unavailable from None
+
+        return guarded
