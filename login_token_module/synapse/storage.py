@@ -116,6 +116,12 @@ class SynapseConn:
         cursor: Cursor = self._txn
         return cursor
 
+    def execute_synapse(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """A statement on Synapse's own tables, as written (no prefix)."""
+        self._txn.execute(sql, tuple(params))
+        cursor: Cursor = self._txn
+        return cursor
+
     def transaction(self, func: Callable[[Conn], T]) -> T:
         # The whole interaction is one transaction already.
         return func(self)
