@@ -12,7 +12,9 @@ Jobs:
   optionally paced (one request per ``interval`` seconds per worker).
 - ``flow``: for each user, password login, then get_token with one UIA round
   (``{}`` then the password), then m.login.token login; one phase at a time.
-  ``get_token_path`` picks where get_token is asked (default: the spec path).
+  ``get_token_path`` picks where get_token is asked (default: the spec path);
+  ``base_urls`` spreads the operations over several processes in turn, and
+  ``get_token_base_urls`` sends get_token to these only.
 - ``storm``: workers log in once, print ``READY``, then repeat get_token with
   UIA until the duration is over.
 - ``register_synapse``: create users through Synapse's shared-secret admin API.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import sys
 import time
@@ -227,19 +230,28 @@ async def job_flow(job: dict[str, Any]) -> dict[str, Any]:
     get_token_path = str(job.get("get_token_path", GET_TOKEN))
     results: list[PhaseResult] = []
     async with _session(concurrency) as session:
-        client = Client(session, job["base_url"])
+        # With ``base_urls`` (several processes of one server), each operation goes to the
+        # next one in turn, as a round-robin proxy would send it.
+        # ``get_token_base_urls``: where get_token goes, if not there (Synapse's generic
+        # worker does not serve its built-in get_token).
+        base_urls = job.get("base_urls") or [job["base_url"]]
+        clients = itertools.cycle([Client(session, url) for url in base_urls])
+        get_token_clients = itertools.cycle(
+            [Client(session, url) for url in job.get("get_token_base_urls") or base_urls]
+        )
         access: dict[str, str] = {}
         login_tokens: dict[str, str] = {}
 
         async def do_password_login(user: str) -> None:
-            access[user] = await password_login(client, user, password)
+            access[user] = await password_login(next(clients), user, password)
 
         async def do_get_token(user: str) -> None:
+            client = next(get_token_clients)
             token = await get_token_with_uia(client, user, password, access[user], get_token_path)
             login_tokens[user] = token
 
         async def do_token_login(user: str) -> None:
-            await token_login(client, login_tokens.pop(user))
+            await token_login(next(clients), login_tokens.pop(user))
 
         # (name, operation, HTTP requests per operation, what the operation needs first)
         phases: list[tuple[str, Callable[[str], Awaitable[None]], int, dict[str, str] | None]] = [

@@ -84,3 +84,30 @@ def test_the_attack_benchmark_runs_in_smoke_mode() -> None:
     assert re.search(r"bob's password login, idle: +p50 \d", result.stdout), result.stdout
     assert re.search(r"\.demo-password +0[0-7]{3}", result.stdout), result.stdout
     assert "mlt_" not in result.stdout + result.stderr and "mat_" not in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(240)
+def test_the_synapse_postgresql_benchmark_runs_small(tmp_path: Path) -> None:
+    """Synapse on PostgreSQL with a worker: the module and the built-in, every way, no errors."""
+    from tests.synapse_helpers import synapse_python
+
+    synapse_python()  # skips (or fails under CI) without the pinned Synapse
+    numbers = tmp_path / "synapse_pg.json"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.synapse_pg"),
+            *("--users", "4", "--warmup-users", "2", "--rounds", "1", "--json", str(numbers)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ways = json.loads(numbers.read_text())["ways"]
+    assert set(ways) == {"builtin main", "module main", "module main+worker", "builtin main+worker"}
+    for way in ways.values():
+        for phase in ("password_login", "get_token_uia", "token_login"):
+            assert way[phase]["ops"] == 4 and way[phase]["errors"] == 0, way
+    assert re.search(r"get_token \+ UIA +module main\+worker +\d", result.stdout), result.stdout

@@ -25,6 +25,7 @@ import nio
 import pytest
 
 from benchmarks import servers
+from login_token_module.tokens import hash_token
 from tests.helpers import call
 from tests.synapse_helpers import (
     CAPABILITIES,
@@ -520,3 +521,40 @@ def test_the_modules_state_is_in_synapses_own_database(synapse: Synapse, client:
         assert len(noted.fetchall()) == 1
         limited = db.execute("SELECT limiter FROM login_token_module_ratelimits WHERE key = ?", (user_id,))
         assert {row[0] for row in limited} == {"get_token", "get_token_failed_auth"}
+
+
+def test_lineage_a_token_login_records_the_spend_and_the_new_device_in_the_history(
+    synapse: Synapse, client: Client
+) -> None:
+    """Synapse's own login spends the token; its account-validity callback tells the module,
+    which finds the new device through Synapse's rows and records it as the reference host does."""
+    localpart, password = new_user(synapse)
+    user_id = f"@{localpart}:{SERVER_NAME}"
+    asking = client.login(localpart, password).json
+    spent = client.get_login_token(asking["access_token"], password)
+    time.sleep(RATE_WINDOW_S)
+    unspent = client.get_login_token(asking["access_token"], password)
+    new = client.token_login(spent)
+    assert new.code == 200, new
+    # A password login is no token's: it changes nothing in the history.
+    assert client.login(localpart, password).code == 200
+    history = (
+        "SELECT token_hash, device_id, outcome, finished_at_ms, new_device_id FROM login_token_module_history"
+    )
+    with sqlite3.connect(synapse.directory / "homeserver.db") as db:
+        rows = {
+            bytes(row[0]): row[1:]
+            for row in db.execute(history + " WHERE user_id = ?", (user_id,)).fetchall()
+        }
+        used_ts = db.execute("SELECT used_ts FROM login_tokens WHERE token = ?", (spent,)).fetchone()[0]
+        left = {bytes(row[0]) for row in db.execute("SELECT token_hash FROM login_token_module_tokens")}
+    assert rows == {
+        hash_token(spent): (asking["device_id"], "spent", used_ts, new.json["device_id"]),
+        hash_token(unspent): (asking["device_id"], None, None, None),
+    }
+    # Spent: no longer among the tokens a logout would revoke; the other still is.
+    assert hash_token(spent) not in left and hash_token(unspent) in left
+    synapse.log_once_it_shows(
+        f"event=spend outcome=spent user_id={user_id} minted_by_device={asking['device_id']}"
+        f" new_device_id={new.json['device_id']}"
+    )

@@ -28,6 +28,7 @@ import yaml
 
 from benchmarks import servers
 from login_token_module.pairing import APPROVE_PATH, POLL_PATH, START_PATH
+from login_token_module.tokens import hash_token
 from tests.pgcluster import PostgresCluster
 from tests.synapse_helpers import (
     MODULE_PREFIX,
@@ -456,3 +457,24 @@ def test_neither_log_shows_log_context_trouble(deployment: Deployment) -> None:
         trouble = [line for line in text.splitlines() if LOGCONTEXT_TROUBLE.search(line)]
         assert not trouble, "\n".join(trouble[:10])
         assert password not in text
+
+
+def test_lineage_a_token_minted_on_one_process_and_spent_on_the_other_is_recorded(
+    deployment: Deployment, pg_cluster: PostgresCluster
+) -> None:
+    """The worker serves the token login (and runs the login callback); the history, in
+    Synapse's PostgreSQL, shows the spend and the device it created."""
+    localpart, password = deployment.new_user()
+    asking = _signed_in(deployment.on_main, localpart, password)
+    token = _token(deployment.on_main, asking["access_token"], password)
+    new = deployment.on_worker.token_login(token)
+    assert new.code == 200, new
+    dbname = _database_name(deployment)
+    rows = pg_cluster.query(
+        dbname,
+        "SELECT device_id, outcome, new_device_id FROM login_token_module_history WHERE token_hash = %s",
+        (hash_token(token),),
+    )
+    assert rows == [(asking["device_id"], "spent", new.json["device_id"])]
+    left = "SELECT count(*) FROM login_token_module_tokens WHERE token_hash = %s"
+    assert pg_cluster.query(dbname, left, (hash_token(token),)) == [(0,)]

@@ -39,6 +39,7 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from login_token_module import audit
 from login_token_module.admission import BoundedQueue
 from login_token_module.api import AuthChecker, HostAbilities, JsonDict, OnLoggedOut, Requester
 from login_token_module.config import ConfigError
@@ -47,7 +48,7 @@ from login_token_module.http import Handler, JsonResource, render_unrecognized, 
 from login_token_module.pairing import APPROVE_PATH
 from login_token_module.pairing_page import PairPageResource
 from login_token_module.stores.engines.connection import Database
-from login_token_module.synapse import served_path
+from login_token_module.synapse import lineage, served_path
 from login_token_module.synapse.passwords import check_password, select_password_hash
 from login_token_module.synapse.storage import SynapseDatabase, SynapseInternals
 from login_token_module.synapse.tokens import device_signed_in, invalidate_unused_tokens
@@ -72,7 +73,13 @@ class SynapseApi(Protocol):
 
     async def get_user_by_req(self, req: Request) -> Any: ...
 
-    async def create_login_token(self, user_id: str, duration_in_ms: int = ...) -> str: ...
+    async def create_login_token(
+        self,
+        user_id: str,
+        duration_in_ms: int = ...,
+        auth_provider_id: str | None = ...,
+        auth_provider_session_id: str | None = ...,
+    ) -> str: ...
 
     def run_db_interaction(self, desc: str, func: Callable[..., Any], *args: Any) -> Any: ...
 
@@ -83,6 +90,8 @@ class SynapseApi(Protocol):
     ) -> None: ...
 
     def register_password_auth_provider_callbacks(self, **kwargs: Any) -> None: ...
+
+    def register_account_validity_callbacks(self, **kwargs: Any) -> None: ...
 
 
 APPROVE_DESCRIPTION = "approve signing in a new device by its pairing code"
@@ -195,6 +204,8 @@ class SynapseModuleApi:
             # Create or migrate the module's tables as soon as Synapse runs (the
             # first state call would anyway), so a problem shows in the log at once.
             self._reactor.callWhenRunning(self._prepare_tables)
+            # Lineage: told of each login, the module finds the devices its tokens signed in.
+            api.register_account_validity_callbacks(on_user_login=self._on_user_login)
 
     def _prepare_tables(self) -> None:
         assert self._database is not None
@@ -238,13 +249,51 @@ class SynapseModuleApi:
         return str(self._api._hs.config.server.public_baseurl)  # type: ignore[attr-defined]
 
     async def create_login_token(self, user_id: str, duration_in_ms: int) -> str:
-        return str(await self._api.create_login_token(user_id, duration_in_ms))
+        if self._database is None:
+            return str(await self._api.create_login_token(user_id, duration_in_ms))
+        # Named for lineage (lineage.py): Synapse hands both to the device the token signs in.
+        return str(
+            await self._api.create_login_token(
+                user_id,
+                duration_in_ms,
+                auth_provider_id=lineage.PROVIDER_ID,
+                auth_provider_session_id=lineage.new_session_id(),
+            )
+        )
+
+    async def _on_user_login(
+        self, user_id: str, auth_provider_type: str | None, auth_provider_id: str | None
+    ) -> None:
+        """Synapse's account-validity callback after every login: for the module's tokens,
+        record the spend and the new device in the token's history. Never raises: Synapse
+        would fail a login whose device exists already."""
+        if auth_provider_id != lineage.PROVIDER_ID or auth_provider_type != lineage.TOKEN_LOGIN:
+            return
+        assert self._database is not None
+        try:
+            spends = await self._database.run(lineage.record_spends, user_id)
+        except Exception as error:
+            logger.warning(
+                "Could not record a login token's spend in its history (the user's next token "
+                "login will): %s",
+                type(error).__name__,
+            )
+            return
+        for spend in spends:
+            audit.record(
+                "spend",
+                "spent",
+                user_id=spend.user_id,
+                minted_by_device=spend.minted_by_device,
+                new_device_id=spend.new_device_id,
+                token_fingerprint=audit.fingerprint_of_hash(spend.token_hash),
+            )
 
     def register_web_resource(self, path: str, resource: IResource) -> None:
         served: IResource = resource
         served_at = served_path(path)
         if isinstance(resource, JsonResource):
-            served = SynapseJsonResource(resource, served_at)
+            served = SynapseJsonResource(resource, served_at, self._settings.internals)
         elif isinstance(resource, PairPageResource):
             served = SynapsePageResource(resource)
         self._api.register_web_resource(served_at, served)
@@ -424,11 +473,12 @@ class SynapseJsonResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: JsonResource, route: str) -> None:
+    def __init__(self, inner: JsonResource, route: str, internals: SynapseInternals | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._inner = inner
         # The path registered with Synapse: the metric label of every request served here.
         self._route = route
+        self._internals = internals
 
     def render(self, request: Request) -> Any:
         set_route(request, self._route)
@@ -439,7 +489,26 @@ class SynapseJsonResource(Resource):
 
     async def _serve(self, handler: Handler, request: Any) -> None:
         with request.processing():
-            await self._inner.respond(handler, request)
+            await self._inner.respond(self._guarded(handler), request)
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """``handler``, with Synapse's database being unreachable (in what the request asks
+        of Synapse: the requester, the password hash, minting) answered 503, not 500."""
+        internals = self._internals
+        if internals is None:
+            return handler
+
+        async def guarded(request: Request) -> tuple[int, JsonDict]:
+            try:
+                return await handler(request)
+            except Exception as error:
+                unavailable = internals.unavailable(error)
+                if unavailable is None:
+                    raise
+                raise unavailable from None
+
+        return guarded
+
 
 
 class SynapsePageResource(Resource):

@@ -25,6 +25,16 @@ Protocol over Synapse's database pool:
   first interaction each process runs (and once at start-up): processes
   starting together take turns on PostgreSQL's advisory lock.
 
+When Synapse's PostgreSQL cannot be reached (stopped, restarting, the network
+cut), Synapse's pool surfaces the driver's ``OperationalError`` or
+``InterfaceError`` (after its own retries), or Twisted's ``ConnectionLost``
+when the rollback after a failure finds the connection gone.
+:meth:`SynapseInternals.unavailable` turns those into the project's
+:class:`StorageUnavailableError`, which get_token answers as 503 with
+``Retry-After`` rather than 500, both for the module's own tables (``run``) and
+for what a request asks of Synapse's (the adapter's resource). Synapse's pool
+reconnects by itself once the server is back.
+
 Synapse's log contexts: an interaction started from a request runs in the
 request's context; one started outside any (the module's looping sweep runs in
 the sentinel context) gets a context of its own, as Synapse wants every
@@ -36,12 +46,17 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
+from login_token_module.errors import StorageUnavailableError
 from login_token_module.stores.engines.connection import Conn, Cursor, Engine
+from login_token_module.stores.engines.postgres import describe
 from login_token_module.stores.engines.schema import prepare
 from login_token_module.stores.sql import STATE_SCHEMA
 
@@ -56,6 +71,9 @@ PREFIX = "login_token_module_"
 # and the schema-version table.
 _NAMES = re.compile(r"\b(?:schema_versions|login_tokens\w*|login_token_\w+)\b")
 _renamed: dict[str, str] = {}
+
+# At most one warning this often while Synapse's database is unreachable.
+WARN_EVERY_SECONDS = 10.0
 
 
 def synapse_name(name: str) -> str:
@@ -98,6 +116,12 @@ class SynapseConn:
         cursor: Cursor = self._txn
         return cursor
 
+    def execute_synapse(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """A statement on Synapse's own tables, as written (no prefix)."""
+        self._txn.execute(sql, tuple(params))
+        cursor: Cursor = self._txn
+        return cursor
+
     def transaction(self, func: Callable[[Conn], T]) -> T:
         # The whole interaction is one transaction already.
         return func(self)
@@ -128,11 +152,42 @@ class SynapseInternals:
             self.engine = "sqlite"
         else:
             raise AttributeError(f"an unknown database engine {type(engine_object).__name__}")
+        # What Synapse's pool raises when PostgreSQL cannot be reached. Only on PostgreSQL:
+        # SQLite's OperationalError also says "no such table", which is no outage.
+        self.unreachable: tuple[type[BaseException], ...] = ()
+        if self.engine == "postgres":
+            from twisted.enterprise.adbapi import ConnectionLost
+
+            driver = engine_object.module
+            self.unreachable = (driver.OperationalError, driver.InterfaceError, ConnectionLost)
+        self._warning_lock = threading.Lock()
+        self._last_warning = -WARN_EVERY_SECONDS
+        self._refused_since_warning = 0
         self.read_committed = IsolationLevel.READ_COMMITTED
         self.logging_context = LoggingContext
         self.preserve_logging_context = PreserveLoggingContext
         self.current_context = current_context
         self.server_name = str(api.server_name)
+
+    def unavailable(self, error: BaseException) -> StorageUnavailableError | None:
+        """``error`` as the project's StorageUnavailableError if it says Synapse's database
+        cannot be reached (logged, at most once every WARN_EVERY_SECONDS), else None."""
+        if not isinstance(error, self.unreachable):
+            return None
+        reason = describe(error)
+        with self._warning_lock:
+            self._refused_since_warning += 1
+            now = time.monotonic()
+            if now - self._last_warning < WARN_EVERY_SECONDS:
+                return StorageUnavailableError(reason)
+            refused, self._refused_since_warning = self._refused_since_warning, 0
+            self._last_warning = now
+        logger.warning(
+            "Synapse's database is unavailable, %d request(s) of login_token_module refused with 503: %s",
+            refused,
+            reason,
+        )
+        return StorageUnavailableError(reason)
 
 
 class SynapseDatabase:
@@ -183,7 +238,14 @@ class SynapseDatabase:
         )
         if not self._prepared:
             result.addCallback(self._now_prepared)
+        result.addErrback(self._unavailable)
         return result
+
+    def _unavailable(self, failure: Failure) -> Failure:
+        found = None if failure.value is None else self._internals.unavailable(failure.value)
+        if found is not None:
+            return Failure(found)
+        return failure
 
     def _now_prepared(self, result: T) -> T:
         # Only once a transaction that prepared has committed.
