@@ -510,7 +510,6 @@ class SynapseJsonResource(Resource):
         return guarded
 
 
-
 class SynapsePageResource(Resource):
     """Serves the pairing page (HTML forms, ``pairing_page.py``) the way
     :class:`SynapseJsonResource` serves the JSON endpoints: in the request's log
