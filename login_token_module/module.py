@@ -215,7 +215,12 @@ class LoginTokenModule:
             APPROVE_PATH, PairApproveResource(pairings, api, revokes_on_logout=config.revoke_on_logout)
         )
         api.register_web_resource(DENY_PATH, PairDenyResource(pairings, api))
-        api.register_web_resource(PAGE_PATH, PairPageResource(pairings, api.server_name, clock))
+        api.register_web_resource(
+            PAGE_PATH,
+            PairPageResource(
+                pairings, api.server_name, clock, secure_cookie=api.public_baseurl.startswith("https://")
+            ),
+        )
         api.looping_background_call(pairings.sweep, config.sweep_interval_ms)
 
     @property

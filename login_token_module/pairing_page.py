@@ -65,11 +65,16 @@ def _ago(milliseconds: int) -> str:
 class PairPageResource(Resource):
     isLeaf = True
 
-    def __init__(self, pairings: Pairings, server_name: str, now: Callable[[], float]) -> None:
+    def __init__(
+        self, pairings: Pairings, server_name: str, now: Callable[[], float], *, secure_cookie: bool = False
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._pairings = pairings
         self._server_name = server_name
         self._now = now
+        # Secure even when the request reached us as plain HTTP: behind a TLS proxy
+        # (an https public_baseurl) the browser's side is https.
+        self._secure_cookie = secure_cookie
 
     # What the page answers (HEAD as GET); any other method gets Twisted's 405.
     METHODS = (b"GET", b"HEAD", b"POST")
@@ -193,7 +198,7 @@ class PairPageResource(Resource):
             path=PAGE_PATH.encode("ascii"),
             max_age=b"3600",
             httpOnly=True,
-            secure=request.isSecure(),
+            secure=self._secure_cookie or request.isSecure(),
             sameSite="strict",
         )
         return token

@@ -327,6 +327,12 @@ async def test_verification_uri_uses_public_baseurl(tmp_path: Path) -> None:
     try:
         started = await start(srv.client)
         assert started["verification_uri"] == "https://matrix.example.org/_synapse/client/login_token/pair"
+        # Behind the TLS proxy that address implies, the page's CSRF cookie is Secure
+        # though the request reached the server as plain HTTP.
+        page = await srv.client.get(f"/_synapse/client/login_token/pair?code={started['user_code']}")
+        assert page.code == 200
+        cookie = page.headers["set-cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
     finally:
         await srv.stop()
 
