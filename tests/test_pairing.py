@@ -100,6 +100,8 @@ async def test_the_whole_flow_signs_in_the_new_device(tmp_path: Path, audit_log:
             access,
         )
         assert wrong.code == 401 and wrong.json["errcode"] == "M_FORBIDDEN"
+        # At least interval_ms (10) since the last poll, however fast the steps above ran.
+        await sleep(0.02)
         assert (await poll(client, started["pairing_id"])).json == {"status": "pending"}
         approved = await approve(client, access, started["user_code"])
         assert approved.code == 200, approved
