@@ -295,18 +295,34 @@ class Pairings:
         is over the limit)."""
         now = self._now()
         keys = ((f"user:{user_id}",) if user_id is not None else ()) + (f"address:{address or ''}",)
-        for key in keys:
-            retry_after = await self._wrong_codes.check(key, now)
-            if retry_after is not None:
-                self._metrics.ratelimited.labels("pair_wrong_code").inc()
-                raise rate_limited(retry_after, "Too many wrong codes; wait before trying another")
-        code = read_user_code(raw_code)
-        pairing = None if code is None else await self._store.find(code, int(now * 1000))
-        if pairing is None:
+        # Admit, then look: a wrong code is reserved against every key before the code is
+        # looked up (so racing guesses cannot all slip under the limit), and given back
+        # when the code is right.
+        reserved: list[str] = []
+        try:
             for key in keys:
-                await self._wrong_codes.record(key, now)
+                retry_after = await self._wrong_codes.acquire(key, now)
+                if retry_after is not None:
+                    self._metrics.ratelimited.labels("pair_wrong_code").inc()
+                    raise rate_limited(retry_after, "Too many wrong codes; wait before trying another")
+                reserved.append(key)
+            code = read_user_code(raw_code)
+            pairing = None if code is None else await self._store.find(code, int(now * 1000))
+        except BaseException:
+            await self._give_back_wrong_code(reserved)
+            raise
+        if pairing is None:
             raise _not_found()
+        await self._give_back_wrong_code(reserved)
         return pairing
+
+    async def _give_back_wrong_code(self, keys: list[str]) -> None:
+        """Take back reserved wrong-code allowances (the code was right, or not looked at)."""
+        for key in keys:
+            try:
+                await self._wrong_codes.refund(key, self._now())
+            except Exception as error:
+                logger.warning("Could not give back a wrong-code allowance: %s", error)
 
     async def describe(self, requester: Requester, raw_code: object, address: str | None) -> JsonDict:
         """What asks to be signed in, before any password prompt."""
