@@ -13,7 +13,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
+import pytest
+
+from tests.conftest import mutation_test_durations, pytest_collection_modifyitems
 from tests.helpers import ROOT
 
 PRELOAD = ROOT / "scripts" / "mutation_preload.txt"
@@ -53,3 +57,37 @@ def test_nothing_the_fork_server_imports_installs_a_reactor() -> None:
     )
     assert done.returncode == 0, (done.stdout, done.stderr)
     assert not any(name.startswith("login_token_module") or name.startswith("tests") for name in modules)
+
+
+class _Item:
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+
+
+def test_a_mutants_tests_run_fastest_first_by_mutmuts_recorded_durations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "mutmut-stats.json").write_text(
+        '{"duration_by_test": {"t::slow": 9.0, "t::fast": 0.1, "t::middle": 2, "t::bad": "x"}}'
+    )
+    monkeypatch.chdir(tmp_path)
+    names = ["t::slow", "t::unknown", "t::middle", "t::fast"]
+    items = [_Item(name) for name in names]
+
+    monkeypatch.delenv("MUTANT_UNDER_TEST", raising=False)
+    pytest_collection_modifyitems(None, items)  # type: ignore[arg-type]
+    assert [i.nodeid for i in items] == names  # an ordinary run keeps its order
+
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "login_token_module.tokens.x_f__mutmut_1")
+    pytest_collection_modifyitems(None, items)  # type: ignore[arg-type]
+    assert [i.nodeid for i in items] == ["t::fast", "t::middle", "t::slow", "t::unknown"]
+
+
+def test_no_or_broken_stats_file_means_no_durations(tmp_path: Path) -> None:
+    assert mutation_test_durations(tmp_path / "missing.json") == {}
+    (tmp_path / "broken.json").write_text("{not json")
+    assert mutation_test_durations(tmp_path / "broken.json") == {}
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert mutation_test_durations(tmp_path / "list.json") == {}
+    (tmp_path / "ok.json").write_text('{"duration_by_test": {"a": 1}}')
+    assert mutation_test_durations(tmp_path / "ok.json") == {"a": 1.0}
