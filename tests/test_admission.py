@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
 
-from login_token_module.safe_text import logfmt_value, printable
+from login_token_module.safe_text import escaped, logfmt_value, printable
 from login_token_module.stores import StateBackend, TokenSpend
 from tests.helpers import GET_TOKEN, LOGIN, InProcessServer, running, start_in_process
 
@@ -222,6 +222,17 @@ def test_printable_escapes_and_cuts_client_text() -> None:
     assert printable(b"/a\x00b\x1b\n") == "/a\\x00b\\x1b\\n"
     assert printable(b"\xff") == "\\xff"
     assert printable("x" * 300, 10) == "x" * 10 + "..."
+
+
+def test_each_kind_of_unprintable_character_has_its_own_escape() -> None:
+    # The short escapes of C and of Python, for the characters that have one.
+    assert escaped('\\ " \n \r \t') == '\\\\ \\" \\n \\r \\t'
+    # A byte that was not UTF-8 (decoded with surrogateescape) is shown as that byte,
+    # at both ends of the range; a lone surrogate outside it is shown as itself.
+    assert printable(b"\x80 \xff") == "\\x80 \\xff"
+    assert escaped("\udc7f \udd00") == "\\udc7f \\udd00"
+    # Other characters by their code point: one byte, the basic plane, the rest.
+    assert escaped("\x7f \u0085 \u2028 \U000e0001") == "\\x7f \\x85 \\u2028 \\U000e0001"
 
 
 @pytest_twisted.ensureDeferred
