@@ -148,6 +148,7 @@ async def test_options_on_any_path_is_200_with_cors(server: InProcessServer) -> 
     for path in (LOGIN, GET_TOKEN, VERSIONS, LOGOUT_ALL, f"{LOGIN}/extra", "/nowhere/at/all", "/"):
         response = await server.client.request("OPTIONS", path)
         assert response.code == 200, (path, response)
+        assert response.body == {}, (path, response)  # an empty JSON object
         assert response.headers["access-control-allow-origin"] == "*"
         assert "Authorization" in response.headers["access-control-allow-headers"]
 

@@ -22,7 +22,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from login_token_module.errors import MatrixError
 from login_token_module.host.passwords import check_password_sync, hash_password_sync
+from login_token_module.http import check_strings
 from login_token_module.tokens import generate_token
 from tests.helpers import (
     GET_TOKEN,
@@ -202,6 +204,32 @@ def kinds(answers: list[Answer]) -> Counter[tuple[int, str]]:
 
 
 # -- 1. a request is always answered; a client string holding a lone surrogate or NUL is refused
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"type": "\x00"}, "'type' holds"),
+        ({"auth": {"session": "\ud800"}}, "'auth.session' holds"),
+        ({"deep": {"a": [{"b": "\ud800"}]}}, "'deep.a[0].b' holds"),
+        ({"x": [1, ["ok", "\x00"]]}, "'x[1][1]' holds"),
+        ({"two words": "\x00"}, "'<key>' holds"),
+        ({"x": {"K" * 64: "\x00"}}, f"'x.{'K' * 64}' holds"),
+        ({"x": {"K" * 65: "\x00"}}, "'x.<key>' holds"),
+        ({"x": {"caf\u00e9": {"y": "\x00"}}}, "'x.<key>.y' holds"),
+        ({"a-b_c.d": "\udfff"}, "'a-b_c.d' holds"),
+        ({"\ud800": 1}, "A key in 'the body' holds"),
+        ({"auth": {"ok": 1, "\x00": 1}}, "A key in 'auth' holds"),
+        (["\x00"], "'[0]' holds"),
+        ("\ud800", "'the body' holds"),
+    ],
+)
+def test_the_refusal_names_the_field_by_its_path_and_never_echoes_an_odd_key(body: Any, error: str) -> None:
+    """Plain keys (at most 64 of A-Z a-z 0-9 _ . -) are named, others are ``<key>``."""
+    with pytest.raises(MatrixError) as refused:
+        check_strings(body)
+    assert (refused.value.code, refused.value.errcode) == (400, "M_BAD_JSON")
+    assert refused.value.msg.startswith(error + " a character not allowed here"), refused.value.msg
 
 
 def test_a_lone_surrogate_as_the_login_type_gets_400_at_once(shared: Host) -> None:
