@@ -177,6 +177,21 @@ async def test_malformed_json_is_400_not_json(server: InProcessServer) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_number_too_large_for_a_double_is_400_not_json(server: InProcessServer) -> None:
+    """1e400 parses to infinity, which no JSON can carry back out: refused as not JSON."""
+    for number in (b"1e400", b"-1e400", b"1.5e400"):
+        body = b'{"type": "m.login.password", "user": "alice", "device_id": %s}' % number
+        response = await server.client.request("POST", LOGIN, raw_body=body)
+        assert_error(response, 400, "M_NOT_JSON")
+        assert response.json["error"] == "Content not JSON"
+    # A number that fits is parsed as the number it is: a device id that is not a string.
+    finite = {"type": "m.login.password", "user": "alice", "password": PASSWORD, "device_id": 2.5}
+    response = await server.client.post(LOGIN, finite)
+    assert_error(response, 400, "M_INVALID_PARAM")
+    assert response.json["error"].startswith("'device_id' must be a non-empty string"), response
+
+
+@pytest_twisted.ensureDeferred
 async def test_json_that_is_not_an_object_is_400_bad_json(server: InProcessServer) -> None:
     for body in ([1, 2], "a string", 42, None):
         response = await server.client.request("POST", LOGIN, raw_body=json.dumps(body).encode())
