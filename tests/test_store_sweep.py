@@ -199,4 +199,4 @@ async def test_a_sweep_removes_every_drained_rate_limit_past_one_batch(backend: 
     await limiter.record("late", SECONDS + 5)
     assert await limiter.sweep(SECONDS + 5) == SWEEP_BATCH + 1
     assert await limiter.count() == 1
-    assert await limiter.check("late", SECONDS + 5) == 1000
+    assert await limiter.acquire("late", SECONDS + 5) == 1000

@@ -169,12 +169,9 @@ class RateLimitStore(Protocol):
         """Count one action for ``key`` if it fits: None. Else how many ms until it
         would fit, and nothing is counted. Check and count are one atomic step."""
 
-    async def check(self, key: str, now: float) -> int | None:
-        """Whether one more action would fit now (None), or how many ms until it would.
-        Counts nothing: for limits counted after the fact (``record``)."""
-
     async def record(self, key: str, now: float) -> None:
-        """Count one action whether or not it fits (a failure that already happened)."""
+        """Count one action whether or not it fits (one counted after the fact: the
+        host's login counted against the account it turned out to be)."""
 
     async def refund(self, key: str, now: float) -> None:
         """Take back one counted action (its request failed before doing anything)."""

@@ -327,9 +327,6 @@ class MemoryRateLimitStore:
             self.limiter.record(key, now)
         return retry_after
 
-    async def check(self, key: str, now: float) -> int | None:
-        return self.limiter.retry_after_ms(key, now)
-
     async def record(self, key: str, now: float) -> None:
         self.limiter.record(key, now)
 

@@ -670,10 +670,6 @@ class SqlRateLimitStore:
         # Refused: at least 1 ms, even if the bucket drained in the meantime.
         return self._retry_after_ms(drained_at, now) or 1
 
-    async def check(self, key: str, now: float) -> int | None:
-        drained_at = await self._db.run(_drained_at, self._table, self.name, key)
-        return None if drained_at is None else self._retry_after_ms(drained_at, now)
-
     async def record(self, key: str, now: float) -> None:
         await self._db.run(_record, self._table, self.name, key, now, self._interval)
 

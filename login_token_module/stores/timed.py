@@ -127,9 +127,6 @@ class TimedRateLimitStore:
     async def acquire(self, key: str, now: float) -> int | None:
         return await timed(self._acquire, self.inner.acquire(key, now))
 
-    async def check(self, key: str, now: float) -> int | None:
-        return await self.inner.check(key, now)
-
     async def record(self, key: str, now: float) -> None:
         await self.inner.record(key, now)
 
