@@ -52,9 +52,6 @@ class TimedTokenStore:
             ),
         )
 
-    async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
-        return await self.inner.consume_token(token_hash, now_ms)
-
     async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
         return await timed("spend_token", self.inner.spend_token(token_hash, now_ms))
 
