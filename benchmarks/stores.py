@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.stores scale --store memory --size 1000000`` fills the
 store with that many unexpired tokens through ``add_token``, then times
-``add_token`` and ``consume_token`` one call at a time, pinned to one CPU (see
+``add_token`` and ``spend_token`` one call at a time, pinned to one CPU (see
 ``pin_to_one_cpu``). For the in-memory store
 the fill runs under tracemalloc, so the bytes each token costs are counted
 exactly (the hash, the user id string, the expiry int, the dict and deque slots).
@@ -154,7 +154,7 @@ async def _sample_latencies(
     for token in store_sample:
         token_hash, now = tokens.hash_token(token), _now_ms()
         t0 = time.perf_counter()
-        user = await store.consume_token(token_hash, now)
+        user = (await store.spend_token(token_hash, now)).user_id_if_spent()
         consume_ms.append((time.perf_counter() - t0) * 1000)
         misses += user is None
 
@@ -164,7 +164,7 @@ async def _sample_latencies(
         # What LoginTokenModule.check_login_token does before and around the store.
         if not tokens.is_well_formed(token):
             raise AssertionError("a generated token is not well formed")
-        user = await store.consume_token(tokens.hash_token(token), _now_ms())
+        user = (await store.spend_token(tokens.hash_token(token), _now_ms())).user_id_if_spent()
         module_ms.append((time.perf_counter() - t0) * 1000)
         misses += user is None
     return {

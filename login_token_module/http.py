@@ -98,6 +98,9 @@ _INTERNAL_ERROR = encode_canonical_json({"errcode": Codes.UNKNOWN, "error": "Int
 def respond_internal_error(request: Request) -> None:
     """The last resort: a fixed 500, written without anything that could fail, then the
     connection closed (whatever state the request was left in)."""
+    # Taken first: a finished request lets go of its channel (Twisted deletes the attribute).
+    channel = getattr(request, "channel", None)
+    transport = getattr(channel, "transport", None)
     try:
         if not request.startedWriting:
             request.setResponseCode(500)
@@ -110,7 +113,6 @@ def respond_internal_error(request: Request) -> None:
     except Exception:
         logger.exception("Could not write a 500 answer")
     finally:
-        transport = getattr(request.channel, "transport", None) if request.channel is not None else None
         if transport is not None:
             transport.loseConnection()
 

@@ -4,6 +4,9 @@ It uses the host's module contract the way a third-party module would: one
 login type of its own (with a required field and no extra flow fields) and an
 ``on_logged_out`` callback. It records what the host hands it, so a test can
 check over HTTP that the host keeps that contract.
+
+``FaultyModule`` serves handlers that fail in ways no real handler should, so that a
+test can see the last-resort 500 go out over a real connection.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from twisted.web.server import Request
+
 from login_token_module.api import JsonDict, ModuleApi
+from login_token_module.http import JsonResource
 
 PROBE_LOGIN = "org.example.probe"
 PROBE_MODULE = "tests.probe_module.ProbeModule"
@@ -36,3 +42,40 @@ class ProbeModule:
 
     async def on_logged_out(self, user_id: str, device_id: str | None, access_token: str) -> None:
         self.logged_out.append((user_id, device_id, access_token))
+
+
+FAULTY_MODULE = "tests.probe_module.FaultyModule"
+# The faults FaultyModule serves, each under /_test/fault/<name>.
+FAULTS = ("unencodable", "after_a_partial_write", "unwritable")
+
+
+class FaultyResource(JsonResource):
+    """A handler that answers what no real handler may: a body that cannot be encoded
+    (a lone surrogate), after writing part of the response itself, or on a request
+    whose writes fail. It keeps each request, so a test can see how it ended."""
+
+    def __init__(self, fault: str, requests: list[Request]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.fault = fault
+        self.requests = requests
+
+    async def on_GET(self, request: Request) -> tuple[int, JsonDict]:
+        self.requests.append(request)
+        if self.fault == "after_a_partial_write":
+            request.write(b"partial")
+        elif self.fault == "unwritable":
+
+            def refuse(data: bytes) -> None:
+                raise OSError("the response cannot be written")
+
+            request.write = refuse  # type: ignore[method-assign]
+        return 200, {"text": "\ud800"}
+
+
+class FaultyModule:
+    """Serves each fault of FAULTS as a JSON resource of the host, as a module would."""
+
+    def __init__(self, config: dict[str, Any], api: ModuleApi) -> None:
+        self.requests: list[Request] = []
+        for fault in FAULTS:
+            api.register_web_resource(f"/_test/fault/{fault}", FaultyResource(fault, self.requests))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import pytest
 import pytest_twisted
 from twisted.internet import threads
 
@@ -24,7 +27,7 @@ from tests.helpers import (
     homeserver_yaml,
     start_in_process,
 )
-from tests.probe_module import PROBE_LOGIN, PROBE_MODULE, ProbeModule
+from tests.probe_module import FAULTY_MODULE, PROBE_LOGIN, PROBE_MODULE, FaultyModule, ProbeModule
 
 VERSIONS = "/_matrix/client/versions"
 CAPABILITIES = "/_matrix/client/v3/capabilities"
@@ -172,6 +175,21 @@ async def test_malformed_json_is_400_not_json(server: InProcessServer) -> None:
     for body in (b"{not json", b"\xff\xfe", b'{"type": NaN}', b""):
         response = await server.client.request("POST", LOGIN, raw_body=body)
         assert_error(response, 400, "M_NOT_JSON")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_number_too_large_for_a_double_is_400_not_json(server: InProcessServer) -> None:
+    """1e400 parses to infinity, which no JSON can carry back out: refused as not JSON."""
+    for number in (b"1e400", b"-1e400", b"1.5e400"):
+        body = b'{"type": "m.login.password", "user": "alice", "device_id": %s}' % number
+        response = await server.client.request("POST", LOGIN, raw_body=body)
+        assert_error(response, 400, "M_NOT_JSON")
+        assert response.json["error"] == "Content not JSON"
+    # A number that fits is parsed as the number it is: a device id that is not a string.
+    finite = {"type": "m.login.password", "user": "alice", "password": PASSWORD, "device_id": 2.5}
+    response = await server.client.post(LOGIN, finite)
+    assert_error(response, 400, "M_INVALID_PARAM")
+    assert response.json["error"].startswith("'device_id' must be a non-empty string"), response
 
 
 @pytest_twisted.ensureDeferred
@@ -631,3 +649,124 @@ def test_new_device_ids_are_ten_capitals_drawn_afresh_in_every_place() -> None:
     # leave the later letters always "A").
     for place in range(10):
         assert len({device_id[place] for device_id in ids}) > 10, place
+
+
+# -- the last resort: a handler whose answer cannot go out -------------------------
+# tests/probe_module.py's FaultyModule serves handlers that fail after the point where
+# a Matrix error could still be written; what goes out then is a fixed 500, and the
+# connection is closed whatever state the response was in.
+
+INTERNAL_ERROR = b'{"errcode":"M_UNKNOWN","error":"Internal server error"}'
+
+
+@asynccontextmanager
+async def faulty(tmp_path: Path) -> AsyncIterator[tuple[InProcessServer, FaultyModule]]:
+    ours = homeserver_yaml(tmp_path)["modules"][0]
+    srv = await start_in_process(tmp_path, modules=[ours, {"module": FAULTY_MODULE, "config": {}}])
+    try:
+        module = srv.hs.modules[1]
+        assert isinstance(module, FaultyModule)
+        yield srv, module
+    finally:
+        await srv.stop()
+
+
+def _blocking_get(base_url: str, path: str) -> tuple[bytes, bool]:
+    """GET over a persistent HTTP/1.1 connection: every byte the server sent, and whether
+    it closed the connection (rather than keeping it open for another request)."""
+    parts = urlsplit(base_url)
+    assert parts.hostname is not None and parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n".encode())
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            return received, False
+        return received, True
+
+
+async def raw_get(server: InProcessServer, path: str) -> tuple[bytes, bool]:
+    result: tuple[bytes, bool] = await threads.deferToThread(_blocking_get, server.client.base_url, path)
+    return result
+
+
+def split_response(received: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """(status line, headers by lower-case name, body as sent)."""
+    head, _, body = received.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.decode("ascii").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, str]]:
+    return [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("login_token")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_cannot_be_encoded_becomes_a_fixed_500_and_a_closed_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    async with faulty(tmp_path) as (srv, module):
+        received, closed = await raw_get(srv, "/_test/fault/unencodable")
+        (request,) = module.requests
+        assert request.finished
+    status, headers, body = split_response(received)
+    assert status == b"HTTP/1.1 500 Internal Server Error"
+    assert body == INTERNAL_ERROR
+    assert json.loads(body) == {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+    assert headers["content-type"] == "application/json"
+    assert headers["content-length"] == str(len(INTERNAL_ERROR))
+    assert headers["connection"] == "close"
+    assert closed, "the connection was left open after the 500"
+    errors = [entry for entry in _logged(caplog) if entry[1] >= logging.WARNING]
+    assert errors == [
+        ("login_token_module.http", logging.ERROR, "Could not encode a 200 answer; answering 500 instead")
+    ]
+    (record,) = [r for r in caplog.records if r.name == "login_token_module.http"]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], UnicodeEncodeError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_after_the_response_has_begun_ends_it_and_closes_the_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Too late for a 500: what was written stays the whole response, properly ended, and
+    the connection is closed even though the client asked to keep it."""
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    async with faulty(tmp_path) as (srv, module):
+        received, closed = await raw_get(srv, "/_test/fault/after_a_partial_write")
+        (request,) = module.requests
+        assert request.finished
+    status, headers, body = split_response(received)
+    assert status == b"HTTP/1.1 200 OK"
+    assert headers["transfer-encoding"] == "chunked"
+    assert "connection" not in headers
+    assert body == b"7\r\npartial\r\n0\r\n\r\n"  # the partial chunk, then the last (empty) one
+    assert closed, "the connection was left open after the failure"
+    errors = [entry for entry in _logged(caplog) if entry[1] >= logging.WARNING]
+    assert errors == [
+        ("login_token_module.http", logging.ERROR, "Could not encode a 200 answer; answering 500 instead")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_500_that_cannot_be_written_is_logged_and_the_connection_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    async with faulty(tmp_path) as (srv, _):
+        received, closed = await raw_get(srv, "/_test/fault/unwritable")
+    assert (received, closed) == (b"", True)
+    errors = [entry for entry in _logged(caplog) if entry[1] >= logging.WARNING]
+    assert errors == [
+        ("login_token_module.http", logging.ERROR, "Could not encode a 200 answer; answering 500 instead"),
+        ("login_token_module.http", logging.ERROR, "Could not write a 500 answer"),
+    ]
+    last = [r for r in caplog.records if r.name == "login_token_module.http"][-1]
+    assert last.exc_info is not None and isinstance(last.exc_info[1], OSError)

@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from login_token_module import audit, tokens
 from login_token_module.config import StoreConfig
-from login_token_module.stores import make_state
+from login_token_module.stores import TokenInfo, make_state
 from login_token_module.stores.sql import STATE_SCHEMA
+from login_token_module.stores.timed import TimedBackend
 from tests.helpers import (
     GET_TOKEN,
     LOGIN,
@@ -392,6 +393,61 @@ async def test_each_part_of_the_sweep_is_timed_under_its_own_name(tmp_path: Path
     # Two rate limiters (get_token, failed passwords): two timings under one name.
     expected = {**dict.fromkeys(operations, 1.0), "sweep_ratelimits": 2.0}
     assert {op: after[op] - before[op] for op in after} == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_timed_stores_pass_calls_through_and_time_a_revocation_by_fingerprint(
+    tmp_path: Path,
+) -> None:
+    """Revoking one token (a device that logged out while its token was minted) is timed as
+    ``revoke``; the operators' listing and a login counted after the fact pass through, untimed."""
+    config = StoreConfig(type="sqlite", path=str(tmp_path / "tokens.db"))
+    backend = TimedBackend(make_state(config, REACTOR, str(tmp_path)))
+    name = "login_token_module_store_duration_seconds_count"
+
+    def timings() -> dict[str, float]:
+        return {
+            op: REGISTRY.get_sample_value(name, {"operation": op}) or 0.0
+            for op in ("revoke", "ratelimit_acquire")
+        }
+
+    try:
+        store = backend.tokens
+        phone, laptop = hashlib.sha256(b"phone").digest(), hashlib.sha256(b"laptop").digest()
+        await store.add_token(phone, "@alice:test", 10_000, device_id="PHONE", issued_at_ms=1_000)
+        await store.add_token(laptop, "@bob:test", 20_000, device_id="LAPTOP", issued_at_ms=2_000)
+        at_phone = TokenInfo(phone, "@alice:test", "PHONE", 1_000, 10_000)
+        at_laptop = TokenInfo(laptop, "@bob:test", "LAPTOP", 2_000, 20_000)
+        before = timings()
+
+        # The listing: the user's live tokens at the time given.
+        assert await store.list_tokens(5_000, "@bob:test") == [at_laptop]
+        assert await store.list_tokens(5_000) == [at_phone, at_laptop]
+        assert await store.list_tokens(15_000) == [at_laptop]
+        assert timings() == before
+
+        # Revoking by fingerprint: the live token it names, at the time given; each call timed.
+        assert (
+            await store.revoke_fingerprint(audit.fingerprint_of_hash(laptop), 25_000) == []
+        )  # expired by then
+        assert await store.revoke_fingerprint(audit.fingerprint_of_hash(phone), 5_000) == [at_phone]
+        assert await store.list_tokens(5_000) == [at_laptop]
+        assert timings() == {**before, "revoke": before["revoke"] + 2}
+
+        # A login counted after the fact: counted against its key at its time, untimed.
+        limiter = backend.rate_limiter("get_token", per_second=1, burst_count=2)
+        await limiter.record("@alice:test", 100.0)
+        await limiter.record("@alice:test", 100.0)
+        assert timings() == {**before, "revoke": before["revoke"] + 2}
+        assert await limiter.acquire("@alice:test", 100.0) == 1000
+        assert await limiter.acquire("@bob:test", 100.0) is None
+        assert await limiter.acquire("@alice:test", 101.0) is None
+        assert timings() == {
+            "revoke": before["revoke"] + 2,
+            "ratelimit_acquire": before["ratelimit_acquire"] + 3,
+        }
+    finally:
+        await backend.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -137,7 +137,7 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
     try:
         await store.add_token(kept, "@alice:test", NOW + 60_000)
         await store.add_token(spent_before, "@alice:test", NOW + 60_000)
-        assert await store.consume_token(spent_before, NOW) == "@alice:test"
+        assert (await store.spend_token(spent_before, NOW)).user_id_if_spent() == "@alice:test"
         # Both connections open before the outage (two jobs at once take both).
         assert len(set(await _both(db, backend_pid))) == 2
 
@@ -148,8 +148,8 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
         # The first request finds its connection dead, the rest cannot connect: all refused
         # with the module's error, none with a driver error or anything else.
         attempts: list[Callable[[], Awaitable[object]]] = [
-            lambda: store.consume_token(kept, NOW),
-            lambda: store.consume_token(kept, NOW),
+            lambda: store.spend_token(kept, NOW),
+            lambda: store.spend_token(kept, NOW),
             lambda: store.add_token(_hash(), "@alice:test", NOW + 60_000),
             lambda: sessions.create("@alice:test", "/login/get_token", NOW / 1000),
             lambda: store.count_tokens(),
@@ -165,7 +165,7 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
         # The next warning counts every request refused since the last one.
         monkeypatch.setattr(postgres, "WARN_EVERY_SECONDS", 0.0)
         with pytest.raises(StorageUnavailableError):
-            await store.consume_token(kept, NOW)
+            await store.spend_token(kept, NOW)
         [_, second] = pool_warnings(warnings)
         assert_unavailable_warning(second, len(attempts))
         assert own_pg_cluster.password not in warnings.text
@@ -175,9 +175,9 @@ async def test_a_stopped_server_is_unavailable_and_the_same_store_heals_losing_n
         assert len(set(await _both(db, backend_pid))) == 2
         # Nothing issued or spent while it was down, nothing lost, nothing spent twice.
         assert await store.count_tokens() == 1
-        assert await store.consume_token(kept, NOW) == "@alice:test"
-        assert await store.consume_token(kept, NOW) is None
-        assert await store.consume_token(spent_before, NOW) is None
+        assert (await store.spend_token(kept, NOW)).user_id_if_spent() == "@alice:test"
+        assert (await store.spend_token(kept, NOW)).user_id_if_spent() is None
+        assert (await store.spend_token(spent_before, NOW)).user_id_if_spent() is None
         assert await sessions.create("@alice:test", "/login/get_token", NOW / 1000)
         # The pool keeps only the connections in use: the dead ones are gone.
         open_now = list(db._open)
@@ -243,7 +243,7 @@ async def test_after_a_restart_the_next_request_succeeds_and_a_stopped_server_is
         await threads.deferToThread(restart, own_pg_cluster)
         # The first statements after the restart, writes that commit as they run (which
         # are never run twice), succeed at once on each of the pool's threads.
-        assert await store.consume_token(kept, NOW) == "@alice:test"
+        assert (await store.spend_token(kept, NOW)).user_id_if_spent() == "@alice:test"
         fresh = _hash()
         await store.add_token(fresh, "@alice:test", NOW + 60_000)
         assert await store.count_tokens() == 1
@@ -256,10 +256,10 @@ async def test_after_a_restart_the_next_request_succeeds_and_a_stopped_server_is
         await threads.deferToThread(own_pg_cluster.stop, "fast")
         for _ in range(3):
             with pytest.raises(StorageUnavailableError):
-                await store.consume_token(fresh, NOW)
+                await store.spend_token(fresh, NOW)
         assert len(pool_warnings(warnings)) == 1
         await threads.deferToThread(own_pg_cluster.start)
-        assert await store.consume_token(fresh, NOW) == "@alice:test"
+        assert (await store.spend_token(fresh, NOW)).user_id_if_spent() == "@alice:test"
     finally:
         await backend.close()
 

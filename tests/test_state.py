@@ -186,17 +186,14 @@ async def test_a_refund_gives_back_exactly_one_action(backend: StateBackend) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_check_counts_nothing_and_record_always_counts(backend: StateBackend) -> None:
+async def test_record_always_counts(backend: StateBackend) -> None:
     limiter = backend.rate_limiter("failures", per_second=0.1, burst_count=2)
-    for _ in range(5):
-        assert await limiter.check("@alice:test", T0) is None
     await limiter.record("@alice:test", T0)
-    assert await limiter.check("@alice:test", T0) is None
-    await limiter.record("@alice:test", T0)
-    assert await limiter.check("@alice:test", T0) == 10_000
+    assert await limiter.acquire("@alice:test", T0) is None  # the second fits
     await limiter.record("@alice:test", T0)  # over the limit: counted all the same
-    assert await limiter.check("@alice:test", T0) == 20_000
-    assert await limiter.check("@alice:test", T0 + 20) is None
+    assert await limiter.acquire("@alice:test", T0) == 20_000  # two over: 20 s at 0.1/s
+    assert await limiter.acquire("@alice:test", T0 + 19.9) == 100
+    assert await limiter.acquire("@alice:test", T0 + 20) is None
 
 
 @pytest_twisted.ensureDeferred
@@ -209,10 +206,9 @@ async def test_the_sweep_forgets_drained_keys_only(backend: StateBackend) -> Non
     assert await limiter.sweep(T0 + 1) == 1
     assert await limiter.count() == 1
     # The busy key still holds what has not drained.
-    assert await limiter.check("@busy:test", T0 + 1) is None
-    for _ in range(3):
-        await limiter.record("@busy:test", T0 + 1)
-    assert await limiter.check("@busy:test", T0 + 1) is not None
+    for _ in range(2):
+        assert await limiter.acquire("@busy:test", T0 + 1) is None
+    assert await limiter.acquire("@busy:test", T0 + 1) is not None
     assert await limiter.sweep(T0 + 10) == 1
     assert await limiter.count() == 0
 

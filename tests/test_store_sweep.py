@@ -66,7 +66,7 @@ async def test_a_sweep_removes_every_expired_token_however_many(store: TokenStor
     assert await store.delete_expired(NOW) == MANY
     assert await store.count_tokens() == 3
     for token_hash in live:
-        assert await store.consume_token(token_hash, NOW) == "@old:test"
+        assert (await store.spend_token(token_hash, NOW)).user_id_if_spent() == "@old:test"
 
 
 @pytest_twisted.ensureDeferred
@@ -84,8 +84,8 @@ async def test_a_token_expiring_exactly_now_is_swept(store: TokenStore) -> None:
     later = await add_many(store, 2, 1, NOW + 1)
     assert await store.delete_expired(NOW) == 2
     assert await store.count_tokens() == 1
-    assert [await store.consume_token(h, NOW) for h in expiring] == [None, None]
-    assert await store.consume_token(later[0], NOW) == "@old:test"
+    assert [(await store.spend_token(h, NOW)).user_id_if_spent() for h in expiring] == [None, None]
+    assert (await store.spend_token(later[0], NOW)).user_id_if_spent() == "@old:test"
 
 
 @pytest_twisted.ensureDeferred
@@ -94,7 +94,7 @@ async def test_an_empty_store_sweeps_to_nothing(store: TokenStore) -> None:
     live = await add_many(store, 0, 2, NOW + 1)
     assert await store.delete_expired(NOW) == 0
     assert await store.count_tokens() == 2
-    assert await store.consume_token(live[1], NOW) == "@old:test"
+    assert (await store.spend_token(live[1], NOW)).user_id_if_spent() == "@old:test"
 
 
 @pytest_twisted.ensureDeferred
@@ -103,11 +103,11 @@ async def test_spent_tokens_do_not_stop_the_memory_sweep() -> None:
     store = MemoryTokenStore(REACTOR)
     hashes = await add_many(store, 0, SWEEP_SLICE + 5, NOW - 1)
     for token_hash in hashes[: SWEEP_SLICE + 2]:
-        assert await store.consume_token(token_hash, NOW - 2) == "@old:test"
+        assert (await store.spend_token(token_hash, NOW - 2)).user_id_if_spent() == "@old:test"
     live = await add_many(store, SWEEP_SLICE + 5, 1, NOW + 1)
     assert await store.delete_expired(NOW) == 3
     assert await store.count_tokens() == 1
-    assert await store.consume_token(live[0], NOW) == "@old:test"
+    assert (await store.spend_token(live[0], NOW)).user_id_if_spent() == "@old:test"
     await store.close()
 
 
@@ -168,7 +168,7 @@ async def test_a_history_sweep_of_an_empty_store_is_nothing(store: TokenStore) -
     await store.add_token(_hash(0), "@alice:test", NOW + 60_000)  # no issue time: no history
     assert await store.delete_history(NOW + 1) == 0
     assert await store.lineage("@alice:test") == []
-    assert await store.consume_token(_hash(0), NOW) == "@alice:test"
+    assert (await store.spend_token(_hash(0), NOW)).user_id_if_spent() == "@alice:test"
 
 
 SECONDS = NOW / 1000
@@ -199,4 +199,4 @@ async def test_a_sweep_removes_every_drained_rate_limit_past_one_batch(backend: 
     await limiter.record("late", SECONDS + 5)
     assert await limiter.sweep(SECONDS + 5) == SWEEP_BATCH + 1
     assert await limiter.count() == 1
-    assert await limiter.check("late", SECONDS + 5) == 1000
+    assert await limiter.acquire("late", SECONDS + 5) == 1000

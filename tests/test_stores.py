@@ -18,8 +18,8 @@ from login_token_module.audit import fingerprint_of_hash
 from login_token_module.config import StoreConfig
 from login_token_module.stores import LineageEntry, TokenInfo, TokenSpend, TokenStore, make_state
 from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
-from login_token_module.stores.sql import SWEEP_BATCH
-from login_token_module.stores.sqlite_store import SqliteTokenStore, _consume
+from login_token_module.stores.sql import SWEEP_BATCH, _spend
+from login_token_module.stores.sqlite_store import SqliteTokenStore
 from tests.helpers import REACTOR, start_in_process
 from tests.pgcluster import Database
 
@@ -52,18 +52,18 @@ async def test_a_token_is_spent_once(store: TokenStore) -> None:
     token_hash = _hash()
     await store.add_token(token_hash, "@alice:test", NOW + 1000)
     assert await store.count_tokens() == 1
-    assert await store.consume_token(token_hash, NOW) == "@alice:test"
-    assert await store.consume_token(token_hash, NOW) is None
+    assert (await store.spend_token(token_hash, NOW)).user_id_if_spent() == "@alice:test"
+    assert (await store.spend_token(token_hash, NOW)).user_id_if_spent() is None
     assert await store.count_tokens() == 0
 
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_and_expired_tokens_give_nothing(store: TokenStore) -> None:
-    assert await store.consume_token(_hash(), NOW) is None
+    assert (await store.spend_token(_hash(), NOW)).user_id_if_spent() is None
     token_hash = _hash()
     await store.add_token(token_hash, "@alice:test", NOW)
     # Expiry is exclusive: at expires_at_ms the token is already dead.
-    assert await store.consume_token(token_hash, NOW) is None
+    assert (await store.spend_token(token_hash, NOW)).user_id_if_spent() is None
 
 
 @pytest_twisted.ensureDeferred
@@ -71,8 +71,8 @@ async def test_tokens_are_kept_apart(store: TokenStore) -> None:
     first, second = _hash(), _hash()
     await store.add_token(first, "@alice:test", NOW + 1000)
     await store.add_token(second, "@bob:test", NOW + 1000)
-    assert await store.consume_token(second, NOW) == "@bob:test"
-    assert await store.consume_token(first, NOW) == "@alice:test"
+    assert (await store.spend_token(second, NOW)).user_id_if_spent() == "@bob:test"
+    assert (await store.spend_token(first, NOW)).user_id_if_spent() == "@alice:test"
 
 
 @pytest_twisted.ensureDeferred
@@ -85,12 +85,12 @@ async def test_sweep_removes_only_expired_tokens(store: TokenStore) -> None:
     for token_hash in live:
         await store.add_token(token_hash, "@new:test", NOW + 60_000)
     spent = dead[0]
-    assert await store.consume_token(spent, NOW - 10) == "@old:test"
+    assert (await store.spend_token(spent, NOW - 10)).user_id_if_spent() == "@old:test"
 
     assert await store.delete_expired(NOW) == len(dead) - 1
     assert await store.count_tokens() == len(live)
     for token_hash in live:
-        assert await store.consume_token(token_hash, NOW) == "@new:test"
+        assert (await store.spend_token(token_hash, NOW)).user_id_if_spent() == "@new:test"
     assert await store.delete_expired(NOW) == 0
 
 
@@ -101,7 +101,7 @@ async def test_outstanding_tokens_leave_out_spent_and_expired_ones(store: TokenS
     for token_hash, expires in ((early, NOW + 100), (spent, NOW + 200), (late, NOW + 300)):
         await store.add_token(token_hash, "@alice:test", expires, device_id="OLD", issued_at_ms=NOW)
     assert await store.count_outstanding(NOW) == 3
-    assert await store.consume_token(spent, NOW) == "@alice:test"
+    assert (await store.spend_token(spent, NOW)).user_id_if_spent() == "@alice:test"
     assert await store.count_outstanding(NOW) == 2
     assert await store.count_outstanding(NOW + 100) == 1  # early has expired (exclusive)
     assert await store.count_outstanding(NOW + 300) == 0
@@ -121,13 +121,13 @@ async def test_revoking_one_device_leaves_the_users_other_tokens(store: TokenSto
     assert sorted(info.token_hash for info in revoked) == sorted([phone, phone_again])
     assert [info.token_hash for info in await store.list_tokens(NOW, "@alice:test")] == [laptop]
     assert [info.token_hash for info in await store.list_tokens(NOW, "@bob:test")] == [bob]
-    assert await store.consume_token(phone, NOW) is None
+    assert (await store.spend_token(phone, NOW)).user_id_if_spent() is None
     assert await store.revoke_tokens("@bob:test", NOW, device_id="LAPTOP") == []
 
     revoked = await store.revoke_tokens("@bob:test", NOW)
     assert [info.token_hash for info in revoked] == [bob]
     assert await store.list_tokens(NOW, "@bob:test") == []
-    assert await store.consume_token(laptop, NOW) == "@alice:test"
+    assert (await store.spend_token(laptop, NOW)).user_id_if_spent() == "@alice:test"
     assert await store.list_tokens(NOW, "@alice:test") == []
     assert await store.count_outstanding(NOW) == 0
 
@@ -205,7 +205,7 @@ async def test_revoking_by_fingerprint_takes_only_live_matches_and_records_it(st
     assert await store.revoke_fingerprint(fingerprint_of_hash(target), NOW) == []
     assert await store.revoke_fingerprint(target.hex(), NOW) == []  # all 64 digits name it too
     assert [info.token_hash for info in await store.list_tokens(NOW)] == [other]
-    assert await store.consume_token(target, NOW) is None
+    assert (await store.spend_token(target, NOW)).user_id_if_spent() is None
     assert (await store.spend_token(target, NOW)).outcome == "revoked"
 
     history = {entry.token_hash: entry for entry in await store.lineage("@alice:test")}
@@ -290,7 +290,7 @@ async def test_sqlite_tokens_survive_reopening_and_are_stored_as_hashes(tmp_path
     assert stored == [(tokens.hash_token(token),)]
 
     second = SqliteTokenStore(REACTOR, str(path))
-    assert await second.consume_token(tokens.hash_token(token), NOW) == "@alice:test"
+    assert (await second.spend_token(tokens.hash_token(token), NOW)).user_id_if_spent() == "@alice:test"
     await second.close()
 
 
@@ -315,7 +315,7 @@ def test_sqlite_consume_is_atomic_across_connections(tmp_path: Path) -> None:
         conn = store.sqlite.connect()
         barrier.wait()
         for token_hash in hashes:
-            if _consume(conn, token_hash, NOW) is not None:
+            if _spend(conn, token_hash, NOW).outcome == "spent":
                 with lock:
                     winners.append(token_hash)
         conn.close()
@@ -379,7 +379,7 @@ def test_postgres_consume_is_atomic_across_connections(pg_database: Database, tm
         conn = postgres.connect(pg_database.dsn, {})
         barrier.wait()
         for token_hash in hashes:
-            if _consume(conn, token_hash, NOW) is not None:
+            if _spend(conn, token_hash, NOW).outcome == "spent":
                 with lock:
                     winners.append(token_hash)
         conn.close()
@@ -419,7 +419,7 @@ async def test_postgres_sweeps_from_two_workers_share_the_work(pg_database: Data
         )
         assert sum(removed) == dead, removed
         assert await second.tokens.count_tokens() == 1
-        assert await second.tokens.consume_token(live, NOW) == "@new:test"
+        assert (await second.tokens.spend_token(live, NOW)).user_id_if_spent() == "@new:test"
     finally:
         await first.close()
         await second.close()
@@ -458,7 +458,7 @@ async def test_a_token_file_from_before_versioning_is_migrated_in_place(tmp_path
     config = StoreConfig(type="sqlite", path=str(path), shared_state=True)
     backend = make_state(config, REACTOR, str(tmp_path))
     try:
-        assert await backend.tokens.consume_token(token_hash, NOW) == "@alice:test"
+        assert (await backend.tokens.spend_token(token_hash, NOW)).user_id_if_spent() == "@alice:test"
         session = await backend.uia_sessions(60).create("@alice:test", "/get_token", NOW / 1000)
         assert await backend.uia_sessions(60).get(session.session_id, NOW / 1000) is not None
     finally:

@@ -27,7 +27,7 @@ from login_token_module.synapse import (
     synapse_path,
 )
 from login_token_module.synapse.passwords import bcrypt_input, check_password, select_password_hash
-from login_token_module.synapse.tokens import invalidate_unused_tokens
+from login_token_module.synapse.tokens import device_signed_in, invalidate_unused_tokens
 
 PEPPER = "pepper"
 
@@ -174,6 +174,38 @@ def test_revoking_deletes_only_the_users_unused_live_tokens_with_a_given_hash() 
     # Nothing left to revoke: a second call finds nothing and deletes nothing.
     assert invalidate_unused_tokens(conn.cursor(), "@a:hs", frozenset(asked), now) == []
     assert {row[0] for row in conn.execute("SELECT token FROM login_tokens")} == left
+
+
+def test_a_device_is_signed_in_while_it_holds_an_access_token_of_its_user() -> None:
+    """Synapse's access_tokens table as its schema has it: a logout deletes the device's rows."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE access_tokens (id BIGINT PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT,"
+        " token TEXT NOT NULL UNIQUE, valid_until_ms BIGINT, puppets_user_id TEXT, last_validated BIGINT,"
+        " refresh_token_id BIGINT, used BOOLEAN)"
+    )
+    rows = [
+        (1, "@a:hs", "PHONE", "syt_phone_1"),
+        (2, "@a:hs", "PHONE", "syt_phone_2"),
+        (3, "@a:hs", None, "syt_no_device"),
+        (4, "@b:hs", "LAPTOP", "syt_laptop"),
+    ]
+    conn.executemany("INSERT INTO access_tokens (id, user_id, device_id, token) VALUES (?, ?, ?, ?)", rows)
+
+    assert device_signed_in(conn.cursor(), "@a:hs", "PHONE")
+    assert device_signed_in(conn.cursor(), "@b:hs", "LAPTOP")
+    # Another user's device, a device nobody has, an empty id: not signed in.
+    assert not device_signed_in(conn.cursor(), "@a:hs", "LAPTOP")
+    assert not device_signed_in(conn.cursor(), "@b:hs", "PHONE")
+    assert not device_signed_in(conn.cursor(), "@c:hs", "PHONE")
+    assert not device_signed_in(conn.cursor(), "@a:hs", "")
+    # Signed in while any of its tokens is left; out once the logout deleted the last.
+    conn.execute("DELETE FROM access_tokens WHERE token = 'syt_phone_1'")
+    assert device_signed_in(conn.cursor(), "@a:hs", "PHONE")
+    conn.execute("DELETE FROM access_tokens WHERE token = 'syt_phone_2'")
+    assert not device_signed_in(conn.cursor(), "@a:hs", "PHONE")
+    # The user's token without a device signs no device in.
+    assert not device_signed_in(conn.cursor(), "@a:hs", "None")
 
 
 def test_a_synapse_module_api_is_recognised_by_its_class(monkeypatch: pytest.MonkeyPatch) -> None:

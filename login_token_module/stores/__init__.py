@@ -7,7 +7,7 @@ config picks the backend for all three (see :func:`make_state`), so state that
 must be global across worker processes is never split between them.
 
 Stores see only token hashes, never tokens. The operations that must be atomic
-are: ``consume_token`` (however many requests or processes present the same
+are: ``spend_token`` (however many requests or processes present the same
 token at once, at most one gets the user back), ``UiaSessionStore.spend`` (a
 completed session mints at most once) and ``RateLimitStore.acquire`` (checking
 the limit and counting the action are one step, so racing requests cannot all
@@ -94,11 +94,8 @@ class TokenStore(Protocol):
         """Remember a freshly minted token until ``expires_at_ms``, with the device that
         minted it; with ``issued_at_ms``, its history too (kept for lineage)."""
 
-    async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
-        """Spend the token: its user if it was live, else ``None``. Never twice."""
-
     async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
-        """Spend the token as ``consume_token`` does, saying why when it cannot be spent."""
+        """Spend the token if it is live (never twice), else say why it cannot be spent."""
 
     async def record_new_device(self, token_hash: bytes, device_id: str) -> None:
         """Note in the token's history the device its login created."""
@@ -169,12 +166,9 @@ class RateLimitStore(Protocol):
         """Count one action for ``key`` if it fits: None. Else how many ms until it
         would fit, and nothing is counted. Check and count are one atomic step."""
 
-    async def check(self, key: str, now: float) -> int | None:
-        """Whether one more action would fit now (None), or how many ms until it would.
-        Counts nothing: for limits counted after the fact (``record``)."""
-
     async def record(self, key: str, now: float) -> None:
-        """Count one action whether or not it fits (a failure that already happened)."""
+        """Count one action whether or not it fits (one counted after the fact: the
+        host's login counted against the account it turned out to be)."""
 
     async def refund(self, key: str, now: float) -> None:
         """Take back one counted action (its request failed before doing anything)."""

@@ -110,9 +110,6 @@ class MemoryTokenStore:
             return []
         return [mine] if isinstance(mine, bytes) else list(mine)
 
-    async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
-        return (await self.spend_token(token_hash, now_ms)).user_id_if_spent()
-
     async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
         # No await before the pop: atomic on the reactor thread, a second caller finds nothing.
         entry = self._forget(token_hash)
@@ -326,9 +323,6 @@ class MemoryRateLimitStore:
         if retry_after is None:
             self.limiter.record(key, now)
         return retry_after
-
-    async def check(self, key: str, now: float) -> int | None:
-        return self.limiter.retry_after_ms(key, now)
 
     async def record(self, key: str, now: float) -> None:
         self.limiter.record(key, now)

@@ -309,10 +309,6 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _consume(conn: Conn, token_hash: bytes, now_ms: int) -> str | None:
-    return _spend(conn, token_hash, now_ms).user_id_if_spent()
-
-
 def _record_new_device(conn: Conn, token_hash: bytes, device_id: str) -> None:
     conn.execute(
         "UPDATE login_token_history SET new_device_id = ? WHERE token_hash = ?", (device_id, token_hash)
@@ -449,9 +445,6 @@ class SqlTokenStore:
         issued_at_ms: int | None = None,
     ) -> None:
         await self._db.run(_add, token_hash, user_id, expires_at_ms, device_id, issued_at_ms)
-
-    async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
-        return await self._db.run(_consume, token_hash, now_ms)
 
     async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
         return await self._db.run(_spend, token_hash, now_ms)
@@ -669,10 +662,6 @@ class SqlRateLimitStore:
             return None
         # Refused: at least 1 ms, even if the bucket drained in the meantime.
         return self._retry_after_ms(drained_at, now) or 1
-
-    async def check(self, key: str, now: float) -> int | None:
-        drained_at = await self._db.run(_drained_at, self._table, self.name, key)
-        return None if drained_at is None else self._retry_after_ms(drained_at, now)
 
     async def record(self, key: str, now: float) -> None:
         await self._db.run(_record, self._table, self.name, key, now, self._interval)

@@ -18,13 +18,12 @@ from login_token_module.stores.sql import (
     STATE_SCHEMA,
     SWEEP_BATCH,
     SqlTokenStore,
-    _consume,
     _delete_expired_batch,
 )
 
 SCHEMA = STATE_SCHEMA
 
-__all__ = ["SCHEMA", "SWEEP_BATCH", "SqliteTokenStore", "_consume", "_delete_expired_batch"]
+__all__ = ["SCHEMA", "SWEEP_BATCH", "SqliteTokenStore", "_delete_expired_batch"]
 
 
 class SqliteTokenStore(SqlTokenStore):

@@ -52,9 +52,6 @@ class TimedTokenStore:
             ),
         )
 
-    async def consume_token(self, token_hash: bytes, now_ms: int) -> str | None:
-        return await self.inner.consume_token(token_hash, now_ms)
-
     async def spend_token(self, token_hash: bytes, now_ms: int) -> TokenSpend:
         return await timed("spend_token", self.inner.spend_token(token_hash, now_ms))
 
@@ -126,9 +123,6 @@ class TimedRateLimitStore:
 
     async def acquire(self, key: str, now: float) -> int | None:
         return await timed(self._acquire, self.inner.acquire(key, now))
-
-    async def check(self, key: str, now: float) -> int | None:
-        return await self.inner.check(key, now)
 
     async def record(self, key: str, now: float) -> None:
         await self.inner.record(key, now)
