@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client import REGISTRY
 from twisted.internet import defer
 
 from login_token_module.config import ConfigError, parse_config
@@ -163,6 +164,49 @@ async def test_a_denied_pairing_says_so_once_and_cannot_be_approved(tmp_path: Pa
         assert (await poll(srv.client, started["pairing_id"])).json == {"status": "denied"}
         assert_not_found(await poll(srv.client, started["pairing_id"]))
         assert await srv.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_denial_is_counted_and_audited_with_who_denied_it(
+    tmp_path: Path, audit_log: AuditRecords
+) -> None:
+    """The deny record and the denied poll's record both name the user, the device and
+    the address that denied, and the same pairing; the denial is counted once."""
+
+    def denials() -> float:
+        return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": "denied"}) or 0.0
+
+    async with running(tmp_path, config()) as srv:
+        started = await start(srv.client)
+        login = await srv.client.password_login("alice", device_id="PHONE")
+        access = login.json["access_token"]
+        before = denials()
+        denied = await srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, access)
+        assert (denied.code, denied.body) == (200, {}), denied
+        assert denials() == before + 1
+        await sleep(0.02)
+        assert (await poll(srv.client, started["pairing_id"])).json == {"status": "denied"}
+    (deny,) = audit_log.of("pair_deny")
+    assert {key: deny[key] for key in ("outcome", "user_id", "minted_by_device", "client_address")} == {
+        "outcome": "denied",
+        "user_id": "@alice:test.local",
+        "minted_by_device": "PHONE",
+        "client_address": "127.0.0.1",
+    }, deny
+    assert deny["new_device_address"] == "127.0.0.1", deny
+    assert isinstance(deny["pairing"], str) and deny["pairing"], deny
+    (delivered,) = audit_log.of("pair_deliver")
+    assert {
+        key: delivered[key]
+        for key in ("outcome", "user_id", "minted_by_device", "approver_address", "client_address", "pairing")
+    } == {
+        "outcome": "denied",
+        "user_id": "@alice:test.local",
+        "minted_by_device": "PHONE",
+        "approver_address": "127.0.0.1",
+        "client_address": "127.0.0.1",
+        "pairing": deny["pairing"],
+    }, delivered
 
 
 @pytest_twisted.ensureDeferred
