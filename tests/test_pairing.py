@@ -176,14 +176,18 @@ async def test_a_denial_is_counted_and_audited_with_who_denied_it(
     def denials() -> float:
         return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": "denied"}) or 0.0
 
+    def timed_denials() -> float:
+        labels = {"operation": "pair_deny"}
+        return REGISTRY.get_sample_value("login_token_module_store_duration_seconds_count", labels) or 0.0
+
     async with running(tmp_path, config()) as srv:
         started = await start(srv.client)
         login = await srv.client.password_login("alice", device_id="PHONE")
         access = login.json["access_token"]
-        before = denials()
+        before, timed_before = denials(), timed_denials()
         denied = await srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, access)
         assert (denied.code, denied.body) == (200, {}), denied
-        assert denials() == before + 1
+        assert (denials(), timed_denials()) == (before + 1, timed_before + 1)
         await sleep(0.02)
         assert (await poll(srv.client, started["pairing_id"])).json == {"status": "denied"}
     (deny,) = audit_log.of("pair_deny")
