@@ -23,7 +23,7 @@ from twisted.internet import defer, threads
 
 from login_token_module.safe_text import escaped, logfmt_value, printable
 from login_token_module.stores import StateBackend, TokenSpend
-from tests.helpers import GET_TOKEN, LOGIN, InProcessServer, running, start_in_process
+from tests.helpers import GET_TOKEN, LOGIN, AuditRecords, InProcessServer, running, start_in_process
 
 HASH = b"\x01" * 32
 
@@ -59,6 +59,15 @@ async def test_only_a_spend_can_be_given_back(backend: StateBackend) -> None:
     spent = TokenSpend("spent", "@alice:test", "PHONE", 10_000, 1_000)
     assert await store.unspend_token(HASH, spent) is False
     spend = await store.spend_token(HASH, 2_000)
+    # Only a spend that says whose token it was and until when can be given back; a
+    # refusal that names them (a reuse does) is still a refusal.
+    for not_a_spend in (
+        TokenSpend("reused", "@alice:test", "PHONE", 10_000, 1_000),
+        TokenSpend("spent", None, "PHONE", 10_000, 1_000),
+        TokenSpend("spent", "@alice:test", "PHONE", None, 1_000),
+    ):
+        assert await store.unspend_token(HASH, not_a_spend) is False, not_a_spend
+    assert await store.count_tokens() == 0
     assert await store.unspend_token(HASH, spend) is True
     assert await store.unspend_token(HASH, spend) is False
     assert await store.count_tokens() == 1
@@ -90,6 +99,47 @@ async def test_a_login_whose_device_cannot_be_created_gives_its_token_back(
         assert (entry.outcome, entry.new_device_id) == ("spent", "NEWDEVICE")
     outcomes = [record.audit["outcome"] for record in audit_log.records]  # type: ignore[attr-defined]
     assert outcomes == ["issued", "given_back", "spent", "reused"], outcomes
+    assert_spend_record(audit_log, "given_back")  # type: ignore[arg-type]
+
+
+def assert_spend_record(audit_log: AuditRecords, outcome: str) -> None:
+    """The failed login's spend record names the token's user, the device that minted it,
+    the new device's address and the token's fingerprint, as the issue record does."""
+    [issued] = audit_log.of("issue")
+    spends = [record for record in audit_log.of("spend") if record["outcome"] == outcome]
+    assert len(spends) == 1, audit_log.of("spend")
+    fields = ("user_id", "minted_by_device", "token_fingerprint")
+    assert {key: spends[0][key] for key in fields} == {key: issued[key] for key in fields}, spends
+    assert spends[0]["user_id"] == "@alice:test.local"
+    assert spends[0]["minted_by_device"] and spends[0]["token_fingerprint"], spends
+    assert spends[0]["client_address"] == "127.0.0.1", spends
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_that_cannot_be_given_back_is_audited_as_lost(
+    tmp_path: Path, audit_log: AuditRecords
+) -> None:
+    """The device cannot be created and the token store silently refuses to put the token
+    back: a clean 500, the token stays spent, and the audit trail says it was lost."""
+    config = {"store": {"type": "sqlite", "path": "tokens.db", "shared_state": True}}
+    async with running(tmp_path, config) as srv:
+        token = await _login_token(srv)
+
+        def break_both() -> None:
+            _rename_devices(tmp_path / "homeserver.db", "devices", "devices_away")
+            with sqlite3.connect(tmp_path / "tokens.db") as conn:
+                conn.execute(
+                    "CREATE TRIGGER no_return BEFORE INSERT ON login_tokens BEGIN SELECT RAISE(IGNORE); END"
+                )
+
+        await threads.deferToThread(break_both)
+        failed = await srv.client.token_login(token)
+        assert (failed.code, failed.json["errcode"]) == (500, "M_UNKNOWN"), failed
+        await threads.deferToThread(_rename_devices, tmp_path / "homeserver.db", "devices_away", "devices")
+        assert (await srv.client.token_login(token)).code == 403
+    outcomes = [record.audit["outcome"] for record in audit_log.records]  # type: ignore[attr-defined]
+    assert outcomes == ["issued", "lost", "reused"], outcomes
+    assert_spend_record(audit_log, "lost")
 
 
 async def _login_token(srv: InProcessServer, user: str = "alice") -> str:
