@@ -13,6 +13,7 @@ bcrypt runs: the check itself, the module and its stores are untouched.
 from __future__ import annotations
 
 import html
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -858,5 +859,60 @@ async def test_where_the_host_mints_a_withdrawn_token_is_invalidated_at_the_host
         (revoked,) = audit_log.of("revoke")
         assert (revoked["user_id"], revoked["reason"]) == (USER, "logout")
         assert revoked["token_fingerprint"] == audit.fingerprint_of_hash(entry.token_hash)
+    finally:
+        await srv.stop()
+
+
+# -- the password checks' queue ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_form_past_the_password_queue_is_told_to_come_back_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One bcrypt thread and nobody may wait: a second form while a first is checked is
+    refused at once with 429, as the JSON endpoints refuse it, not a 500 and a traceback."""
+    srv = await start_in_process(
+        tmp_path,
+        {"store": {"type": "sqlite", "path": "tokens.db"}, **config()},
+        bcrypt_threads=1,
+        bcrypt_max_queued=0,
+    )
+    try:
+        for user in ("alice", "bob"):
+            await srv.register(user)
+        clock = Clock(float(int(srv.module._now())))
+        monkeypatch.setattr(srv.module, "_now", clock)
+        checks = count_password_checks(srv, monkeypatch)
+        alice, bob = Page(srv, clock), Page(srv, clock)
+        first, second = await started_pairing(alice, "One"), await started_pairing(bob, "Two")
+        # Alice's check holds the one place in the queue until bob's form has been answered.
+        queue, answered = srv.hs.hasher.queue, defer.Deferred[None]()
+        admit = queue.run
+
+        async def run_when_answered(job: Callable[[], Awaitable[Any]]) -> Any:
+            async def held() -> Any:
+                await answered
+                return await job()
+
+            return await admit(held)
+
+        monkeypatch.setattr(queue, "run", run_when_answered)
+        busy: list[Response] = []
+
+        async def bob_submits() -> None:
+            assert queue.in_flight == 1
+            busy.append(await bob.submit(second["user_code"], user="bob"))
+            answered.callback(None)
+
+        checks.during_next = bob_submits
+        approved = await alice.submit(first["user_code"])
+        assert_page(approved, 200, f"Approved. One signs in as {USER} in a moment.", "done")
+        assert_refused(busy[0], 429, "The server is busy; wait a moment, then try again.")
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+        # Refused before any work: bob's code still waits, and his next form approves it.
+        await still_pending(bob, second)
+        retried = await bob.submit(second["user_code"], user="bob")
+        assert_page(retried, 200, "Approved. Two signs in as @bob:test.local in a moment.", "done")
     finally:
         await srv.stop()
