@@ -448,6 +448,13 @@ def one_line(stderr: str) -> str:
 Launcher = Callable[..., ChildServer]
 
 
+def rename_table(db_path: Path, old: str, new: str) -> None:
+    """Rename a table of a SQLite file behind the server's back (a real failure of the
+    queries that need it; renamed back, everything works again). Blocking: run it in a thread."""
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+
 def recreate_token_table(db_path: Path) -> None:
     """Put back the SQLite token table a test dropped, as the current schema has it."""
     from login_token_module.stores.sqlite_store import SCHEMA

@@ -35,6 +35,7 @@ from tests.helpers import (
     HttpClient,
     InProcessServer,
     Response,
+    rename_table,
     running,
     start_in_process,
 )
@@ -200,11 +201,16 @@ async def srv(tmp_path: Path) -> AsyncIterator[InProcessServer]:
         yield server
 
 
-@pytest.fixture
-def clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
+def hold_clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The module's clock, held at the current whole second."""
     held = Clock(float(int(srv.module._now())))
     monkeypatch.setattr(srv.module, "_now", held)
     return held
+
+
+@pytest.fixture
+def clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    return hold_clock(srv, monkeypatch)
 
 
 @pytest.fixture
@@ -253,6 +259,17 @@ async def still_pending(page: Page, started: dict[str, Any]) -> None:
     page.clock.advance(1)  # past interval_ms: a poll is never refused for speed here
     answer = await poll(page.srv.client, started["pairing_id"])
     assert answer.json == {"status": "pending"}, answer
+
+
+async def denied_by_bob(srv: InProcessServer, code: str) -> Callable[[], Awaitable[None]]:
+    """Bob, signed in on another device, denying ``code`` (through ``pair/deny``)."""
+    bob = await srv.client.access_token("bob")
+
+    async def deny() -> None:
+        denied = await srv.client.post(DENY_PATH, {"user_code": code}, bob)
+        assert denied.code == 200, denied
+
+    return deny
 
 
 def events(audit_log: AuditRecords) -> list[tuple[str, str]]:
@@ -562,8 +579,7 @@ async def test_without_ui_auth_the_page_still_checks_the_password(
 ) -> None:
     """``require_ui_auth: false`` lets get_token skip the password; the page never does."""
     async with running(tmp_path, {**config(), "require_ui_auth": False}) as srv:
-        clock = Clock(float(int(srv.module._now())))
-        monkeypatch.setattr(srv.module, "_now", clock)
+        clock = hold_clock(srv, monkeypatch)
         checks = count_password_checks(srv, monkeypatch)
         page = Page(srv, clock)
         started = await started_pairing(page)
@@ -638,8 +654,7 @@ async def test_wrong_codes_count_against_the_user_from_any_address(
     try:
         for user in ("alice", "bob"):
             await srv.register(user)
-        clock = Clock(float(int(srv.module._now())))
-        monkeypatch.setattr(srv.module, "_now", clock)
+        clock = hold_clock(srv, monkeypatch)
         device = await srv.client.request(
             "POST", START_PATH, json_body={}, headers={"X-Forwarded-For": "10.0.0.1"}
         )
@@ -714,13 +729,7 @@ async def test_a_code_denied_elsewhere_while_the_password_is_checked_gets_no_tok
     page: Page, checks: PasswordChecks, audit_log: AuditRecords
 ) -> None:
     started = await started_pairing(page)
-    bob = await page.srv.client.access_token("bob")
-
-    async def bob_denies() -> None:
-        denied = await page.srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, bob)
-        assert denied.code == 200, denied
-
-    checks.during_next = bob_denies
+    checks.during_next = await denied_by_bob(page.srv, started["user_code"])
     page.clock.advance(3)
     answer = await page.submit(started["user_code"])
     # Minted under the password, then withdrawn: the pairing was no longer pending.
@@ -737,22 +746,10 @@ async def test_a_wrong_password_for_a_code_denied_meanwhile_says_the_code_is_gon
     page: Page, checks: PasswordChecks, audit_log: AuditRecords
 ) -> None:
     started = await started_pairing(page)
-    bob = await page.srv.client.access_token("bob")
-
-    async def bob_denies() -> None:
-        assert (await page.srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, bob)).code == 200
-
-    checks.during_next = bob_denies
+    checks.during_next = await denied_by_bob(page.srv, started["user_code"])
     # The form cannot come back for another try: its code no longer waits.
     assert_refused(await page.submit(started["user_code"], password="wrong"), 404, NO_SUCH_CODE)
     assert [event for event, _ in events(audit_log)] == ["pair_start", "pair_deny"]
-
-
-def _rename(db_path: Path, old: str, new: str) -> None:
-    import sqlite3
-
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
 
 
 @pytest_twisted.ensureDeferred
@@ -763,12 +760,12 @@ async def test_a_token_whose_pairing_cannot_be_stored_is_revoked(
     db = tmp_path / "tokens.db"
 
     async def pairings_lost() -> None:
-        await threads.deferToThread(_rename, db, "login_token_pairings", "pairings_away")
+        await threads.deferToThread(rename_table, db, "login_token_pairings", "pairings_away")
 
     checks.during_next = pairings_lost
     answer = await page.submit(started["user_code"])
     assert_refused(answer, 500, SERVER_FAILED)
-    await threads.deferToThread(_rename, db, "pairings_away", "login_token_pairings")
+    await threads.deferToThread(rename_table, db, "pairings_away", "login_token_pairings")
     await assert_revoked(page.srv, audit_log, None, page.clock.ms)
     # Nothing was decided: the pairing still waits, and approves with the next form.
     await still_pending(page, started)
@@ -819,12 +816,12 @@ async def test_a_token_is_revoked_when_its_device_cannot_be_looked_up(
     db = tmp_path / "homeserver.db"
 
     async def access_tokens_lost() -> None:
-        await threads.deferToThread(_rename, db, "access_tokens", "access_tokens_away")
+        await threads.deferToThread(rename_table, db, "access_tokens", "access_tokens_away")
 
     checks.during_next = access_tokens_lost
     auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
     answer = await page.srv.client.post(GET_TOKEN, {"auth": auth}, access)
-    await threads.deferToThread(_rename, db, "access_tokens_away", "access_tokens")
+    await threads.deferToThread(rename_table, db, "access_tokens_away", "access_tokens")
     assert answer.code == 500 and answer.json["errcode"] == "M_UNKNOWN", answer
     await assert_revoked(page.srv, audit_log, "PHONE", page.clock.ms)
     assert audit_log.of("issue") == []
@@ -839,17 +836,11 @@ async def test_where_the_host_mints_a_withdrawn_token_is_invalidated_at_the_host
     try:
         (api,) = made
         await srv.register("bob")
-        clock = Clock(float(int(srv.module._now())))
-        monkeypatch.setattr(srv.module, "_now", clock)
+        clock = hold_clock(srv, monkeypatch)
         checks = count_password_checks(srv, monkeypatch)
         page = Page(srv, clock)
         started = await started_pairing(page)
-        bob = await srv.client.access_token("bob")
-
-        async def bob_denies() -> None:
-            assert (await srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, bob)).code == 200
-
-        checks.during_next = bob_denies
+        checks.during_next = await denied_by_bob(srv, started["user_code"])
         assert_refused(await page.submit(started["user_code"]), 404, NO_SUCH_CODE)
         [entry] = await srv.module.minted.lineage(USER)
         # The host was asked to invalidate exactly that token of alice's, and did.
@@ -881,8 +872,7 @@ async def test_a_form_past_the_password_queue_is_told_to_come_back_not_failed(
     try:
         for user in ("alice", "bob"):
             await srv.register(user)
-        clock = Clock(float(int(srv.module._now())))
-        monkeypatch.setattr(srv.module, "_now", clock)
+        clock = hold_clock(srv, monkeypatch)
         checks = count_password_checks(srv, monkeypatch)
         alice, bob = Page(srv, clock), Page(srv, clock)
         first, second = await started_pairing(alice, "One"), await started_pairing(bob, "Two")
