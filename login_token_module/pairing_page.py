@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from login_token_module.errors import Codes, MatrixError, StorageUnavailableError
+from login_token_module.errors import Codes, MatrixError, ServerBusyError, StorageUnavailableError
 from login_token_module.http import client_address, is_clean, is_disconnected
 from login_token_module.pairing import PAGE_PATH, Pairings, shown
 from login_token_module.stores import Pairing
@@ -97,6 +97,10 @@ class PairPageResource(Resource):
             self._page(
                 request, 503, "enter", message="The server cannot reach its database; try again shortly."
             )
+        except ServerBusyError:
+            # The password checks' queue is full (a flood of them): refused at once, as
+            # the JSON endpoints refuse it, without a traceback per refused form.
+            self._page(request, 429, "enter", message="The server is busy; wait a moment, then try again.")
         except Exception:
             logger.exception("Failed to answer the pairing page")
             self._page(request, 500, "enter", message="Something went wrong on the server.")

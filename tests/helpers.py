@@ -21,11 +21,13 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
 import treq
 import yaml
+from treq.cookies import IndexableCookieJar
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -74,12 +76,17 @@ class Response:
 
 
 class HttpClient:
-    """A small treq client that returns (status, parsed JSON, headers)."""
+    """A small treq client that returns (status, parsed JSON, headers).
 
-    def __init__(self, base_url: str) -> None:
+    It keeps the cookies servers set, as a browser does, unless ``keep_cookies`` is
+    false (then only a ``Cookie`` header the caller sends goes out).
+    """
+
+    def __init__(self, base_url: str, *, keep_cookies: bool = True) -> None:
         self.base_url = base_url
         pool = HTTPConnectionPool(REACTOR, persistent=False)
-        self._http = treq.client.HTTPClient(Agent(REACTOR, pool=pool))
+        jar = None if keep_cookies else IndexableCookieJar(DefaultCookiePolicy(allowed_domains=[]))
+        self._http = treq.client.HTTPClient(Agent(REACTOR, pool=pool), cookiejar=jar)
 
     async def request(
         self,
@@ -439,6 +446,13 @@ def one_line(stderr: str) -> str:
 
 
 Launcher = Callable[..., ChildServer]
+
+
+def rename_table(db_path: Path, old: str, new: str) -> None:
+    """Rename a table of a SQLite file behind the server's back (a real failure of the
+    queries that need it; renamed back, everything works again). Blocking: run it in a thread."""
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
 
 
 def recreate_token_table(db_path: Path) -> None:

@@ -23,7 +23,15 @@ from twisted.internet import defer, threads
 
 from login_token_module.safe_text import escaped, logfmt_value, printable
 from login_token_module.stores import StateBackend, TokenSpend
-from tests.helpers import GET_TOKEN, LOGIN, AuditRecords, InProcessServer, running, start_in_process
+from tests.helpers import (
+    GET_TOKEN,
+    LOGIN,
+    AuditRecords,
+    InProcessServer,
+    rename_table,
+    running,
+    start_in_process,
+)
 
 HASH = b"\x01" * 32
 
@@ -73,11 +81,6 @@ async def test_only_a_spend_can_be_given_back(backend: StateBackend) -> None:
     assert await store.count_tokens() == 1
 
 
-def _rename_devices(db_path: Path, old: str, new: str) -> None:
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_login_whose_device_cannot_be_created_gives_its_token_back(
     tmp_path: Path, audit_log: object
@@ -85,11 +88,11 @@ async def test_a_login_whose_device_cannot_be_created_gives_its_token_back(
     async with running(tmp_path, {}) as srv:
         token = await _login_token(srv)
         # The host's database refuses to create the device (a real failure: its table is gone).
-        await threads.deferToThread(_rename_devices, tmp_path / "homeserver.db", "devices", "devices_away")
+        await threads.deferToThread(rename_table, tmp_path / "homeserver.db", "devices", "devices_away")
         failed = await srv.client.token_login(token)
         assert failed.code == 500, failed
         assert failed.json["errcode"] == "M_UNKNOWN"
-        await threads.deferToThread(_rename_devices, tmp_path / "homeserver.db", "devices_away", "devices")
+        await threads.deferToThread(rename_table, tmp_path / "homeserver.db", "devices_away", "devices")
         # The token was given back: it still signs one device in, and only one.
         signed_in = await srv.client.token_login(token, device_id="NEWDEVICE")
         assert signed_in.code == 200, signed_in
@@ -126,7 +129,7 @@ async def test_a_token_that_cannot_be_given_back_is_audited_as_lost(
         token = await _login_token(srv)
 
         def break_both() -> None:
-            _rename_devices(tmp_path / "homeserver.db", "devices", "devices_away")
+            rename_table(tmp_path / "homeserver.db", "devices", "devices_away")
             with sqlite3.connect(tmp_path / "tokens.db") as conn:
                 conn.execute(
                     "CREATE TRIGGER no_return BEFORE INSERT ON login_tokens BEGIN SELECT RAISE(IGNORE); END"
@@ -135,7 +138,7 @@ async def test_a_token_that_cannot_be_given_back_is_audited_as_lost(
         await threads.deferToThread(break_both)
         failed = await srv.client.token_login(token)
         assert (failed.code, failed.json["errcode"]) == (500, "M_UNKNOWN"), failed
-        await threads.deferToThread(_rename_devices, tmp_path / "homeserver.db", "devices_away", "devices")
+        await threads.deferToThread(rename_table, tmp_path / "homeserver.db", "devices_away", "devices")
         assert (await srv.client.token_login(token)).code == 403
     outcomes = [record.audit["outcome"] for record in audit_log.records]  # type: ignore[attr-defined]
     assert outcomes == ["issued", "lost", "reused"], outcomes
