@@ -46,12 +46,12 @@ async def test_a_spent_token_can_be_given_back_once(backend: StateBackend) -> No
     assert await store.unspend_token(HASH, spend) is True
     # Live again, as it was: listed, and spent by the next login.
     listed = await store.list_tokens(2_000, "@alice:test")
-    assert [(info.minted_by_device, info.issued_at_ms, info.expires_at_ms) for info in listed] == [
-        ("PHONE", 1_000, 10_000)
-    ]
+    assert [
+        (info.user_id, info.minted_by_device, info.issued_at_ms, info.expires_at_ms) for info in listed
+    ] == [("@alice:test", "PHONE", 1_000, 10_000)]
     [entry] = await store.lineage("@alice:test")
     assert (entry.outcome, entry.finished_at_ms, entry.new_device_id) == (None, None, None)
-    assert (await store.spend_token(HASH, 3_000)).outcome == "spent"
+    assert await store.spend_token(HASH, 3_000) == TokenSpend("spent", "@alice:test", "PHONE")
     [entry] = await store.lineage("@alice:test")
     assert (entry.outcome, entry.finished_at_ms) == ("spent", 3_000)
 
@@ -79,6 +79,28 @@ async def test_only_a_spend_can_be_given_back(backend: StateBackend) -> None:
     assert await store.unspend_token(HASH, spend) is True
     assert await store.unspend_token(HASH, spend) is False
     assert await store.count_tokens() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_given_back_after_a_sweep_passed_it_is_swept_when_it_expires(
+    backend: StateBackend,
+) -> None:
+    """A sweep between the spend and the give-back may already have passed the spent
+    token; given back, it is outstanding until its expiry and swept after it all the same."""
+    store = backend.tokens
+    await store.add_token(HASH, "@alice:test", 10_000, device_id="PHONE", issued_at_ms=1_000)
+    spend = await store.spend_token(HASH, 2_000)
+    assert await store.delete_expired(2_000) == 0
+    assert await store.unspend_token(HASH, spend) is True
+    assert await store.count_outstanding(2_000) == 1
+    assert await store.count_outstanding(10_000) == 0
+    assert await store.delete_expired(10_000) == 1
+    assert await store.count_tokens() == 0
+
+
+def _rename_devices(db_path: Path, old: str, new: str) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
 
 
 @pytest_twisted.ensureDeferred

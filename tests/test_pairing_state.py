@@ -15,8 +15,10 @@ import os
 import pytest_twisted
 from twisted.internet import defer
 
-from login_token_module.stores import Pairing, StateBackend
+from login_token_module.stores import Pairing, PairingStore, StateBackend
+from login_token_module.stores.memory import MemoryBackend
 from tests.conftest import BackendFactory
+from tests.helpers import REACTOR
 
 T0 = 1_700_000_000_000
 LIFETIME = 600_000
@@ -39,7 +41,13 @@ def new_pairing(
 async def approve(
     backend: StateBackend, code: str, now: int = T0 + 1, token_hash: bytes = b"t" * 32
 ) -> Pairing | None:
-    return await backend.pairings.approve(
+    return await approve_in(backend.pairings, code, now, token_hash)
+
+
+async def approve_in(
+    pairings: PairingStore, code: str, now: int = T0 + 1, token_hash: bytes = b"t" * 32
+) -> Pairing | None:
+    return await pairings.approve(
         code,
         now,
         user_id="@alice:test",
@@ -72,6 +80,8 @@ async def test_a_live_code_is_not_given_twice_but_an_expired_one_is(backend: Sta
     later = new_pairing(created=T0 + LIFETIME)
     assert await backend.pairings.start(later, T0 + LIFETIME, 10) == "started"
     assert await backend.pairings.find("BCDFGHJK", T0 + LIFETIME) == later
+    # The expired pairing gave its code up, and went: only the new one is held.
+    assert await backend.pairings.count() == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -88,6 +98,19 @@ async def test_pending_pairings_per_address_are_capped(backend: StateBackend) ->
     assert await backend.pairings.start(new_pairing("HHHHHHHH", created=T0 + LIFETIME), T0 + LIFETIME, 3) == (
         "started"
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivering_one_pairing_leaves_the_others_of_its_address_counted(backend: StateBackend) -> None:
+    """A delivered pairing frees its place under the cap, and only its own."""
+    first, second, third = new_pairing("BBBBBBBB"), new_pairing("CCCCCCCC"), new_pairing("DDDDDDDD")
+    for pairing in (first, second, third):
+        assert await backend.pairings.start(pairing, T0, 3) == "started"
+    assert await approve(backend, "BBBBBBBB") is not None
+    assert await backend.pairings.poll(first.pairing_hash, T0 + 2) is not None  # delivered: gone
+    assert await backend.pairings.start(new_pairing("FFFFFFFF"), T0 + 3, 3) == "started"
+    # Three pending again (second, third and the new one): the address is full.
+    assert await backend.pairings.start(new_pairing("GGGGGGGG"), T0 + 4, 3) == "address_full"
 
 
 @pytest_twisted.ensureDeferred
@@ -141,6 +164,26 @@ async def test_a_denied_pairing_says_so_once(backend: StateBackend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_denial_records_who_denied_it_from_which_device_and_address(backend: StateBackend) -> None:
+    """What the audit trail says of a denial: the denier, their device and address, as given."""
+    pairing = new_pairing()
+    await backend.pairings.start(pairing, T0, 10)
+    denied = await backend.pairings.deny(
+        "BCDFGHJK", T0 + 1, user_id="@alice:test", device_id="PHONE", approver_address="10.0.0.2"
+    )
+    assert denied is not None
+    assert (denied.user_id, denied.device_id, denied.approver_address) == ("@alice:test", "PHONE", "10.0.0.2")
+    polled = await backend.pairings.poll(pairing.pairing_hash, T0 + 2)
+    assert polled is not None
+    assert (polled.status, polled.user_id, polled.device_id, polled.approver_address) == (
+        "denied",
+        "@alice:test",
+        "PHONE",
+        "10.0.0.2",
+    )
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_and_expired_pairings_give_nothing(backend: StateBackend) -> None:
     pairing = new_pairing()
     await backend.pairings.start(pairing, T0, 10)
@@ -170,6 +213,30 @@ async def test_the_sweep_forgets_expired_pairings_only(backend: StateBackend) ->
     assert await backend.pairings.sweep(T0 + LIFETIME) == 1
     assert await backend.pairings.count() == 1
     assert await backend.pairings.find("CCCCCCCC", T0 + LIFETIME) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_memory_store_keeps_nothing_of_a_pairing_once_it_is_gone() -> None:
+    """Delivered, swept or pushed out by a new pairing with its code, a pairing leaves
+    no trace in the memory store's indexes (by code, by address): else they grow with
+    every pairing ever started, though each lookup still finds nothing."""
+    store = MemoryBackend(REACTOR).pairings
+    delivered = new_pairing("BBBBBBBB", address="10.0.0.1")
+    swept = new_pairing("CCCCCCCC", address="10.0.0.2")
+    for pairing in (delivered, swept, new_pairing("DDDDDDDD", address="10.0.0.3")):
+        assert await store.start(pairing, T0, 10) == "started"
+    assert await approve_in(store, "BBBBBBBB", T0 + 1) is not None
+    assert await store.poll(delivered.pairing_hash, T0 + 2) is not None
+    successor = new_pairing("DDDDDDDD", address="10.0.0.4", created=T0 + LIFETIME)
+    assert await store.start(successor, T0 + LIFETIME, 10) == "started"
+    assert await store.sweep(T0 + LIFETIME) == 1
+    denied = await store.deny(
+        "DDDDDDDD", T0 + LIFETIME, user_id="@alice:test", device_id=None, approver_address=None
+    )
+    assert denied is not None
+    assert await store.poll(successor.pairing_hash, T0 + LIFETIME + 1) is not None
+    assert await store.count() == 0
+    assert (store._pairings, store._by_code, store._by_address) == ({}, {}, {})
 
 
 @pytest_twisted.ensureDeferred

@@ -1,4 +1,5 @@
-"""Sweeping expired tokens at the unit, for every store: all of them, and only them.
+"""Sweeping expired tokens (and their history, UIA sessions, rate limits and pairings)
+at the unit, for every store: all of them, and only them.
 
 Expiry times are given explicitly, so nothing depends on the clock. The stores
 sweep in slices (memory) or batches (SQLite); these tests hold more expired
@@ -7,7 +8,9 @@ tokens than several slices or batches, so a sweep that stops early shows.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,8 @@ from twisted.internet import defer
 
 from login_token_module import tokens
 from login_token_module.config import StoreConfig
-from login_token_module.stores import StateBackend, TokenStore, make_state
-from login_token_module.stores.memory import SWEEP_SLICE, MemoryTokenStore
+from login_token_module.stores import Pairing, PairingStore, StateBackend, TokenStore, make_state
+from login_token_module.stores.memory import SWEEP_SLICE, MemoryBackend, MemoryTokenStore
 from login_token_module.stores.sqlite_store import SWEEP_BATCH, SqliteTokenStore
 from tests.helpers import REACTOR
 from tests.pgcluster import Database
@@ -200,3 +203,94 @@ async def test_a_sweep_removes_every_drained_rate_limit_past_one_batch(backend: 
     assert await limiter.sweep(SECONDS + 5) == SWEEP_BATCH + 1
     assert await limiter.count() == 1
     assert await limiter.acquire("late", SECONDS + 5) == 1000
+
+
+def _pairing(i: int, created_at_ms: int) -> Pairing:
+    """Pairing number ``i``: its own code and client address, live for a minute from ``created_at_ms``."""
+    return Pairing(
+        pairing_hash=hashlib.sha256(b"pairing %d" % i).digest(),
+        user_code=f"C{i:07d}",
+        seal_key=b"k" * 32,
+        display_name=None,
+        client_address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+        created_at_ms=created_at_ms,
+        expires_at_ms=created_at_ms + 60_000,
+    )
+
+
+async def start_pairings(pairings: PairingStore, first: int, count: int, created_at_ms: int) -> list[Pairing]:
+    made = [_pairing(i, created_at_ms) for i in range(first, first + count)]
+    outcomes = await defer.gatherResults(
+        [defer.ensureDeferred(pairings.start(pairing, created_at_ms, 1)) for pairing in made]
+    )
+    assert set(outcomes) == {"started"}
+    return made
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_removes_every_expired_pairing_past_one_slice(backend: StateBackend) -> None:
+    await start_pairings(backend.pairings, 0, SWEEP_SLICE + 3, NOW - 60_000)
+    live = await start_pairings(backend.pairings, SWEEP_SLICE + 3, 2, NOW)
+    assert await backend.pairings.sweep(NOW) == SWEEP_SLICE + 3
+    assert await backend.pairings.count() == 2
+    for pairing in live:
+        assert await backend.pairings.find(pairing.user_code, NOW) == pairing
+    assert await backend.pairings.sweep(NOW) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_code_given_again_mid_sweep_stays_with_its_new_pairing(backend: StateBackend) -> None:
+    """A sweep takes turns with other requests; one of them may start a pairing with the
+    code of an expired one the sweep has yet to reach. The sweep neither fails on it nor
+    takes the new pairing's code away."""
+    old = await start_pairings(backend.pairings, 0, SWEEP_SLICE + 1, NOW - 60_000)
+    successor = replace(_pairing(SWEEP_SLICE + 1, NOW), user_code=old[-1].user_code)
+    sweep = defer.ensureDeferred(backend.pairings.sweep(NOW))
+    # The memory store's sweep is at its first turn now, the last expired pairing not yet dropped.
+    assert await backend.pairings.start(successor, NOW, 1) == "started"
+    await sweep
+    assert await backend.pairings.find(successor.user_code, NOW) == successor
+    assert await backend.pairings.count() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_pairing_sweep_hands_the_reactor_back_between_slices() -> None:
+    """Between slices the sweep waits one reactor turn, no more: another request's call
+    made before the sweep runs in between, and the sweep ends within a few turns."""
+    pairings = MemoryBackend(REACTOR).pairings
+    await start_pairings(pairings, 0, 3 * SWEEP_SLICE, NOW - 60_000)
+    turns = 0
+
+    def turn() -> None:
+        """Runs once each reactor turn while the sweep goes on (up to 100 turns), counting them."""
+        nonlocal turns
+        turns += 1
+        if turns < 100 and not sweep.called:
+            REACTOR.callLater(0, turn)
+
+    REACTOR.callLater(0, turn)
+    sweep = defer.ensureDeferred(pairings.sweep(NOW))
+    assert not sweep.called, "a sweep of three slices finished without yielding"
+    turns_taken: list[int] = []
+
+    def ended(removed: int) -> int:
+        turns_taken.append(turns)
+        return removed
+
+    sweep.addCallback(ended)
+    assert await sweep == 3 * SWEEP_SLICE
+    # One turn per slice (the reactor may run the counter just before or after the sweep).
+    assert 2 <= turns_taken[0] <= 4, turns_taken
+    assert await pairings.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_pairing_sweep_of_less_than_a_slice_ends_at_once() -> None:
+    """A slice is SWEEP_SLICE pairings: a sweep of fewer never gives the reactor up."""
+    pairings = MemoryBackend(REACTOR).pairings
+    await start_pairings(pairings, 0, SWEEP_SLICE - 1, NOW - 60_000)
+    live = await start_pairings(pairings, SWEEP_SLICE - 1, 1, NOW)
+    sweep = defer.ensureDeferred(pairings.sweep(NOW))
+    assert sweep.called, "a sweep of less than one slice gave the reactor up"
+    assert await sweep == SWEEP_SLICE - 1
+    assert await pairings.find(live[0].user_code, NOW) == live[0]
