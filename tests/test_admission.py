@@ -32,6 +32,7 @@ from tests.helpers import (
     running,
     start_in_process,
 )
+from tests.test_host_minting import store_timings
 
 HASH = b"\x01" * 32
 
@@ -111,9 +112,11 @@ async def test_a_login_whose_device_cannot_be_created_gives_its_token_back(
         token = await _login_token(srv)
         # The host's database refuses to create the device (a real failure: its table is gone).
         await threads.deferToThread(rename_table, tmp_path / "homeserver.db", "devices", "devices_away")
+        given_back = store_timings("unspend_token")
         failed = await srv.client.token_login(token)
         assert failed.code == 500, failed
         assert failed.json["errcode"] == "M_UNKNOWN"
+        assert store_timings("unspend_token") == given_back + 1
         await threads.deferToThread(rename_table, tmp_path / "homeserver.db", "devices_away", "devices")
         # The token was given back: it still signs one device in, and only one.
         signed_in = await srv.client.token_login(token, device_id="NEWDEVICE")

@@ -19,6 +19,7 @@ from tests.helpers import (
     running,
     sleep,
 )
+from tests.test_host_minting import store_timings
 
 
 def assert_limited(response: Response) -> int:
@@ -149,8 +150,10 @@ async def test_a_failed_store_gives_back_one_action_not_more(tmp_path: Path) -> 
         assert (await srv.client.get_login_token(access)).code == 200
         with sqlite3.connect(tmp_path / "tokens.db") as conn:
             conn.execute("DROP TABLE login_tokens")
+        restored = store_timings("uia_restore")
         failed = await srv.client.get_login_token(access)
         assert failed.code == 500, failed
+        assert store_timings("uia_restore") == restored + 1  # the spent session given back, timed
         recreate_token_table(tmp_path / "tokens.db")
 
         for _ in range(2):
