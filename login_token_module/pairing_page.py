@@ -54,12 +54,18 @@ _templates = Environment(
 )
 
 
+def _count(number: int, unit: str) -> str:
+    """``1 second``, ``2 seconds``."""
+    return f"{number} {unit}" if number == 1 else f"{number} {unit}s"
+
+
 def _ago(milliseconds: int) -> str:
+    """How long ago a device asked, as the page says it: whole seconds under a minute,
+    then whole minutes (a clock that went back reads as just now)."""
     seconds = max(0, milliseconds // 1000)
     if seconds < 60:
-        return f"{seconds} seconds ago"
-    minutes = seconds // 60
-    return "1 minute ago" if minutes == 1 else f"{minutes} minutes ago"
+        return f"{_count(seconds, 'second')} ago"
+    return f"{_count(seconds // 60, 'minute')} ago"
 
 
 class PairPageResource(Resource):
@@ -210,7 +216,7 @@ class PairPageResource(Resource):
     def _error_page(self, request: Request, error: MatrixError) -> None:
         if error.errcode == Codes.LIMIT_EXCEEDED:
             wait = max(1, int(error.extra.get("retry_after_ms", 1000)) // 1000)
-            message = f"Too many attempts. Wait {wait} seconds, then try again."
+            message = f"Too many attempts. Wait {_count(wait, 'second')}, then try again."
         elif error.code == 404:
             message = "No device is waiting with this code. Check the code, or start again on the new device."
         else:

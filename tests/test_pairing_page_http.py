@@ -28,6 +28,7 @@ from twisted.internet import defer, threads
 
 from login_token_module import audit
 from login_token_module.pairing import APPROVE_PATH, DENY_PATH, PAGE_PATH, START_PATH
+from login_token_module.pairing_page import _ago
 from tests.helpers import (
     GET_TOKEN,
     PASSWORD,
@@ -634,7 +635,7 @@ async def test_wrong_codes_on_the_page_hit_the_limit_and_say_how_long_to_wait(
     assert_refused(await page.submit(code, user="@alice:elsewhere"), 429, limited)
     assert_page(await page.get(code), 429, limited)
     page.clock.advance(19.5)
-    assert_refused(await page.submit(code), 429, "Too many attempts. Wait 1 seconds, then try again.")
+    assert_refused(await page.submit(code), 429, "Too many attempts. Wait 1 second, then try again.")
     page.clock.advance(0.5)
     assert checks.count == 0
     await still_pending(page, started)
@@ -906,3 +907,23 @@ async def test_a_form_past_the_password_queue_is_told_to_come_back_not_failed(
         assert_page(retried, 200, "Approved. Two signs in as @bob:test.local in a moment.", "done")
     finally:
         await srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("milliseconds", "shown"),
+    [
+        (-5_000, "0 seconds ago"),  # a clock that went back
+        (999, "0 seconds ago"),
+        (1_000, "1 second ago"),
+        (1_999, "1 second ago"),
+        (2_000, "2 seconds ago"),
+        (59_999, "59 seconds ago"),
+        (60_000, "1 minute ago"),
+        (119_999, "1 minute ago"),
+        (120_000, "2 minutes ago"),
+        (3_599_000, "59 minutes ago"),
+        (7_260_000, "121 minutes ago"),
+    ],
+)
+def test_the_page_says_how_long_ago_a_device_asked_in_whole_units(milliseconds: int, shown: str) -> None:
+    assert _ago(milliseconds) == shown
