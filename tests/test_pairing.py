@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from prometheus_client import REGISTRY
 from twisted.internet import defer
 
+from login_token_module import pairing
 from login_token_module.config import ConfigError, parse_config
 from login_token_module.host.config import parse_homeserver_config
 from login_token_module.pairing import APPROVE_PATH, DENY_PATH, POLL_PATH, START_PATH
@@ -27,6 +29,7 @@ from tests.helpers import (
     homeserver_yaml,
     running,
     sleep,
+    start_in_process,
 )
 
 PAIRING = {"enabled": True, "lifetime_ms": 600_000, "interval_ms": 10}
@@ -211,6 +214,153 @@ async def test_a_denial_is_counted_and_audited_with_who_denied_it(
         "client_address": "127.0.0.1",
         "pairing": deny["pairing"],
     }, delivered
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
+    tmp_path: Path, audit_log: AuditRecords
+) -> None:
+    """As a denial: the approval is counted and timed once, its record names the user,
+    the device and the address that approved, and the delivery's record (read back from
+    the stored pairing) names the same, for the same pairing."""
+
+    def approvals() -> float:
+        return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": "approved"}) or 0.0
+
+    def timed_approvals() -> float:
+        labels = {"operation": "pair_approve"}
+        return REGISTRY.get_sample_value("login_token_module_store_duration_seconds_count", labels) or 0.0
+
+    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
+    srv = await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
+    )
+    try:
+        await srv.register("alice")
+        device = await srv.client.request(
+            "POST", START_PATH, json_body={}, headers={"X-Forwarded-For": "10.0.0.1"}
+        )
+        code = device.json["user_code"]
+        login = await srv.client.password_login("alice", device_id="PHONE")
+        access = login.json["access_token"]
+        phone = {"Authorization": f"Bearer {access}", "X-Forwarded-For": "10.0.0.2"}
+        challenge = await srv.client.request(
+            "POST", APPROVE_PATH, json_body={"user_code": code}, headers=phone
+        )
+        auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
+        before, timed_before = approvals(), timed_approvals()
+        approved = await srv.client.request(
+            "POST", APPROVE_PATH, json_body={"user_code": code, "auth": auth}, headers=phone
+        )
+        assert approved.code == 200, approved
+        assert (approvals(), timed_approvals()) == (before + 1, timed_before + 1)
+        await sleep(0.02)
+        delivered = await srv.client.request(
+            "POST",
+            POLL_PATH,
+            json_body={"pairing_id": device.json["pairing_id"]},
+            headers={"X-Forwarded-For": "10.0.0.1"},
+        )
+        assert delivered.json["status"] == "approved", delivered
+    finally:
+        await srv.stop()
+    (approval,) = audit_log.of("pair_approve")
+    assert {
+        key: approval[key]
+        for key in ("outcome", "user_id", "minted_by_device", "client_address", "new_device_address")
+    } == {
+        "outcome": "approved",
+        "user_id": "@alice:test.local",
+        "minted_by_device": "PHONE",
+        "client_address": "10.0.0.2",
+        "new_device_address": "10.0.0.1",
+    }, approval
+    (started,) = audit_log.of("pair_start")
+    assert isinstance(approval["pairing"], str) and approval["pairing"] == started["pairing"], approval
+    (delivery,) = audit_log.of("pair_deliver")
+    assert {
+        key: delivery[key]
+        for key in ("outcome", "user_id", "minted_by_device", "approver_address", "client_address", "pairing")
+    } == {
+        "outcome": "delivered",
+        "user_id": "@alice:test.local",
+        "minted_by_device": "PHONE",
+        "approver_address": "10.0.0.2",
+        "client_address": "10.0.0.1",
+        "pairing": approval["pairing"],
+    }, delivery
+    assert delivery["token_fingerprint"] == approval["token_fingerprint"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_codes_count_against_the_user_and_the_address_each_on_its_own(tmp_path: Path) -> None:
+    """deny's wrong codes are counted under the user (from any address) and under the
+    address (for any user), not under some shared key."""
+    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
+    srv = await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
+    )
+
+    async def deny(access: str, code: str, address: str) -> Response:
+        headers = {"Authorization": f"Bearer {access}", "X-Forwarded-For": address}
+        return await srv.client.request("POST", DENY_PATH, json_body={"user_code": code}, headers=headers)
+
+    async def look_up(access: str, code: str, address: str) -> Response:
+        headers = {"Authorization": f"Bearer {access}", "X-Forwarded-For": address}
+        return await srv.client.request("GET", f"{APPROVE_PATH}?user_code={code}", headers=headers)
+
+    try:
+        for user in ("alice", "bob", "carol"):
+            await srv.register(user)
+        started = await start(srv.client)
+        code = started["user_code"]
+        alice = await srv.client.access_token("alice")
+        bob = await srv.client.access_token("bob")
+        carol = await srv.client.access_token("carol")
+        # Alice: five wrong codes, each from another address ...
+        for n in range(1, 6):
+            assert_not_found(await deny(alice, "BBBB-BBBB", f"10.0.1.{n}"))
+        # ... waits from a sixth; bob, from a fresh address, does not.
+        assert (await look_up(alice, code, "10.0.1.6")).code == 429
+        assert (await look_up(bob, code, "10.0.2.1")).code == 200
+        # Bob: five wrong codes from one address: carol waits there, and only there.
+        for _ in range(5):
+            assert_not_found(await deny(bob, "CCCC-CCCC", "10.0.3.1"))
+        assert (await look_up(carol, code, "10.0.3.1")).code == 429
+        assert (await look_up(carol, code, "10.0.4.1")).code == 200
+    finally:
+        await srv.stop()
+
+
+# The sealed-token construction, pinned: a token sealed by one worker (or version)
+# must open on another. Fixed inputs: a pairing_id, a token and the ephemeral key
+# seal() draws (here a fixed one); the answers were made by the code as it is.
+KNOWN_PAIRING_ID = "known-answer-pairing-id-0123456789abcdefghij"
+KNOWN_TOKEN = "syt_known_answer_token"
+KNOWN_SEAL_KEY = bytes.fromhex("14b9dadf9ec9693cbcc9434a1784895e3f17306a8244659f3bae67d4a480843b")
+KNOWN_EPHEMERAL = bytes(range(32))
+KNOWN_SEALED = bytes.fromhex(
+    "8f40c5adb68f25624ae5b214ea767a6ec94d829d3d7b5e1ad1ba6f3e2138285f"  # the ephemeral public key
+    "08ea4563df315bfe14d841d0e91b61a699bdeef9af121cd74e44edc58ddfea13825ff05d43ab"  # token and tag
+)
+
+
+def test_the_sealed_token_construction_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pairing.seal_key(KNOWN_PAIRING_ID) == KNOWN_SEAL_KEY
+    assert pairing.unseal(KNOWN_PAIRING_ID, KNOWN_SEALED) == KNOWN_TOKEN
+    assert pairing.unseal(KNOWN_PAIRING_ID + "x", KNOWN_SEALED) is None
+
+    class FixedEphemeral:
+        """X25519 keys as pairing.py makes them, but the ephemeral one fixed."""
+
+        from_private_bytes = staticmethod(X25519PrivateKey.from_private_bytes)
+
+        @staticmethod
+        def generate() -> X25519PrivateKey:
+            return X25519PrivateKey.from_private_bytes(KNOWN_EPHEMERAL)
+
+    monkeypatch.setattr(pairing, "X25519PrivateKey", FixedEphemeral)
+    assert pairing.seal(KNOWN_SEAL_KEY, KNOWN_TOKEN) == KNOWN_SEALED
 
 
 @pytest_twisted.ensureDeferred
