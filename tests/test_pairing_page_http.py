@@ -13,22 +13,26 @@ bcrypt runs: the check itself, the module and its stores are untouched.
 from __future__ import annotations
 
 import html
+import http.client
+import io
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import pytest
 import pytest_twisted
 from markupsafe import escape
 from twisted.internet import defer, threads
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
 
 from login_token_module import audit
 from login_token_module.pairing import APPROVE_PATH, DENY_PATH, PAGE_PATH, START_PATH
-from login_token_module.pairing_page import _ago
+from login_token_module.pairing_page import MAX_FORM_BYTES, PairPageResource, _ago
 from tests.helpers import (
     GET_TOKEN,
     PASSWORD,
@@ -40,7 +44,12 @@ from tests.helpers import (
     running,
     start_in_process,
 )
-from tests.test_host_minting import MintingHostApi, host_api  # noqa: F401 (host_api: a fixture, used by name)
+from tests.test_host_minting import (  # noqa: F401 (host_api, lending_host_api: fixtures, used by name)
+    LendingHostApi,
+    MintingHostApi,
+    host_api,
+    lending_host_api,
+)
 from tests.test_host_minting import start as start_minting_host
 from tests.test_pairing import config, poll, start
 
@@ -927,3 +936,234 @@ async def test_a_form_past_the_password_queue_is_told_to_come_back_not_failed(
 )
 def test_the_page_says_how_long_ago_a_device_asked_in_whole_units(milliseconds: int, shown: str) -> None:
     assert _ago(milliseconds) == shown
+
+
+# -- GET and HEAD: the bare page, the form's fields, the answer's length -------------------------
+
+
+def raw_answer(
+    srv: InProcessServer, method: str, path: str, cookie: str = ""
+) -> Awaitable[tuple[int, dict[str, str], bytes]]:
+    """``method`` on ``path`` by Python's own HTTP/1.1 client (in a thread): the status,
+    every header as sent (treq's agent keeps Content-Length to itself) and the body."""
+
+    def ask() -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection(urlsplit(srv.client.base_url).netloc, timeout=10)
+        try:
+            connection.request(
+                method, path, headers={"Cookie": f"login_token_pair_csrf={cookie}"} if cookie else {}
+            )
+            answer = connection.getresponse()
+            return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+        finally:
+            connection.close()
+
+    return threads.deferToThread(ask)
+
+
+async def assert_sized(page: Page, path: str, cookie: str = "") -> bytes:
+    """GET and HEAD of ``path``: both say the GET body's length (no chunked encoding),
+    and HEAD sends the page's headers without the body."""
+    status, headers, body = await raw_answer(page.srv, "GET", path, cookie)
+    assert status == 200 and headers["content-length"] == str(len(body)), headers
+    assert "transfer-encoding" not in headers
+    status, head, nothing = await raw_answer(page.srv, "HEAD", path, cookie)
+    assert (status, nothing, head["content-length"]) == (200, b"", str(len(body))), head
+    assert "transfer-encoding" not in head
+    for name, value in PAGE_HEADERS.items():
+        assert head[name] == value, name
+    return body
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_bare_page_asks_for_a_code_and_sets_no_cookie(page: Page) -> None:
+    bare = await page.get()
+    body = assert_page(bare, 200, None)
+    assert step(bare) == "enter"
+    assert f'<form method="get" action="{PAGE_PATH}">' in body
+    assert "set-cookie" not in bare.headers
+    assert await assert_sized(page, PAGE_PATH) == bare.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_decide_form_posts_to_the_page_and_starts_with_no_user(page: Page) -> None:
+    started = await start(page.srv.client)
+    await page.open(started["user_code"])
+    shown = await page.get(started["user_code"])
+    body = assert_page(shown, 200, None)
+    assert step(shown) == "decide"
+    assert f'<form method="post" action="{PAGE_PATH}">' in body
+    assert 'placeholder="@you:test.local" value="" required>' in body
+    path = f"{PAGE_PATH}?code={quote(started['user_code'])}"
+    assert await assert_sized(page, path, page.cookie) == shown.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_repeated_or_undecodable_code_in_the_url_is_a_wrong_code(page: Page) -> None:
+    started = await start(page.srv.client)
+    code = quote(started["user_code"])
+    for query in (f"code={code}&code={code}", "code=%FF", f"code={code}%FF"):
+        answer = await page.client.request("GET", f"{PAGE_PATH}?{query}")
+        assert_refused(answer, 404, NO_SUCH_CODE)
+    # Each was counted as a wrong code (5, then one per 20 s): two more, and the page waits.
+    for _ in range(2):
+        assert_refused(await page.get("BBBB-BBBB"), 404, NO_SUCH_CODE)
+    limited = "Too many attempts. Wait 20 seconds, then try again."
+    assert_page(await page.get(started["user_code"]), 429, limited)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_form_is_read_no_further_than_one_byte_past_the_limit(
+    srv: InProcessServer,
+) -> None:
+    """Not visible over HTTP (Twisted has the whole body by then, in memory or a file):
+    of a large body, the page reads 8 KiB and one byte, enough to refuse it, no more."""
+    resource = PairPageResource(srv.module.pairings, "test.local", lambda: 0.0)
+    request = Request(DummyChannel())
+    request.method = b"POST"
+    request.content = io.BytesIO(b"pad=" + b"x" * (4 * MAX_FORM_BYTES))
+    assert resource._form(request) is None
+    assert request.content.tell() == MAX_FORM_BYTES + 1
+
+
+# -- POST: a form without some of its fields --------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_form_without_its_user_or_password_is_a_wrong_user_or_password(
+    page: Page, checks: PasswordChecks
+) -> None:
+    started = await started_pairing(page)
+    fields = page.fields(started["user_code"])
+    no_user = {name: value for name, value in fields.items() if name != "user"}
+    answer = await page.post(no_user)
+    body = assert_page(answer, 403, WRONG_USER_OR_PASSWORD)
+    assert step(answer) == "decide" and 'value="" required>' in body
+    assert checks.count == 0  # no user named: no password checked
+    no_password = {name: value for name, value in fields.items() if name != "password"}
+    assert_page(await page.post(no_password), 403, WRONG_USER_OR_PASSWORD)
+    assert checks.count == 1
+    # Nor is a missing password taken for any value: not even that of a user whose password it is.
+    await page.srv.register("carol", "XXXX")
+    assert_page(await page.post({**no_password, "user": "carol"}), 403, WRONG_USER_OR_PASSWORD)
+    await still_pending(page, started)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_form_without_its_token_is_refused_whatever_the_cookie(
+    page: Page, checks: PasswordChecks
+) -> None:
+    started = await started_pairing(page)
+    fields = page.fields(started["user_code"])
+    no_token = {name: value for name, value in fields.items() if name != "csrf_token"}
+    for cookie in ("XXXX", "None", "A" * 43):
+        assert_refused(await page.post(no_token, cookie), 403, FORGED)
+    assert checks.count == 0
+    await still_pending(page, started)
+
+
+# -- POST: who signs in, on a server whose name has a port -------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_user_id_is_read_on_a_server_whose_name_has_a_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = await start_in_process(
+        tmp_path,
+        {"store": {"type": "sqlite", "path": "tokens.db"}, **config()},
+        server_name="test.local:8448",
+    )
+    try:
+        await srv.register("alice")
+        page = Page(srv, hold_clock(srv, monkeypatch))
+        first, second = await started_pairing(page, "One"), await started_pairing(page, "Two")
+        user = "@alice:test.local:8448"
+        wrong = await page.submit(first["user_code"], user="@alice:test.local")
+        assert_page(wrong, 403, WRONG_USER_OR_PASSWORD)
+        approved = await page.submit(first["user_code"], user=user)
+        assert_page(approved, 200, f"Approved. One signs in as {user} in a moment.", "done")
+        denied = await page.submit(second["user_code"], "deny", user=f" {user} ")
+        assert_page(denied, 200, "Denied. The device was not signed in.", "done")
+    finally:
+        await srv.stop()
+
+
+# -- POST: a wrong password where UIA sessions are shared between workers ------------------------
+
+
+@pytest.mark.parametrize("require_ui_auth", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_password_on_the_page_with_shared_state_shows_the_form_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, require_ui_auth: bool
+) -> None:
+    """A wrong password opens a UIA session (as a wrong password in UIA does), kept in the
+    database when workers share state: the page's, named as such, never a failure."""
+    store = {"type": "sqlite", "path": "tokens.db", "shared_state": True}
+    async with running(tmp_path, {"store": store, **config(), "require_ui_auth": require_ui_auth}) as srv:
+        page = Page(srv, hold_clock(srv, monkeypatch))
+        started = await started_pairing(page)
+        for action in ("approve", "deny"):
+            wrong = await page.submit(started["user_code"], action, password="wrong")
+            assert_page(wrong, 403, WRONG_USER_OR_PASSWORD)
+            assert step(wrong) == "decide"
+        await still_pending(page, started)
+        assert_page(
+            await page.submit(started["user_code"]),
+            200,
+            f"Approved. Living-room TV signs in as {USER} in a moment.",
+            "done",
+        )
+
+
+# -- wrong codes met after a wrong password count against the address ---------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_code_denied_while_a_wrong_password_is_checked_counts_against_the_address(
+    page: Page, checks: PasswordChecks
+) -> None:
+    """The form comes back after a wrong password only if its code still waits; looking
+    again and finding it gone is a wrong code of the browser's address, as any other."""
+    for user in ("alice", "alice", "alice", "bob", "bob"):  # three failed passwords each at most
+        started = await started_pairing(page)
+        checks.during_next = await denied_by_bob(page.srv, started["user_code"])
+        assert_refused(
+            await page.submit(started["user_code"], user=user, password="wrong"), 404, NO_SUCH_CODE
+        )
+    waiting = await start(page.srv.client)
+    limited = await page.get(waiting["user_code"])
+    assert_page(limited, 429, "Too many attempts. Wait 20 seconds, then try again.")
+
+
+# -- a token whose pairing cannot be stored is invalidated where the host mints ---------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_where_the_host_mints_a_token_whose_pairing_cannot_be_stored_is_invalidated_at_the_host(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that mints the tokens and lends the module its database (as Synapse does):
+    the pairing's table goes missing while the password is checked."""
+    made: list[LendingHostApi] = request.getfixturevalue("lending_host_api")
+    srv = await start_minting_host(tmp_path, **config())
+    try:
+        (api,) = made
+        page = Page(srv, hold_clock(srv, monkeypatch))
+        checks = count_password_checks(srv, monkeypatch)
+        started = await started_pairing(page)
+        db = tmp_path / "lent.db"
+
+        async def pairings_lost() -> None:
+            await threads.deferToThread(rename_table, db, "login_token_pairings", "pairings_away")
+
+        checks.during_next = pairings_lost
+        assert_refused(await page.submit(started["user_code"]), 500, SERVER_FAILED)
+        await threads.deferToThread(rename_table, db, "pairings_away", "login_token_pairings")
+        [entry] = await srv.module.minted.lineage(USER)
+        # The host was asked to invalidate exactly that token of alice's, and did.
+        assert api.invalidations == [(USER, frozenset({entry.token_hash}))]
+        assert api.tokens == {}
+        assert (entry.outcome, entry.finished_at_ms) == ("revoked", page.clock.ms)
+    finally:
+        await srv.stop()
