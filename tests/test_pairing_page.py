@@ -92,13 +92,25 @@ def poll(server: ChildServer, pairing_id: str) -> tuple[int, dict[str, Any]]:
 
 def submit(driver: Any, button: Any) -> None:
     """Press ``button`` and wait until the next page has replaced this one."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     page = driver.find_element(By.TAG_NAME, "html")
     button.click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(page))
+
+    def left(_: Any) -> bool:
+        # Selenium's staleness_of waits for StaleElementReferenceException only; in the
+        # middle of the navigation Chromium may instead report the old page's node as
+        # "not belonging to the document" (a plain WebDriverException). Either: it is gone.
+        try:
+            page.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 20).until(left)
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def sign_in_and_press(driver: Any, button: str, password: str = PASSWORD) -> None:
