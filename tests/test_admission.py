@@ -21,6 +21,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
 
+from login_token_module.admission import BoundedQueue
+from login_token_module.errors import ServerBusyError
 from login_token_module.safe_text import escaped, logfmt_value, printable
 from login_token_module.stores import StateBackend, TokenSpend
 from tests.helpers import (
@@ -344,3 +346,27 @@ async def test_when_the_give_back_fails_too_the_answer_is_500_and_one_warning_sa
     assert warnings == [
         "Could not give back a failed get_token's allowance or session: refunds are refused here"
     ], warnings
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bounded_queue_admits_exactly_its_limit_at_once_and_frees_each_place() -> None:
+    """Three places: three jobs run at once, the fourth is refused at once (and waits for
+    nothing), a finished job frees exactly one place, and an empty queue counts zero."""
+    queue = BoundedQueue(3)
+    held: list[defer.Deferred[str]] = [defer.Deferred() for _ in range(4)]
+    running = [defer.ensureDeferred(queue.run(lambda d=d: d)) for d in held[:3]]  # type: ignore[misc]
+    assert queue.in_flight == 3
+    with pytest.raises(ServerBusyError) as refused:
+        await queue.run(lambda: defer.succeed("admitted past the limit"))
+    assert refused.value.retry_after_ms == 1000
+    held[0].callback("first")
+    assert await running[0] == "first"
+    assert queue.in_flight == 2
+    running.append(defer.ensureDeferred(queue.run(lambda: held[3])))
+    assert queue.in_flight == 3
+    with pytest.raises(ServerBusyError):
+        await queue.run(lambda: defer.succeed("no place"))
+    for index, deferred in enumerate(held[1:], start=1):
+        deferred.callback(str(index))
+    assert [await job for job in running[1:]] == ["1", "2", "3"]
+    assert queue.in_flight == 0
