@@ -703,8 +703,13 @@ def split_response(received: bytes) -> tuple[bytes, dict[str, str], bytes]:
     return status, headers, body
 
 
-def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, str]]:
-    return [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("login_token")]
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, str]]:
+    """The module's log records at WARNING or above, as (logger, level, message)."""
+    return [
+        (r.name, r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name.startswith("login_token") and r.levelno >= logging.WARNING
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -724,7 +729,7 @@ async def test_an_answer_that_cannot_be_encoded_becomes_a_fixed_500_and_a_closed
     assert headers["content-length"] == str(len(INTERNAL_ERROR))
     assert headers["connection"] == "close"
     assert closed, "the connection was left open after the 500"
-    errors = [entry for entry in _logged(caplog) if entry[1] >= logging.WARNING]
+    errors = _warnings(caplog)
     assert errors == [
         ("login_token_module.http", logging.ERROR, "Could not encode a 200 answer; answering 500 instead")
     ]
@@ -749,7 +754,7 @@ async def test_a_failure_after_the_response_has_begun_ends_it_and_closes_the_con
     assert "connection" not in headers
     assert body == b"7\r\npartial\r\n0\r\n\r\n"  # the partial chunk, then the last (empty) one
     assert closed, "the connection was left open after the failure"
-    errors = [entry for entry in _logged(caplog) if entry[1] >= logging.WARNING]
+    errors = _warnings(caplog)
     assert errors == [
         ("login_token_module.http", logging.ERROR, "Could not encode a 200 answer; answering 500 instead")
     ]
@@ -763,7 +768,7 @@ async def test_a_500_that_cannot_be_written_is_logged_and_the_connection_closed(
     async with faulty(tmp_path) as (srv, _):
         received, closed = await raw_get(srv, "/_test/fault/unwritable")
     assert (received, closed) == (b"", True)
-    errors = [entry for entry in _logged(caplog) if entry[1] >= logging.WARNING]
+    errors = _warnings(caplog)
     assert errors == [
         ("login_token_module.http", logging.ERROR, "Could not encode a 200 answer; answering 500 instead"),
         ("login_token_module.http", logging.ERROR, "Could not write a 500 answer"),

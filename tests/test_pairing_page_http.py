@@ -1029,18 +1029,23 @@ async def test_an_oversized_form_is_read_no_further_than_one_byte_past_the_limit
 # -- POST: a form without some of its fields --------------------------------------------------
 
 
+def without(fields: dict[str, str], left_out: str) -> dict[str, str]:
+    """``fields`` with one of them left out, as a client that never sent it."""
+    return {name: value for name, value in fields.items() if name != left_out}
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_form_without_its_user_or_password_is_a_wrong_user_or_password(
     page: Page, checks: PasswordChecks
 ) -> None:
     started = await started_pairing(page)
     fields = page.fields(started["user_code"])
-    no_user = {name: value for name, value in fields.items() if name != "user"}
+    no_user = without(fields, "user")
     answer = await page.post(no_user)
     body = assert_page(answer, 403, WRONG_USER_OR_PASSWORD)
     assert step(answer) == "decide" and 'value="" required>' in body
     assert checks.count == 0  # no user named: no password checked
-    no_password = {name: value for name, value in fields.items() if name != "password"}
+    no_password = without(fields, "password")
     assert_page(await page.post(no_password), 403, WRONG_USER_OR_PASSWORD)
     assert checks.count == 1
     # Nor is a missing password taken for any value: not even that of a user whose password it is.
@@ -1055,7 +1060,7 @@ async def test_a_form_without_its_token_is_refused_whatever_the_cookie(
 ) -> None:
     started = await started_pairing(page)
     fields = page.fields(started["user_code"])
-    no_token = {name: value for name, value in fields.items() if name != "csrf_token"}
+    no_token = without(fields, "csrf_token")
     for cookie in ("XXXX", "None", "A" * 43):
         assert_refused(await page.post(no_token, cookie), 403, FORGED)
     assert checks.count == 0
