@@ -31,6 +31,7 @@ from tests.helpers import (
     sleep,
     start_in_process,
 )
+from tests.test_host_minting import store_timings
 
 PAIRING = {"enabled": True, "lifetime_ms": 600_000, "interval_ms": 10}
 CODE_RE = re.compile(r"^[BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4}$")
@@ -57,6 +58,11 @@ async def approve(client: HttpClient, access: str, code: str, password: str = PA
         return challenge
     auth = {"type": "m.login.password", "password": password, "session": challenge.json["session"]}
     return await client.post(APPROVE_PATH, {"user_code": code, "auth": auth}, access)
+
+
+def pairings_counted(event: str) -> float:
+    """How many pairings the module has counted as ``event`` (approved, denied, delivered)."""
+    return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": event}) or 0.0
 
 
 def assert_not_found(response: Response) -> None:
@@ -176,21 +182,14 @@ async def test_a_denial_is_counted_and_audited_with_who_denied_it(
     """The deny record and the denied poll's record both name the user, the device and
     the address that denied, and the same pairing; the denial is counted once."""
 
-    def denials() -> float:
-        return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": "denied"}) or 0.0
-
-    def timed_denials() -> float:
-        labels = {"operation": "pair_deny"}
-        return REGISTRY.get_sample_value("login_token_module_store_duration_seconds_count", labels) or 0.0
-
     async with running(tmp_path, config()) as srv:
         started = await start(srv.client)
         login = await srv.client.password_login("alice", device_id="PHONE")
         access = login.json["access_token"]
-        before, timed_before = denials(), timed_denials()
+        before, timed_before = pairings_counted("denied"), store_timings("pair_deny")
         denied = await srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, access)
         assert (denied.code, denied.body) == (200, {}), denied
-        assert (denials(), timed_denials()) == (before + 1, timed_before + 1)
+        assert (pairings_counted("denied"), store_timings("pair_deny")) == (before + 1, timed_before + 1)
         await sleep(0.02)
         assert (await poll(srv.client, started["pairing_id"])).json == {"status": "denied"}
     (deny,) = audit_log.of("pair_deny")
@@ -224,13 +223,6 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
     the device and the address that approved, and the delivery's record (read back from
     the stored pairing) names the same, for the same pairing."""
 
-    def approvals() -> float:
-        return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": "approved"}) or 0.0
-
-    def timed_approvals() -> float:
-        labels = {"operation": "pair_approve"}
-        return REGISTRY.get_sample_value("login_token_module_store_duration_seconds_count", labels) or 0.0
-
     listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
     srv = await start_in_process(
         tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
@@ -248,12 +240,12 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
             "POST", APPROVE_PATH, json_body={"user_code": code}, headers=phone
         )
         auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
-        before, timed_before = approvals(), timed_approvals()
+        before, timed_before = pairings_counted("approved"), store_timings("pair_approve")
         approved = await srv.client.request(
             "POST", APPROVE_PATH, json_body={"user_code": code, "auth": auth}, headers=phone
         )
         assert approved.code == 200, approved
-        assert (approvals(), timed_approvals()) == (before + 1, timed_before + 1)
+        assert (pairings_counted("approved"), store_timings("pair_approve")) == (before + 1, timed_before + 1)
         await sleep(0.02)
         delivered = await srv.client.request(
             "POST",
