@@ -212,6 +212,7 @@ async def start_in_process(
 
 
 LISTENING_RE = re.compile(r"Listening on http://[^:]+:(\d+)")
+METRICS_RE = re.compile(r"Serving metrics on http://127\.0\.0\.1:(\d+)")
 
 
 @dataclass
@@ -230,6 +231,15 @@ class ChildServer:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def metrics_port(self, timeout: float = 30) -> int:
+        """The port its metrics listener logged. That line comes just after the client
+        listener's, which is all start_child waits for, so it may not be written yet."""
+        deadline = time.monotonic() + timeout
+        while not (match := METRICS_RE.search(self.log())):
+            assert time.monotonic() < deadline and self.process.poll() is None, self.log()
+            time.sleep(0.05)
+        return int(match.group(1))
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.process.poll() is None:

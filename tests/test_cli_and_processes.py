@@ -6,7 +6,6 @@ These are plain synchronous tests (no reactor): HTTP goes through urllib.
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import subprocess
@@ -379,9 +378,7 @@ def test_config_written_as_yaml_is_what_serve_reads(tmp_path: Path, launch: Laun
     login_token = mint_login_token(server.base_url, access_token(server.base_url))
     assert token_login(server.base_url, login_token)[0] == 200
     # Its metrics listener, and the audit records in its log.
-    match = re.search(r"Serving metrics on http://127.0.0.1:(\d+)", server.log())
-    assert match, server.log()
-    code, scraped = sync_call_text(f"http://127.0.0.1:{match.group(1)}", "/_synapse/metrics")
+    code, scraped = sync_call_text(f"http://127.0.0.1:{server.metrics_port()}", "/_synapse/metrics")
     assert code == 200 and "login_token_module_tokens_spent_total 1.0" in scraped
     assert "login token event=spend outcome=spent" in server.log()
     assert (tmp_path / "homeserver.db").is_file()

@@ -52,12 +52,7 @@ def metrics_server(tmp_path: Path, launch: Launcher) -> Iterator[tuple[ChildServ
     config = homeserver_yaml(tmp_path)
     config["listeners"].append({"type": "metrics", "port": 0, "bind_addresses": ["127.0.0.1"]})
     server = launch(write_config(tmp_path, config))
-    deadline = time.monotonic() + 10
-    # The client listener is logged (and start_child returns) first.
-    while not (match := re.search(r"Serving metrics on http://127.0.0.1:(\d+)", server.log())):
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
-    yield server, int(match.group(1))
+    yield server, server.metrics_port()
 
 
 def read_to_end(sock: socket.socket, timeout: float = 5) -> bytes:
