@@ -31,6 +31,7 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from login_token_module import audit
+from login_token_module.errors import MatrixError
 from login_token_module.pairing import APPROVE_PATH, DENY_PATH, PAGE_PATH, START_PATH
 from login_token_module.pairing_page import MAX_FORM_BYTES, PairPageResource, _ago
 from tests.helpers import (
@@ -44,6 +45,7 @@ from tests.helpers import (
     running,
     start_in_process,
 )
+from tests.pgcluster import PostgresCluster
 from tests.test_host_minting import (  # noqa: F401 (host_api, lending_host_api: fixtures, used by name)
     LendingHostApi,
     MintingHostApi,
@@ -764,7 +766,11 @@ async def test_a_wrong_password_for_a_code_denied_meanwhile_says_the_code_is_gon
 
 @pytest_twisted.ensureDeferred
 async def test_a_token_whose_pairing_cannot_be_stored_is_revoked(
-    tmp_path: Path, page: Page, checks: PasswordChecks, audit_log: AuditRecords
+    tmp_path: Path,
+    page: Page,
+    checks: PasswordChecks,
+    audit_log: AuditRecords,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     started = await started_pairing(page)
     db = tmp_path / "tokens.db"
@@ -773,8 +779,16 @@ async def test_a_token_whose_pairing_cannot_be_stored_is_revoked(
         await threads.deferToThread(rename_table, db, "login_token_pairings", "pairings_away")
 
     checks.during_next = pairings_lost
-    answer = await page.submit(started["user_code"])
+    with caplog.at_level(logging.ERROR, logger="login_token_module.module"):
+        answer = await page.submit(started["user_code"])
     assert_refused(answer, 500, SERVER_FAILED)
+    # The operator is told, once, with the failure's traceback; the browser is not.
+    failed = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert [(record.levelno, record.getMessage()) for record in failed] == [
+        (logging.ERROR, "Failed to answer the pairing page")
+    ]
+    assert failed[0].exc_info is not None and "pairings" in str(failed[0].exc_info[1])
+    assert "Traceback" not in text(answer)
     await threads.deferToThread(rename_table, db, "pairings_away", "login_token_pairings")
     await assert_revoked(page.srv, audit_log, None, page.clock.ms)
     # Nothing was decided: the pairing still waits, and approves with the next form.
@@ -1172,3 +1186,41 @@ async def test_where_the_host_mints_a_token_whose_pairing_cannot_be_stored_is_in
         assert (entry.outcome, entry.finished_at_ms) == ("revoked", page.clock.ms)
     finally:
         await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_whose_database_is_away_says_so_and_works_when_it_is_back(
+    tmp_path: Path, own_pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's server stopped: the page is a 503 saying so (not a 500 and a traceback),
+    on the way in (GET with a code) and on a posted form; started again, it serves."""
+    database = own_pg_cluster.create_database()
+    async with running(tmp_path, {"store": {"type": "postgres", "dsn": database.dsn}, **config()}) as srv:
+        page = Page(srv, hold_clock(srv, monkeypatch))
+        started = await started_pairing(page)
+        await threads.deferToThread(own_pg_cluster.stop, "fast")
+        away = "The server cannot reach its database; try again shortly."
+        assert_refused(await page.get(started["user_code"]), 503, away)
+        assert_refused(await page.submit(started["user_code"]), 503, away)
+        await threads.deferToThread(own_pg_cluster.start)
+        assert step(await page.open(started["user_code"])) == "decide"
+        approved = await page.submit(started["user_code"])
+        assert_page(approved, 200, f"Approved. Living-room TV signs in as {USER} in a moment.", "done")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_the_page_has_no_words_for_is_said_generically_with_its_status(
+    page: Page, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host may refuse a password check outright (Synapse does, for a deactivated
+    account): the page passes the status on, says only to start again, and decides nothing."""
+    started = await started_pairing(page)
+
+    async def refuse(password: str, password_hash: str | None) -> bool:
+        raise MatrixError(403, "M_USER_DEACTIVATED", "This account has been deactivated")
+
+    monkeypatch.setattr(page.srv.hs.hasher, "check", refuse)
+    answer = await page.submit(started["user_code"])
+    assert_refused(answer, 403, "This could not be done; start again.")
+    assert "deactivated" not in text(answer)
+    await still_pending(page, started)
