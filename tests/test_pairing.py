@@ -4,6 +4,7 @@ start, approve with UIA, poll, m.login.token; deny; expiry; delivery once; limit
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from prometheus_client import REGISTRY
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from login_token_module import pairing
 from login_token_module.config import ConfigError, parse_config
@@ -27,6 +28,7 @@ from tests.helpers import (
     InProcessServer,
     Response,
     homeserver_yaml,
+    rename_table,
     running,
     sleep,
     start_in_process,
@@ -356,7 +358,7 @@ def test_the_sealed_token_construction_is_pinned(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_expired_pairing_gives_nothing(tmp_path: Path) -> None:
+async def test_an_expired_pairing_gives_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with running(tmp_path, config(lifetime_ms=1000)) as srv:
         started = await start(srv.client)
         access = await srv.client.access_token("alice")
@@ -364,9 +366,46 @@ async def test_an_expired_pairing_gives_nothing(tmp_path: Path) -> None:
         assert_not_found(await poll(srv.client, started["pairing_id"]))
         assert_not_found(await srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", access))
         assert_not_found(await srv.client.post(APPROVE_PATH, {"user_code": started["user_code"]}, access))
-        await srv.module.pairings.sweep()
-        assert await srv.module.state.pairings.count() == 0
+        # The sweep forgets the expired pairing (counted as an expiry, and timed), not one
+        # started just now, and drains the limits without a warning.
+        fresh = await start(srv.client, "Just now")
+        expired, sweeps = pairings_counted("expired"), store_timings("sweep_pairings")
+        with caplog.at_level(logging.WARNING):
+            await srv.module.pairings.sweep()
+        assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+        assert pairings_counted("expired") == expired + 1
+        assert store_timings("sweep_pairings") == sweeps + 1
+        assert await srv.module.state.pairings.count() == 1
+        assert (await poll(srv.client, fresh["pairing_id"])).json == {"status": "pending"}
         assert await srv.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_that_fails_warns_with_the_reason_and_the_next_one_sweeps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(tmp_path, config(lifetime_ms=1000)) as srv:
+        await start(srv.client)
+        await sleep(1.1)
+        db = tmp_path / "tokens.db"
+        await threads.deferToThread(rename_table, db, "login_token_pairings", "pairings_away")
+        with caplog.at_level(logging.WARNING):
+            await srv.module.pairings.sweep()
+        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        assert warned == ["Could not sweep the pairings: no such table: login_token_pairings"]
+        await threads.deferToThread(rename_table, db, "pairings_away", "login_token_pairings")
+        expired = pairings_counted("expired")
+        await srv.module.pairings.sweep()
+        assert pairings_counted("expired") == expired + 1
+        assert await srv.module.state.pairings.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_code_in_the_query_that_is_not_utf8_is_a_wrong_code(tmp_path: Path) -> None:
+    async with running(tmp_path, config()) as srv:
+        access = await srv.client.access_token("alice")
+        for raw in ("%FF", "ABCD%80EFGH", "%C3"):
+            assert_not_found(await srv.client.get(f"{APPROVE_PATH}?user_code={raw}", access))
 
 
 @pytest_twisted.ensureDeferred
