@@ -269,6 +269,8 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
         "client_address": "10.0.0.2",
         "new_device_address": "10.0.0.1",
     }, approval
+    (issued,) = audit_log.of("issue")
+    assert (issued["minted_by_device"], issued["client_address"]) == ("PHONE", "10.0.0.2"), issued
     (started,) = audit_log.of("pair_start")
     assert isinstance(approval["pairing"], str) and approval["pairing"] == started["pairing"], approval
     (delivery,) = audit_log.of("pair_deliver")
@@ -286,10 +288,13 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
     assert delivery["token_fingerprint"] == approval["token_fingerprint"]
 
 
+@pytest.mark.parametrize("path", [DENY_PATH, APPROVE_PATH])
 @pytest_twisted.ensureDeferred
-async def test_wrong_codes_count_against_the_user_and_the_address_each_on_its_own(tmp_path: Path) -> None:
-    """deny's wrong codes are counted under the user (from any address) and under the
-    address (for any user), not under some shared key."""
+async def test_wrong_codes_count_against_the_user_and_the_address_each_on_its_own(
+    tmp_path: Path, path: str
+) -> None:
+    """deny's and approve's wrong codes are counted under the user (from any address) and
+    under the address (for any user), not under some shared key."""
     listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
     srv = await start_in_process(
         tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
@@ -297,7 +302,7 @@ async def test_wrong_codes_count_against_the_user_and_the_address_each_on_its_ow
 
     async def deny(access: str, code: str, address: str) -> Response:
         headers = {"Authorization": f"Bearer {access}", "X-Forwarded-For": address}
-        return await srv.client.request("POST", DENY_PATH, json_body={"user_code": code}, headers=headers)
+        return await srv.client.request("POST", path, json_body={"user_code": code}, headers=headers)
 
     async def look_up(access: str, code: str, address: str) -> Response:
         headers = {"Authorization": f"Bearer {access}", "X-Forwarded-For": address}
@@ -398,6 +403,37 @@ async def test_a_sweep_that_fails_warns_with_the_reason_and_the_next_one_sweeps(
         await srv.module.pairings.sweep()
         assert pairings_counted("expired") == expired + 1
         assert await srv.module.state.pairings.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_right_code_whose_allowance_cannot_be_given_back_is_still_served_and_warned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wrong-code allowance reserved for a look-up is given back when the code is
+    right; if the store fails just then, the look-up is still answered, and the operator
+    is told why, once per allowance (the user's and the address's). The allowances are
+    kept in the database when workers share state."""
+    store_config = {"type": "sqlite", "path": "tokens.db", "shared_state": True}
+    async with running(tmp_path, {"store": store_config, **config()}) as srv:
+        started = await start(srv.client)
+        access = await srv.client.access_token("alice")
+        db = tmp_path / "tokens.db"
+        store = srv.module.pairings._store
+        find = store.find
+
+        async def find_then_fail_the_limits(user_code: str, now_ms: int) -> Any:
+            found = await find(user_code, now_ms)
+            await threads.deferToThread(rename_table, db, "login_token_ratelimits", "ratelimits_away")
+            return found
+
+        monkeypatch.setattr(store, "find", find_then_fail_the_limits)
+        with caplog.at_level(logging.WARNING):
+            described = await srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", access)
+        await threads.deferToThread(rename_table, db, "ratelimits_away", "login_token_ratelimits")
+        assert described.code == 200, described
+        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        reason = "no such table: login_token_ratelimits"
+        assert warned == [f"Could not give back a wrong-code allowance: {reason}"] * 2
 
 
 @pytest_twisted.ensureDeferred

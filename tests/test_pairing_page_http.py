@@ -830,6 +830,32 @@ async def test_a_token_minted_while_its_device_logs_out_is_revoked(
     await still_pending(page, started)
 
 
+@pytest.mark.parametrize("path", [GET_TOKEN, APPROVE_PATH])
+@pytest_twisted.ensureDeferred
+async def test_without_revoke_on_logout_a_token_minted_while_its_device_logs_out_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, audit_log: AuditRecords, path: str
+) -> None:
+    """``revoke_on_logout: false``: the device is not asked after about, so its logout
+    while the password is checked takes nothing back."""
+    async with running(tmp_path, {**config(), "revoke_on_logout": False}) as srv:
+        page = Page(srv, hold_clock(srv, monkeypatch))
+        checks = count_password_checks(srv, monkeypatch)
+        started = await started_pairing(page)
+        login = await srv.client.password_login("alice", device_id="PHONE")
+        access = login.json["access_token"]
+        challenge = await srv.client.post(path, {"user_code": started["user_code"]}, access)
+        assert challenge.code == 401, challenge
+
+        async def logs_out() -> None:
+            assert (await srv.client.post("/_matrix/client/v3/logout", {}, access)).code == 200
+
+        checks.during_next = logs_out
+        auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
+        answer = await srv.client.post(path, {"user_code": started["user_code"], "auth": auth}, access)
+        assert answer.code == 200, answer
+        assert len(audit_log.of("issue")) == 1 and audit_log.of("revoke") == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_token_is_revoked_when_its_device_cannot_be_looked_up(
     tmp_path: Path, page: Page, checks: PasswordChecks, audit_log: AuditRecords
