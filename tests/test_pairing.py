@@ -249,6 +249,7 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
         assert approved.code == 200, approved
         assert (pairings_counted("approved"), store_timings("pair_approve")) == (before + 1, timed_before + 1)
         await sleep(0.02)
+        polls_timed = store_timings("pair_poll")
         delivered = await srv.client.request(
             "POST",
             POLL_PATH,
@@ -256,6 +257,7 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
             headers={"X-Forwarded-For": "10.0.0.1"},
         )
         assert delivered.json["status"] == "approved", delivered
+        assert store_timings("pair_poll") == polls_timed + 1
     finally:
         await srv.stop()
     (approval,) = audit_log.of("pair_approve")
