@@ -9,6 +9,7 @@ import re
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_twisted
@@ -19,7 +20,7 @@ from twisted.internet import defer, threads
 from login_token_module import pairing
 from login_token_module.config import ConfigError, parse_config
 from login_token_module.host.config import parse_homeserver_config
-from login_token_module.pairing import APPROVE_PATH, DENY_PATH, POLL_PATH, START_PATH
+from login_token_module.pairing import APPROVE_PATH, DENY_PATH, MAX_USER_CODE_LENGTH, POLL_PATH, START_PATH
 from tests.helpers import (
     GET_TOKEN,
     PASSWORD,
@@ -65,6 +66,11 @@ async def approve(client: HttpClient, access: str, code: str, password: str = PA
 def pairings_counted(event: str) -> float:
     """How many pairings the module has counted as ``event`` (approved, denied, delivered)."""
     return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": event}) or 0.0
+
+
+def refused_by(limiter: str) -> float:
+    """How many requests the module has refused with 429 under ``limiter``."""
+    return REGISTRY.get_sample_value("login_token_module_ratelimited_total", {"limiter": limiter}) or 0.0
 
 
 def assert_not_found(response: Response) -> None:
@@ -160,6 +166,11 @@ async def test_a_code_is_taken_in_any_case_with_or_without_the_dash(tmp_path: Pa
         seen = await srv.client.get(f"{APPROVE_PATH}?user_code=%20{typed}%20", access)
         assert seen.code == 200, seen
         assert seen.json["initial_device_display_name"] is None
+        # Spaces around count towards the longest a typed code may be (32 characters).
+        padded = started["user_code"].center(MAX_USER_CODE_LENGTH)
+        assert len(padded) == 32
+        assert (await srv.client.get(f"{APPROVE_PATH}?user_code={quote(padded)}", access)).code == 200
+        assert_not_found(await srv.client.get(f"{APPROVE_PATH}?user_code={quote(padded + ' ')}", access))
         assert (await approve(srv.client, access, started["user_code"].lower())).code == 200
         assert (await poll(srv.client, started["pairing_id"])).json["status"] == "approved"
 
@@ -519,11 +530,16 @@ async def test_wrong_codes_hit_the_limit_per_user_and_per_address(tmp_path: Path
         started = await start(srv.client)
         alice = await srv.client.access_token("alice")
         wrong = ["BBBBBBBB", "bcdf-ghjk", "AEIOUAEI", "", "x" * 40]
+        lookups, refused = store_timings("pair_find"), refused_by("pair_wrong_code")
+        looked_up = 0
         for code in wrong:
             if code.upper().replace("-", "") == started["user_code"].replace("-", ""):
                 continue
             assert_not_found(await srv.client.post(DENY_PATH, {"user_code": code}, alice))
-        # Over the limit: even the right code waits, and the pairing is untouched.
+            # Only what can be a code (8 of the 20 letters, with or without the dash) is looked up.
+            looked_up += code in ("BBBBBBBB", "bcdf-ghjk")
+        assert store_timings("pair_find") == lookups + looked_up
+        # Over the limit: even the right code waits (and is not looked up), and the pairing is untouched.
         for attempt in (
             srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, alice),
             srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", alice),
@@ -535,6 +551,8 @@ async def test_wrong_codes_hit_the_limit_per_user_and_per_address(tmp_path: Path
         bob = await srv.client.access_token("bob")
         limited = await srv.client.post(DENY_PATH, {"user_code": started["user_code"]}, bob)
         assert limited.code == 429, limited
+        assert refused_by("pair_wrong_code") == refused + 4
+        assert store_timings("pair_find") == lookups + looked_up
         assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
 
 
