@@ -260,7 +260,7 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
         assert approved.code == 200, approved
         assert (pairings_counted("approved"), store_timings("pair_approve")) == (before + 1, timed_before + 1)
         await sleep(0.02)
-        polls_timed = store_timings("pair_poll")
+        polls_timed, deliveries = store_timings("pair_poll"), pairings_counted("delivered")
         delivered = await srv.client.request(
             "POST",
             POLL_PATH,
@@ -269,6 +269,7 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
         )
         assert delivered.json["status"] == "approved", delivered
         assert store_timings("pair_poll") == polls_timed + 1
+        assert pairings_counted("delivered") == deliveries + 1
     finally:
         await srv.stop()
     (approval,) = audit_log.of("pair_approve")
@@ -466,8 +467,15 @@ async def test_a_guessed_or_another_pairings_id_gets_nothing(tmp_path: Path) -> 
         await sleep(0.02)
         # The other pairing is still pending, and says nothing of mine.
         assert (await poll(srv.client, other["pairing_id"])).json == {"status": "pending"}
-        for guess in (secrets.token_urlsafe(32), mine["pairing_id"][:-1], mine["user_code"], "x" * 129):
+        # A pairing_id of 1 to 128 characters is looked up; an empty or longer one is not.
+        polls = store_timings("pair_poll")
+        for guess in ("", "x" * 129):
             assert_not_found(await poll(srv.client, guess))
+        assert store_timings("pair_poll") == polls
+        guesses = ("x", "x" * 128, secrets.token_urlsafe(32), mine["pairing_id"][:-1], mine["user_code"])
+        for guess in guesses:
+            assert_not_found(await poll(srv.client, guess))
+        assert store_timings("pair_poll") == polls + len(guesses)
         for bad in (None, 7, ["a"], {"pairing_id": "a"}):
             refused = await poll(srv.client, bad)
             assert refused.code == 400 and refused.json["errcode"] == "M_BAD_JSON", refused
@@ -495,9 +503,11 @@ async def test_polling_faster_than_the_interval_is_refused(tmp_path: Path) -> No
         started = await start(srv.client)
         assert started["interval_ms"] == 5000
         assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
+        refused = refused_by("pair_poll")
         fast = await poll(srv.client, started["pairing_id"])
         assert fast.code == 429 and fast.json["errcode"] == "M_LIMIT_EXCEEDED", fast
         assert 0 < fast.json["retry_after_ms"] <= 5000
+        assert refused_by("pair_poll") == refused + 1
 
 
 @pytest_twisted.ensureDeferred
