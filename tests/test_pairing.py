@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -480,6 +482,51 @@ async def test_a_guessed_or_another_pairings_id_gets_nothing(tmp_path: Path) -> 
             refused = await poll(srv.client, bad)
             assert refused.code == 400 and refused.json["errcode"] == "M_BAD_JSON", refused
         assert (await poll(srv.client, mine["pairing_id"])).json["status"] == "approved"
+
+
+def tamper_pairing(db_path: Path, column: str, change: Callable[[Any], Any]) -> None:
+    """Change one column of the one stored pairing behind the server's back (as someone
+    with the database could). Blocking: run it in a thread."""
+    with sqlite3.connect(db_path) as conn:
+        (old,) = conn.execute(f"SELECT {column} FROM login_token_pairings").fetchone()
+        conn.execute(f"UPDATE login_token_pairings SET {column} = ?", (change(old),))
+
+
+@pytest.mark.parametrize(
+    ("column", "change"),
+    [
+        ("sealed_token", lambda sealed: sealed[:-1] + bytes([sealed[-1] ^ 1])),
+        ("sealed_token", lambda _: None),
+        ("token_expires_at_ms", lambda _: None),
+        ("user_id", lambda _: None),
+    ],
+    ids=["sealed_token_altered", "sealed_token_gone", "token_expiry_gone", "user_id_gone"],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_approved_pairing_tampered_with_in_the_database_delivers_nothing_and_warns(
+    tmp_path: Path,
+    column: str,
+    change: Callable[[Any], Any],
+    caplog: pytest.LogCaptureFixture,
+    audit_log: AuditRecords,
+) -> None:
+    """A sealed token that does not open, or an approval without its expiry or its user,
+    is answered as no pairing (never a 500, never a token or a null one), and the
+    operator is told; the row is gone, as after a delivery."""
+    async with running(tmp_path, config()) as srv:
+        started = await start(srv.client)
+        access = await srv.client.access_token("alice")
+        assert (await approve(srv.client, access, started["user_code"])).code == 200
+        await threads.deferToThread(tamper_pairing, tmp_path / "tokens.db", column, change)
+        deliveries = pairings_counted("delivered")
+        with caplog.at_level(logging.WARNING):
+            answer = await poll(srv.client, started["pairing_id"])
+        assert_not_found(answer)
+        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        assert warned == ["A pairing's sealed token could not be opened; nothing delivered"]
+        assert pairings_counted("delivered") == deliveries
+        assert_not_found(await poll(srv.client, started["pairing_id"]))
+    assert audit_log.of("pair_deliver") == []
 
 
 @pytest_twisted.ensureDeferred
