@@ -530,6 +530,27 @@ async def test_an_approved_pairing_tampered_with_in_the_database_delivers_nothin
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_token_delivered_in_its_last_millisecond_says_so_and_still_signs_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_pairing_page_http import hold_clock
+
+    async with running(tmp_path, config()) as srv:
+        clock = hold_clock(srv, monkeypatch)
+        started = await start(srv.client)
+        access = await srv.client.access_token("alice")
+        approved_at_ms = clock.ms
+        assert (await approve(srv.client, access, started["user_code"])).code == 200
+        # The token lives 120 s from its approval (get_token's lifetime): 1 ms of it is left.
+        clock.advance(119.9995)
+        assert clock.ms == approved_at_ms + 119_999
+        delivered = await poll(srv.client, started["pairing_id"])
+        assert delivered.code == 200, delivered
+        assert delivered.json["expires_in_ms"] == 1
+        assert (await srv.client.token_login(delivered.json["login_token"])).code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_32_parallel_polls_after_approval_deliver_one_token(tmp_path: Path) -> None:
     async with running(tmp_path, config()) as srv:
         started = await start(srv.client)
