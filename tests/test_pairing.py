@@ -635,12 +635,28 @@ async def test_wrong_codes_hit_the_limit_per_user_and_per_address(tmp_path: Path
 
 
 @pytest_twisted.ensureDeferred
-async def test_start_is_limited_per_address(tmp_path: Path) -> None:
+async def test_start_is_limited_per_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten starts at once, then one per 6 s; and no more than ten pairings waiting from
+    one address: past those, a start waits for one of them (interval_ms)."""
+    from tests.test_pairing_page_http import hold_clock
+
     async with running(tmp_path, config()) as srv:
+        clock = hold_clock(srv, monkeypatch)
+        refused = (refused_by("pair_start"), refused_by("pair_pending"))
+        starts = store_timings("pair_start")
         for _ in range(10):
             await start(srv.client)
         limited = await srv.client.post(START_PATH, {})
         assert limited.code == 429 and limited.json["errcode"] == "M_LIMIT_EXCEEDED", limited
+        assert (refused_by("pair_start"), refused_by("pair_pending")) == (refused[0] + 1, refused[1])
+        clock.advance(6)
+        full = await srv.client.post(START_PATH, {})
+        assert full.code == 429 and full.json["errcode"] == "M_LIMIT_EXCEEDED", full
+        assert full.json["retry_after_ms"] == 10
+        assert (refused_by("pair_start"), refused_by("pair_pending")) == (refused[0] + 1, refused[1] + 1)
+        # Each start the limiter let through reached the store (and was timed there).
+        assert store_timings("pair_start") == starts + 11
+        assert await srv.module.state.pairings.count() == 10
 
 
 @pytest_twisted.ensureDeferred
