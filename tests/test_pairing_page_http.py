@@ -673,6 +673,13 @@ async def test_wrong_codes_count_against_the_user_from_any_address(
         code = device.json["user_code"]
         page = Page(srv, clock, address="10.0.0.2")
         assert "<dd>10.0.0.1</dd>" in text(await page.open(code))
+        # Before anyone signs in (the page's GET), a wrong code counts against the address
+        # alone: five, each from another address, and a sixth address still finds the code.
+        for n in range(1, 6):
+            page.address = f"10.0.1.{n}"
+            assert_refused(await page.get("BBBB-BBBB"), 404, NO_SUCH_CODE)
+        page.address = "10.0.1.6"
+        await page.open(code)
         for n in range(2, 7):
             page.address = f"10.0.0.{n}"
             assert_refused(await page.submit("BBBB-BBBB"), 404, NO_SUCH_CODE)
