@@ -25,6 +25,7 @@ from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
+import pytest
 import treq
 import yaml
 from treq.cookies import IndexableCookieJar
@@ -489,3 +490,27 @@ class AuditRecords(logging.Handler):
 
     def of(self, event: str) -> list[dict[str, Any]]:
         return [r.audit for r in self.records if r.audit["event"] == event]  # type: ignore[attr-defined]
+
+
+class Clock:
+    """The module's clock, held still; tests move it on by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @property
+    def ms(self) -> int:
+        return int(self.now * 1000)
+
+
+def hold_clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The module's clock, held at the current whole second."""
+    held = Clock(float(int(srv.module._now())))
+    monkeypatch.setattr(srv.module, "_now", held)
+    return held

@@ -30,6 +30,7 @@ from tests.helpers import (
     HttpClient,
     InProcessServer,
     Response,
+    hold_clock,
     homeserver_yaml,
     rename_table,
     running,
@@ -533,8 +534,6 @@ async def test_an_approved_pairing_tampered_with_in_the_database_delivers_nothin
 async def test_a_token_delivered_in_its_last_millisecond_says_so_and_still_signs_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_pairing_page_http import hold_clock
-
     async with running(tmp_path, config()) as srv:
         clock = hold_clock(srv, monkeypatch)
         started = await start(srv.client)
@@ -638,8 +637,6 @@ async def test_wrong_codes_hit_the_limit_per_user_and_per_address(tmp_path: Path
 async def test_start_is_limited_per_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ten starts at once, then one per 6 s; and no more than ten pairings waiting from
     one address: past those, a start waits for one of them (interval_ms)."""
-    from tests.test_pairing_page_http import hold_clock
-
     async with running(tmp_path, config()) as srv:
         clock = hold_clock(srv, monkeypatch)
         refused = (refused_by("pair_start"), refused_by("pair_pending"))

@@ -38,9 +38,11 @@ from tests.helpers import (
     GET_TOKEN,
     PASSWORD,
     AuditRecords,
+    Clock,
     HttpClient,
     InProcessServer,
     Response,
+    hold_clock,
     rename_table,
     running,
     start_in_process,
@@ -76,23 +78,6 @@ CSRF_RE = re.compile(r'name="csrf_token" value="([^"]*)"')
 # The cookie a Page sends unless told otherwise: its own.
 OWN_COOKIE = "(this browser's own)"
 COOKIE_RE = re.compile(r"^login_token_pair_csrf=([A-Za-z0-9_-]{43}); ")
-
-
-class Clock:
-    """The module's clock, held still; tests move it on by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    @property
-    def ms(self) -> int:
-        return int(self.now * 1000)
 
 
 @dataclass
@@ -211,13 +196,6 @@ def assert_refused(response: Response, status: int, said: str) -> None:
 async def srv(tmp_path: Path) -> AsyncIterator[InProcessServer]:
     async with running(tmp_path, config(), users=("alice", "bob")) as server:
         yield server
-
-
-def hold_clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """The module's clock, held at the current whole second."""
-    held = Clock(float(int(srv.module._now())))
-    monkeypatch.setattr(srv.module, "_now", held)
-    return held
 
 
 @pytest.fixture
