@@ -67,7 +67,7 @@ async def approve(client: HttpClient, access: str, code: str, password: str = PA
 
 
 def pairings_counted(event: str) -> float:
-    """How many pairings the module has counted as ``event`` (approved, denied, delivered)."""
+    """How many pairings the module has counted as ``event`` (started, approved, denied, delivered)."""
     return REGISTRY.get_sample_value("login_token_module_pairings_total", {"event": event}) or 0.0
 
 
@@ -635,25 +635,47 @@ async def test_wrong_codes_hit_the_limit_per_user_and_per_address(tmp_path: Path
 
 @pytest_twisted.ensureDeferred
 async def test_start_is_limited_per_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ten starts at once, then one per 6 s; and no more than ten pairings waiting from
-    one address: past those, a start waits for one of them (interval_ms)."""
-    async with running(tmp_path, config()) as srv:
+    """Ten starts at once, then one per 6 s, from each address (another address is not
+    held back); and no more than ten pairings waiting from one address: past those, a
+    start waits for one of them (interval_ms). Only the starts that began a pairing are
+    counted as started."""
+    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
+    srv = await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
+    )
+
+    async def start_from(address: str) -> Response:
+        return await srv.client.request(
+            "POST", START_PATH, json_body={}, headers={"X-Forwarded-For": address}
+        )
+
+    try:
         clock = hold_clock(srv, monkeypatch)
         refused = (refused_by("pair_start"), refused_by("pair_pending"))
-        starts = store_timings("pair_start")
+        starts, started = store_timings("pair_start"), pairings_counted("started")
         for _ in range(10):
-            await start(srv.client)
-        limited = await srv.client.post(START_PATH, {})
+            assert (await start_from("10.0.0.1")).code == 200
+        limited = await start_from("10.0.0.1")
         assert limited.code == 429 and limited.json["errcode"] == "M_LIMIT_EXCEEDED", limited
         assert (refused_by("pair_start"), refused_by("pair_pending")) == (refused[0] + 1, refused[1])
+        assert (await start_from("10.0.0.2")).code == 200
         clock.advance(6)
-        full = await srv.client.post(START_PATH, {})
-        assert full.code == 429 and full.json["errcode"] == "M_LIMIT_EXCEEDED", full
-        assert full.json["retry_after_ms"] == 10
+        full = await start_from("10.0.0.1")
+        assert (full.code, full.json) == (
+            429,
+            {
+                "errcode": "M_LIMIT_EXCEEDED",
+                "error": "Too many pairings are waiting for approval from this address",
+                "retry_after_ms": 10,
+            },
+        ), full
         assert (refused_by("pair_start"), refused_by("pair_pending")) == (refused[0] + 1, refused[1] + 1)
         # Each start the limiter let through reached the store (and was timed there).
-        assert store_timings("pair_start") == starts + 11
-        assert await srv.module.state.pairings.count() == 10
+        assert store_timings("pair_start") == starts + 12
+        assert pairings_counted("started") == started + 11
+        assert await srv.module.state.pairings.count() == 11
+    finally:
+        await srv.stop()
 
 
 @pytest_twisted.ensureDeferred
