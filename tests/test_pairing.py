@@ -289,6 +289,7 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
     (issued,) = audit_log.of("issue")
     assert (issued["minted_by_device"], issued["client_address"]) == ("PHONE", "10.0.0.2"), issued
     (started,) = audit_log.of("pair_start")
+    assert (started["outcome"], started["client_address"]) == ("started", "10.0.0.1"), started
     assert isinstance(approval["pairing"], str) and approval["pairing"] == started["pairing"], approval
     (delivery,) = audit_log.of("pair_deliver")
     assert {
