@@ -709,6 +709,40 @@ async def test_hostile_client_strings_get_matrix_errors_without_echo(tmp_path: P
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_display_name_is_a_string_of_at_most_100_printable_characters_or_none(tmp_path: Path) -> None:
+    """The name the new device gives itself is shown to the user who approves it: up to
+    100 printable characters; one more, or not a string, is refused with its own errcode.
+    A start with no body (or only white space) is a start without a name."""
+    async with running(tmp_path, config()) as srv:
+        access = await srv.client.access_token("alice")
+
+        async def shown_name(started: dict[str, Any]) -> Any:
+            seen = await srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", access)
+            assert seen.code == 200, seen
+            return seen.json["initial_device_display_name"]
+
+        longest = "x" * 100
+        assert await shown_name(await start(srv.client, name=longest)) == longest
+        too_long = await srv.client.post(START_PATH, {"initial_device_display_name": longest + "x"})
+        assert (too_long.code, too_long.json) == (
+            400,
+            {
+                "errcode": "M_INVALID_PARAM",
+                "error": "'initial_device_display_name' must be at most 100 printable characters",
+            },
+        ), too_long
+        not_text = await srv.client.post(START_PATH, {"initial_device_display_name": 5})
+        assert (not_text.code, not_text.json) == (
+            400,
+            {"errcode": "M_BAD_JSON", "error": "'initial_device_display_name' must be a string"},
+        ), not_text
+        for body in (None, b"", b" \r\n"):
+            nameless = await srv.client.request("POST", START_PATH, raw_body=body)
+            assert nameless.code == 200, (body, nameless)
+            assert await shown_name(nameless.json) is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_pairing_is_off_unless_enabled(tmp_path: Path) -> None:
     async with running(tmp_path, {}) as srv:
         for path in (START_PATH, POLL_PATH, APPROVE_PATH, DENY_PATH):
