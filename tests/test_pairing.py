@@ -566,16 +566,27 @@ async def test_32_parallel_polls_after_approval_deliver_one_token(tmp_path: Path
 
 
 @pytest_twisted.ensureDeferred
-async def test_polling_faster_than_the_interval_is_refused(tmp_path: Path) -> None:
+async def test_polling_faster_than_the_interval_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One poll per interval_ms: a poll exactly interval_ms after the last is answered,
+    one 4 ms sooner waits those 4 ms."""
     async with running(tmp_path, config(interval_ms=5000)) as srv:
+        clock = hold_clock(srv, monkeypatch)
         started = await start(srv.client)
         assert started["interval_ms"] == 5000
+        polled_at = clock.now
         assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
         refused = refused_by("pair_poll")
         fast = await poll(srv.client, started["pairing_id"])
         assert fast.code == 429 and fast.json["errcode"] == "M_LIMIT_EXCEEDED", fast
-        assert 0 < fast.json["retry_after_ms"] <= 5000
+        assert fast.json["retry_after_ms"] == 5000
         assert refused_by("pair_poll") == refused + 1
+        clock.now = polled_at + 4.996
+        early = await poll(srv.client, started["pairing_id"])
+        assert early.code == 429 and early.json["retry_after_ms"] == 4, early
+        clock.now = polled_at + 5
+        assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
 
 
 @pytest_twisted.ensureDeferred
