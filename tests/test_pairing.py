@@ -455,6 +455,52 @@ async def test_a_right_code_whose_allowance_cannot_be_given_back_is_still_served
 
 
 @pytest_twisted.ensureDeferred
+async def test_each_pairing_limiter_is_timed_and_shared_under_its_own_name(tmp_path: Path) -> None:
+    """A limiter's name is part of what operators and workers see: its store timings are
+    labelled with it, and with shared state its counts are kept under it in the one table
+    every worker reads (a worker that named it otherwise would count apart): pair_start,
+    pair_poll and pair_wrong_code."""
+    store_config = {"type": "sqlite", "path": "tokens.db", "shared_state": True}
+    async with running(tmp_path, {"store": store_config, **config()}) as srv:
+        timings = (
+            "pair_start_acquire",
+            "pair_poll_acquire",
+            "pair_wrong_code_acquire",
+            "pair_wrong_code_refund",
+        )
+        before = {operation: store_timings(operation) for operation in timings}
+        started = await start(srv.client)
+        assert (await poll(srv.client, started["pairing_id"])).json == {"status": "pending"}
+        access = await srv.client.access_token("alice")
+        assert_not_found(await srv.client.post(DENY_PATH, {"user_code": "BBBB-BBBB"}, access))
+        seen = await srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", access)
+        assert seen.code == 200, seen
+        # Each wrong-code check is made against the user and the address: the wrong code
+        # keeps both, the right one gives both back.
+        assert {operation: store_timings(operation) - before[operation] for operation in timings} == {
+            "pair_start_acquire": 1,
+            "pair_poll_acquire": 1,
+            "pair_wrong_code_acquire": 4,
+            "pair_wrong_code_refund": 2,
+        }
+        with sqlite3.connect(tmp_path / "tokens.db") as db:
+            rows = db.execute(
+                "SELECT limiter, key FROM login_token_ratelimits ORDER BY limiter, key"
+            ).fetchall()
+        assert [limiter for limiter, _ in rows] == [
+            "pair_poll",
+            "pair_start",
+            "pair_wrong_code",
+            "pair_wrong_code",
+        ]
+        assert [key for limiter, key in rows if limiter != "pair_poll"] == [
+            "127.0.0.1",
+            "address:127.0.0.1",
+            "user:@alice:test.local",
+        ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_code_in_the_query_that_is_not_utf8_is_a_wrong_code(tmp_path: Path) -> None:
     async with running(tmp_path, config()) as srv:
         access = await srv.client.access_token("alice")
