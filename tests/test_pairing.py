@@ -737,6 +737,32 @@ async def test_start_is_limited_per_address(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_start_draws_again_while_its_code_is_taken_and_gives_up_after_eight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drawn code still held by a live pairing is drawn again; eight taken in a row (the
+    code space nearly full) give up with 503, storing and counting nothing. The draws are
+    fixed here (20^8 codes make a collision too rare to wait for); the store finds them
+    taken as it would any."""
+    drawn = iter(["BBBBBBBB", "BBBBBBBB", "CCCCCCCC", *["BBBBBBBB"] * 8, "DDDDDDDD"])
+    monkeypatch.setattr(pairing, "new_user_code", lambda: next(drawn))
+    async with running(tmp_path, config()) as srv:
+        assert (await start(srv.client))["user_code"] == "BBBB-BBBB"
+        starts, started = store_timings("pair_start"), pairings_counted("started")
+        assert (await start(srv.client))["user_code"] == "CCCC-CCCC"
+        assert store_timings("pair_start") == starts + 2
+        full = await srv.client.post(START_PATH, {})
+        assert (full.code, full.json) == (
+            503,
+            {"errcode": "M_UNKNOWN", "error": "No pairing code is free; try again later"},
+        ), full
+        assert next(drawn) == "DDDDDDDD"  # eight drawn for it, no more
+        assert store_timings("pair_start") == starts + 2 + 8
+        assert pairings_counted("started") == started + 1
+        assert await srv.module.state.pairings.count() == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_hostile_client_strings_get_matrix_errors_without_echo(tmp_path: Path) -> None:
     async with running(tmp_path, config()) as srv:
         access = await srv.client.access_token("alice")
