@@ -8,6 +8,7 @@ import logging
 import re
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,20 @@ async def test_an_expired_pairing_gives_nothing(tmp_path: Path, caplog: pytest.L
         assert await srv.module.state.pairings.count() == 1
         assert (await poll(srv.client, fresh["pairing_id"])).json == {"status": "pending"}
         assert await srv.module.store.count_tokens() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_pairings_are_swept_on_the_sweep_interval(tmp_path: Path) -> None:
+    """Nobody calls the sweep here: the module's own background sweep forgets the pairing."""
+    async with running(tmp_path, {**config(lifetime_ms=1000), "sweep_interval_ms": 100}) as srv:
+        expired = pairings_counted("expired")
+        await start(srv.client)
+        assert await srv.module.state.pairings.count() == 1
+        deadline = time.monotonic() + 10
+        while await srv.module.state.pairings.count():
+            assert time.monotonic() < deadline, "the pairing was never swept"
+            await sleep(0.05)
+        assert pairings_counted("expired") == expired + 1
 
 
 @pytest_twisted.ensureDeferred
