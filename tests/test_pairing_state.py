@@ -16,7 +16,9 @@ import pytest_twisted
 from twisted.internet import defer
 
 from login_token_module.stores import Pairing, PairingStore, StateBackend
+from login_token_module.stores.engines.connection import Conn
 from login_token_module.stores.memory import MemoryBackend
+from login_token_module.stores.sql import SqlBackend
 from tests.conftest import BackendFactory
 from tests.helpers import REACTOR
 
@@ -236,6 +238,34 @@ async def test_racing_polls_deliver_an_approval_once(backend: StateBackend) -> N
         [defer.ensureDeferred(backend.pairings.poll(pairing.pairing_hash, T0 + 2)) for _ in range(32)]
     )
     assert sum(result is not None for result in results) == 1
+
+
+def _slow_pairing_inserts(conn: Conn) -> None:
+    conn.execute(
+        "CREATE FUNCTION slow_insert() RETURNS trigger AS $$"
+        " BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$ LANGUAGE plpgsql"
+    )
+    conn.execute(
+        "CREATE TRIGGER slow_insert BEFORE INSERT ON login_token_pairings"
+        " FOR EACH ROW EXECUTE FUNCTION slow_insert()"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_racing_starts_from_one_address_never_pass_its_cap(backend: StateBackend) -> None:
+    """One place left under the address's cap and many starts from it at once (on
+    PostgreSQL, over several connections): exactly one takes it. On PostgreSQL the server
+    is made slow to insert a pairing (a trigger of the test's own), so that racing starts
+    overlap between counting the address's pairings and adding theirs."""
+    if isinstance(backend, SqlBackend) and backend.db.engine == "postgres":
+        await backend.db.run(_slow_pairing_inserts)
+    for n in range(9):
+        assert await backend.pairings.start(new_pairing(f"WAIT{n:04d}"), T0, 10) == "started"
+    results = await defer.gatherResults(
+        [defer.ensureDeferred(backend.pairings.start(new_pairing(f"RACE{n:04d}"), T0, 10)) for n in range(24)]
+    )
+    assert sorted(results) == ["address_full"] * 23 + ["started"]
+    assert await backend.pairings.count() == 10
 
 
 @pytest_twisted.ensureDeferred
