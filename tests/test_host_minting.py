@@ -327,6 +327,7 @@ class SsoHostApi(MintingHostApi):
 
     sso_users: set[str]
     host_sessions: dict[str, str]  # host session -> the user it must confirm
+    host_endpoints: dict[str, str]  # host session -> the endpoint it was begun for
     completed: dict[str, str]  # host session -> the user who signed in there
 
     async def single_sign_on_available(self, user_id: str) -> bool:
@@ -335,6 +336,7 @@ class SsoHostApi(MintingHostApi):
     async def begin_single_sign_on(self, user_id: str, endpoint: str) -> str:
         session_id = "host" + secrets.token_hex(8)
         self.host_sessions[session_id] = user_id
+        self.host_endpoints[session_id] = endpoint
         return session_id
 
     async def completed_single_sign_on(self, session_id: str, user_id: str) -> bool:
@@ -348,7 +350,7 @@ def sso_host_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[SsoHostApi]]:
     def make(hs: Any, name: str) -> SsoHostApi:
         api = SsoHostApi(hs, name)
         api.tokens, api.lifetimes, api.invalidations = {}, [], []
-        api.sso_users, api.host_sessions, api.completed = {USER}, {}, {}
+        api.sso_users, api.host_sessions, api.host_endpoints, api.completed = {USER}, {}, {}, {}
         made.append(api)
         return api
 
@@ -372,6 +374,7 @@ async def test_a_session_completed_by_the_hosts_single_sign_on_mints_once(
         assert challenge.json["flows"] == [{"stages": ["m.login.password"]}, {"stages": ["m.login.sso"]}]
         session = challenge.json["session"]
         assert api.host_sessions == {session: USER}  # the host's session, held by the module
+        assert api.host_endpoints == {session: GET_TOKEN}  # begun for the endpoint that asked
 
         for auth in ({"session": session}, {"type": "m.login.sso", "session": session}):
             early = await srv.client.post(GET_TOKEN, {"auth": auth}, phone)

@@ -889,6 +889,44 @@ async def test_where_the_host_mints_a_withdrawn_token_is_invalidated_at_the_host
         await srv.stop()
 
 
+@pytest.mark.parametrize("device", ["logs_out", "cannot_be_looked_up"])
+@pytest_twisted.ensureDeferred
+async def test_where_the_host_mints_a_token_minted_while_its_device_logs_out_is_invalidated_there(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    made: list[MintingHostApi] = request.getfixturevalue("host_api")  # every ModuleApi the host makes
+    srv = await start_minting_host(tmp_path, **config())
+    try:
+        (api,) = made
+        checks = count_password_checks(srv, monkeypatch)
+        login = await srv.client.password_login("alice", device_id="PHONE")
+        access = login.json["access_token"]
+        challenge = await srv.client.post(GET_TOKEN, {}, access)
+
+        db = tmp_path / "homeserver.db"
+
+        async def logs_out() -> None:
+            assert (await srv.client.post("/_matrix/client/v3/logout", {}, access)).code == 200
+
+        async def access_tokens_lost() -> None:
+            await threads.deferToThread(rename_table, db, "access_tokens", "access_tokens_away")
+
+        checks.during_next = logs_out if device == "logs_out" else access_tokens_lost
+        auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
+        answer = await srv.client.post(GET_TOKEN, {"auth": auth}, access)
+        if device == "logs_out":
+            assert answer.code == 401 and answer.json["errcode"] == "M_UNKNOWN_TOKEN", answer
+        else:
+            await threads.deferToThread(rename_table, db, "access_tokens_away", "access_tokens")
+            assert answer.code == 500 and answer.json["errcode"] == "M_UNKNOWN", answer
+        [entry] = await srv.module.minted.lineage(USER)
+        # The host was asked to invalidate that token, as alice's.
+        assert (USER, frozenset({entry.token_hash})) in api.invalidations
+        assert api.tokens == {}
+    finally:
+        await srv.stop()
+
+
 # -- the password checks' queue ----------------------------------------------------------------
 
 
