@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import threads
 
 from login_token_module.uia import MAX_SESSIONS_PER_USER
 from tests.helpers import (
@@ -18,9 +20,11 @@ from tests.helpers import (
     assert_challenge,
     challenge,
     password_auth,
+    rename_table,
     running,
     sleep,
 )
+from tests.test_pairing_page_http import count_password_checks
 
 R0_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/token"
 R1_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/get_token"
@@ -491,3 +495,31 @@ async def test_r1_path_works(server: InProcessServer) -> None:
     assert set(response.json) == {"login_token", "expires_in_ms"}
     login = await server.client.token_login(token)
     assert (login.code, login.json["user_id"]) == (200, "@alice:test.local")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_password_allowance_that_cannot_be_given_back_still_issues_and_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The right password gives back the failed attempt reserved before bcrypt; if the store
+    fails just then (workers sharing state: the allowances are in the database), the token is
+    still issued, and the operator is told why, once."""
+    store = {"type": "sqlite", "path": "tokens.db", "shared_state": True}
+    async with running(tmp_path, {"store": store}) as srv:
+        access = await srv.client.access_token("alice")
+        session = (await srv.client.post(GET_TOKEN, {}, access)).json["session"]
+        checks = count_password_checks(srv, monkeypatch)
+        db = tmp_path / "tokens.db"
+
+        async def limits_away() -> None:
+            await threads.deferToThread(rename_table, db, "login_token_ratelimits", "ratelimits_away")
+
+        checks.during_next = limits_away
+        with caplog.at_level(logging.WARNING):
+            answer = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        await threads.deferToThread(rename_table, db, "ratelimits_away", "login_token_ratelimits")
+        assert answer.code == 200 and answer.json["login_token"], answer
+        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        assert warned == [
+            "Could not give back a failed-password allowance: no such table: login_token_ratelimits"
+        ]
