@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -249,6 +250,15 @@ async def still_pending(page: Page, started: dict[str, Any]) -> None:
     page.clock.advance(1)  # past interval_ms: a poll is never refused for speed here
     answer = await poll(page.srv.client, started["pairing_id"])
     assert answer.json == {"status": "pending"}, answer
+
+
+def logging_out(client: HttpClient, access: str) -> Callable[[], Awaitable[None]]:
+    """The device that ``access`` belongs to, logging out (through ``/logout``)."""
+
+    async def log_out() -> None:
+        assert (await client.post("/_matrix/client/v3/logout", {}, access)).code == 200
+
+    return log_out
 
 
 async def denied_by_bob(srv: InProcessServer, code: str) -> Callable[[], Awaitable[None]]:
@@ -760,10 +770,9 @@ async def test_a_token_whose_pairing_cannot_be_stored_is_revoked(
     started = await started_pairing(page)
     db = tmp_path / "tokens.db"
 
-    async def pairings_lost() -> None:
-        await threads.deferToThread(rename_table, db, "login_token_pairings", "pairings_away")
-
-    checks.during_next = pairings_lost
+    checks.during_next = partial(
+        threads.deferToThread, rename_table, db, "login_token_pairings", "pairings_away"
+    )
     with caplog.at_level(logging.ERROR, logger="login_token_module.module"):
         answer = await page.submit(started["user_code"])
     assert_refused(answer, 500, SERVER_FAILED)
@@ -798,10 +807,7 @@ async def test_a_token_minted_while_its_device_logs_out_is_revoked(
     challenge = await page.srv.client.post(path, {"user_code": started["user_code"]}, access)
     assert challenge.code == 401, challenge
 
-    async def logs_out() -> None:
-        assert (await page.srv.client.post("/_matrix/client/v3/logout", {}, access)).code == 200
-
-    checks.during_next = logs_out
+    checks.during_next = logging_out(page.srv.client, access)
     auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
     answer = await page.srv.client.post(path, {"user_code": started["user_code"], "auth": auth}, access)
     assert answer.code == 401, answer
@@ -831,10 +837,7 @@ async def test_without_revoke_on_logout_a_token_minted_while_its_device_logs_out
         challenge = await srv.client.post(path, {"user_code": started["user_code"]}, access)
         assert challenge.code == 401, challenge
 
-        async def logs_out() -> None:
-            assert (await srv.client.post("/_matrix/client/v3/logout", {}, access)).code == 200
-
-        checks.during_next = logs_out
+        checks.during_next = logging_out(page.srv.client, access)
         auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
         answer = await srv.client.post(path, {"user_code": started["user_code"], "auth": auth}, access)
         assert answer.code == 200, answer
@@ -850,10 +853,9 @@ async def test_a_token_is_revoked_when_its_device_cannot_be_looked_up(
     challenge = await page.srv.client.post(GET_TOKEN, {}, access)
     db = tmp_path / "homeserver.db"
 
-    async def access_tokens_lost() -> None:
-        await threads.deferToThread(rename_table, db, "access_tokens", "access_tokens_away")
-
-    checks.during_next = access_tokens_lost
+    checks.during_next = partial(
+        threads.deferToThread, rename_table, db, "access_tokens", "access_tokens_away"
+    )
     auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
     answer = await page.srv.client.post(GET_TOKEN, {"auth": auth}, access)
     await threads.deferToThread(rename_table, db, "access_tokens_away", "access_tokens")
@@ -891,7 +893,7 @@ async def test_where_the_host_mints_a_withdrawn_token_is_invalidated_at_the_host
 
 @pytest.mark.parametrize("device", ["logs_out", "cannot_be_looked_up"])
 @pytest_twisted.ensureDeferred
-async def test_where_the_host_mints_a_token_minted_while_its_device_logs_out_is_invalidated_there(
+async def test_where_the_host_mints_a_token_withdrawn_by_its_device_check_is_invalidated_there(
     tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     made: list[MintingHostApi] = request.getfixturevalue("host_api")  # every ModuleApi the host makes
@@ -905,13 +907,11 @@ async def test_where_the_host_mints_a_token_minted_while_its_device_logs_out_is_
 
         db = tmp_path / "homeserver.db"
 
-        async def logs_out() -> None:
-            assert (await srv.client.post("/_matrix/client/v3/logout", {}, access)).code == 200
-
-        async def access_tokens_lost() -> None:
-            await threads.deferToThread(rename_table, db, "access_tokens", "access_tokens_away")
-
-        checks.during_next = logs_out if device == "logs_out" else access_tokens_lost
+        checks.during_next = (
+            logging_out(srv.client, access)
+            if device == "logs_out"
+            else partial(threads.deferToThread, rename_table, db, "access_tokens", "access_tokens_away")
+        )
         auth = {"type": "m.login.password", "password": PASSWORD, "session": challenge.json["session"]}
         answer = await srv.client.post(GET_TOKEN, {"auth": auth}, access)
         if device == "logs_out":
@@ -1222,10 +1222,9 @@ async def test_where_the_host_mints_a_token_whose_pairing_cannot_be_stored_is_in
         started = await started_pairing(page)
         db = tmp_path / "lent.db"
 
-        async def pairings_lost() -> None:
-            await threads.deferToThread(rename_table, db, "login_token_pairings", "pairings_away")
-
-        checks.during_next = pairings_lost
+        checks.during_next = partial(
+            threads.deferToThread, rename_table, db, "login_token_pairings", "pairings_away"
+        )
         assert_refused(await page.submit(started["user_code"]), 500, SERVER_FAILED)
         await threads.deferToThread(rename_table, db, "pairings_away", "login_token_pairings")
         [entry] = await srv.module.minted.lineage(USER)

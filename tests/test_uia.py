@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -511,10 +512,9 @@ async def test_a_failed_password_allowance_that_cannot_be_given_back_still_issue
         checks = count_password_checks(srv, monkeypatch)
         db = tmp_path / "tokens.db"
 
-        async def limits_away() -> None:
-            await threads.deferToThread(rename_table, db, "login_token_ratelimits", "ratelimits_away")
-
-        checks.during_next = limits_away
+        checks.during_next = partial(
+            threads.deferToThread, rename_table, db, "login_token_ratelimits", "ratelimits_away"
+        )
         with caplog.at_level(logging.WARNING):
             answer = await srv.client.post(GET_TOKEN, password_auth(session), access)
         await threads.deferToThread(rename_table, db, "ratelimits_away", "login_token_ratelimits")
