@@ -514,3 +514,8 @@ def hold_clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
     held = Clock(float(int(srv.module._now())))
     monkeypatch.setattr(srv.module, "_now", held)
     return held
+
+
+def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages of every record at WARNING or above that the test captured."""
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]

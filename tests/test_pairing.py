@@ -37,6 +37,7 @@ from tests.helpers import (
     running,
     sleep,
     start_in_process,
+    warnings_logged,
 )
 from tests.test_host_minting import store_timings
 
@@ -396,7 +397,7 @@ async def test_an_expired_pairing_gives_nothing(tmp_path: Path, caplog: pytest.L
         expired, sweeps = pairings_counted("expired"), store_timings("sweep_pairings")
         with caplog.at_level(logging.WARNING):
             await srv.module.pairings.sweep()
-        assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+        assert warnings_logged(caplog) == []
         assert pairings_counted("expired") == expired + 1
         assert store_timings("sweep_pairings") == sweeps + 1
         assert await srv.module.state.pairings.count() == 1
@@ -429,7 +430,7 @@ async def test_a_sweep_that_fails_warns_with_the_reason_and_the_next_one_sweeps(
         await threads.deferToThread(rename_table, db, "login_token_pairings", "pairings_away")
         with caplog.at_level(logging.WARNING):
             await srv.module.pairings.sweep()
-        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        warned = warnings_logged(caplog)
         assert warned == ["Could not sweep the pairings: no such table: login_token_pairings"]
         await threads.deferToThread(rename_table, db, "pairings_away", "login_token_pairings")
         expired = pairings_counted("expired")
@@ -464,7 +465,7 @@ async def test_a_right_code_whose_allowance_cannot_be_given_back_is_still_served
             described = await srv.client.get(f"{APPROVE_PATH}?user_code={started['user_code']}", access)
         await threads.deferToThread(rename_table, db, "ratelimits_away", "login_token_ratelimits")
         assert described.code == 200, described
-        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        warned = warnings_logged(caplog)
         reason = "no such table: login_token_ratelimits"
         assert warned == [f"Could not give back a wrong-code allowance: {reason}"] * 2
 
@@ -585,7 +586,7 @@ async def test_an_approved_pairing_tampered_with_in_the_database_delivers_nothin
         with caplog.at_level(logging.WARNING):
             answer = await poll(srv.client, started["pairing_id"])
         assert_not_found(answer)
-        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        warned = warnings_logged(caplog)
         assert warned == ["A pairing's sealed token could not be opened; nothing delivered"]
         assert pairings_counted("delivered") == deliveries
         assert_not_found(await poll(srv.client, started["pairing_id"]))

@@ -24,6 +24,7 @@ from tests.helpers import (
     rename_table,
     running,
     sleep,
+    warnings_logged,
 )
 from tests.test_pairing_page_http import count_password_checks
 
@@ -519,7 +520,7 @@ async def test_a_failed_password_allowance_that_cannot_be_given_back_still_issue
             answer = await srv.client.post(GET_TOKEN, password_auth(session), access)
         await threads.deferToThread(rename_table, db, "ratelimits_away", "login_token_ratelimits")
         assert answer.code == 200 and answer.json["login_token"], answer
-        warned = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        warned = warnings_logged(caplog)
         assert warned == [
             "Could not give back a failed-password allowance: no such table: login_token_ratelimits"
         ]
