@@ -49,6 +49,15 @@ def config(**pairing: Any) -> dict[str, Any]:
     return {"pairing": {**PAIRING, **pairing}}
 
 
+async def start_behind_proxy(tmp_path: Path) -> InProcessServer:
+    """A server with pairing whose listener takes each client's address from
+    X-Forwarded-For, so that one test can speak from many addresses."""
+    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
+    return await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
+    )
+
+
 async def start(client: HttpClient, name: str | None = "Living-room TV") -> dict[str, Any]:
     response = await client.post(START_PATH, {} if name is None else {"initial_device_display_name": name})
     assert response.code == 200, response
@@ -241,10 +250,7 @@ async def test_an_approval_is_counted_timed_and_audited_with_who_approved_it(
     the device and the address that approved, and the delivery's record (read back from
     the stored pairing) names the same, for the same pairing."""
 
-    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
-    srv = await start_in_process(
-        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
-    )
+    srv = await start_behind_proxy(tmp_path)
     try:
         await srv.register("alice")
         device = await srv.client.request(
@@ -315,10 +321,7 @@ async def test_wrong_codes_count_against_the_user_and_the_address_each_on_its_ow
 ) -> None:
     """deny's and approve's wrong codes are counted under the user (from any address) and
     under the address (for any user), not under some shared key."""
-    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
-    srv = await start_in_process(
-        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
-    )
+    srv = await start_behind_proxy(tmp_path)
 
     async def deny(access: str, code: str, address: str) -> Response:
         headers = {"Authorization": f"Bearer {access}", "X-Forwarded-For": address}
@@ -713,10 +716,7 @@ async def test_start_is_limited_per_address(tmp_path: Path, monkeypatch: pytest.
     held back); and no more than ten pairings waiting from one address: past those, a
     start waits for one of them (interval_ms). Only the starts that began a pairing are
     counted as started."""
-    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
-    srv = await start_in_process(
-        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
-    )
+    srv = await start_behind_proxy(tmp_path)
 
     async def start_from(address: str) -> Response:
         return await srv.client.request(

@@ -56,7 +56,7 @@ from tests.test_host_minting import (  # noqa: F401 (host_api, lending_host_api:
     lending_host_api,
 )
 from tests.test_host_minting import start as start_minting_host
-from tests.test_pairing import config, poll, start
+from tests.test_pairing import config, poll, start, start_behind_proxy
 
 USER = "@alice:test.local"
 FORM_UNREADABLE = "The form could not be read; start again."
@@ -647,10 +647,7 @@ async def test_wrong_codes_on_the_page_hit_the_limit_and_say_how_long_to_wait(
 async def test_wrong_codes_count_against_the_user_from_any_address(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, audit_log: AuditRecords
 ) -> None:
-    listener = {"port": 0, "bind_addresses": ["127.0.0.1"], "x_forwarded": True}
-    srv = await start_in_process(
-        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}, **config()}, listeners=[listener]
-    )
+    srv = await start_behind_proxy(tmp_path)
     try:
         for user in ("alice", "bob"):
             await srv.register(user)
