@@ -24,6 +24,7 @@ from tests.helpers import (
     rename_table,
     running,
     sleep,
+    start_in_process,
     warnings_logged,
 )
 from tests.test_pairing_page_http import count_password_checks
@@ -524,3 +525,47 @@ async def test_a_failed_password_allowance_that_cannot_be_given_back_still_issue
         assert warned == [
             "Could not give back a failed-password allowance: no such table: login_token_ratelimits"
         ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_check_that_could_not_run_gives_its_allowance_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed-password allowance is reserved before bcrypt runs; when the check itself
+    fails (not a wrong password), it is the user's again: an outage is not a guess."""
+    one_guess = {"failed_auth_ratelimit": {"per_second": 0.001, "burst_count": 1}}
+    async with running(tmp_path, one_guess) as srv:
+        access = await srv.client.access_token("alice")
+        session = await challenge(srv, access)
+        hasher = srv.hs.hasher
+        real = hasher.check
+
+        async def broken(password: str, password_hash: str | None) -> bool:
+            raise RuntimeError("the password check could not run")
+
+        monkeypatch.setattr(hasher, "check", broken)
+        failed = await srv.client.post(GET_TOKEN, password_auth(session), access)
+        assert (failed.code, failed.json.get("errcode")) == (500, "M_UNKNOWN"), failed
+        monkeypatch.setattr(hasher, "check", real)
+        # The one allowance is back: the right password now issues, not a 429.
+        assert_token(await srv.client.post(GET_TOKEN, password_auth(await challenge(srv, access)), access))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_user_id_is_split_at_its_first_colon(tmp_path: Path) -> None:
+    """A server name may carry a port (and capitals): only the localpart before the first
+    colon is case-folded, so naming oneself in full still matches the requester."""
+    srv = await start_in_process(
+        tmp_path, {"store": {"type": "sqlite", "path": "tokens.db"}}, server_name="Test.Local:8448"
+    )
+    try:
+        await srv.register("alice")
+        access = await srv.client.access_token("alice")
+        identifier = {"type": "m.id.user", "user": "@Alice:Test.Local:8448"}
+        session = await challenge(srv, access)
+        response = await srv.client.post(GET_TOKEN, password_auth(session, identifier=identifier), access)
+        assert assert_token(response)
+        login = await srv.client.token_login(response.json["login_token"])
+        assert (login.code, login.json["user_id"]) == (200, "@alice:Test.Local:8448")
+    finally:
+        await srv.stop()
