@@ -361,6 +361,48 @@ def sso_host_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[SsoHostApi]]:
 GET_TOKEN = "/_matrix/client/v1/login/get_token"
 
 
+def sso_failures() -> float:
+    return REGISTRY.get_sample_value("login_token_module_uia_failures_total", {"reason": "sso"}) or 0.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_sign_on_named_before_it_is_complete_is_a_failed_stage(
+    tmp_path: Path, sso_host_api: list[SsoHostApi]
+) -> None:
+    """A client that sends ``m.login.sso`` before the user finished at the host's page gets
+    the stage's 401 with M_FORBIDDEN, counted as an sso failure; with no session it gets a
+    fresh one, begun at the host for the endpoint that asked."""
+    srv = await start(tmp_path)
+    try:
+        (api,) = sso_host_api
+        phone = await login_device(srv, "PHONE")
+        session = (await srv.client.post(GET_TOKEN, {}, phone)).json["session"]
+        before = sso_failures()
+        early = await srv.client.post(GET_TOKEN, {"auth": {"type": "m.login.sso", "session": session}}, phone)
+        assert (early.code, early.json.get("errcode")) == (401, "M_FORBIDDEN"), early
+        assert early.json["error"] == "Single sign-on is not complete in this session"
+        assert early.json["session"] == session
+        assert sso_failures() == before + 1
+
+        fresh = await srv.client.post(GET_TOKEN, {"auth": {"type": "m.login.sso"}}, phone)
+        assert (fresh.code, fresh.json.get("errcode")) == (401, "M_FORBIDDEN"), fresh
+        new_session = fresh.json["session"]
+        assert new_session != session
+        assert api.host_endpoints[new_session] == GET_TOKEN
+        assert sso_failures() == before + 2
+        # The fresh session is held like any other: completed at the host, it mints.
+        api.completed[new_session] = USER
+        done = await srv.client.post(GET_TOKEN, {"auth": {"session": new_session}}, phone)
+        assert done.code == 200 and done.json["login_token"], done
+        # A bare session (no stage named) is a plain prompt, not a failure.
+        later = (await srv.client.post(GET_TOKEN, {}, phone)).json["session"]
+        plain = await srv.client.post(GET_TOKEN, {"auth": {"session": later}}, phone)
+        assert plain.code == 401 and "errcode" not in plain.json, plain
+        assert sso_failures() == before + 2
+    finally:
+        await srv.stop()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_session_completed_by_the_hosts_single_sign_on_mints_once(
     tmp_path: Path, sso_host_api: list[SsoHostApi]
