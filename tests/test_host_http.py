@@ -378,6 +378,21 @@ async def test_access_token_query_parameter_works(server: InProcessServer) -> No
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_access_token_query_parameter_holding_nul_is_400_before_any_lookup(
+    server: InProcessServer,
+) -> None:
+    """A NUL in the query's access token is refused by name, not looked up. (The same check
+    guards the Authorization header, but Twisted itself answers a bare 400 to a header holding
+    NUL before any resource sees it.)"""
+    token = await server.client.access_token("alice")
+    for target in (f"{WHOAMI}?access_token=mat_%00", f"{WHOAMI}?access_token={quote(token)}%00"):
+        response = await server.client.get(target)
+        assert_error(response, 400, "M_INVALID_PARAM")
+        assert response.json["error"] == "'access_token' holds a character not allowed here (NUL)"
+    assert (await server.client.get(f"{WHOAMI}?access_token={quote(token)}")).code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_non_bearer_authorization_is_401_missing_token(server: InProcessServer) -> None:
     token = await server.client.access_token("alice")
     for value in ("Basic x", "Basic " + token, "Bearer", "Bearer   ", token):
