@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
@@ -29,7 +29,7 @@ import pytest
 import treq
 import yaml
 from treq.cookies import IndexableCookieJar
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -203,10 +203,12 @@ class InProcessServer:
 
 
 async def start_in_process(
-    directory: Path, module_config: Mapping[str, Any] | None = None, **extra: Any
+    directory: Path, module_config: Mapping[str, Any] | None = None, *, workers: int = 1, **extra: Any
 ) -> InProcessServer:
+    """The homeserver in this process; ``workers`` > 1 makes it keep its shared state (rc_login
+    buckets, the module's limits) in the database as a worker would, without starting others."""
     raw = homeserver_yaml(directory, module_config, **extra)
-    hs = Homeserver(parse_homeserver_config(raw, str(directory)), REACTOR)
+    hs = Homeserver(parse_homeserver_config(raw, str(directory)), REACTOR, workers=workers)
     ports = hs.start()
     port: int = ports[0].getHost().port  # type: ignore[attr-defined]
     return InProcessServer(hs, HttpClient(f"http://127.0.0.1:{port}"))
@@ -519,3 +521,29 @@ def hold_clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
 def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The messages of every record at WARNING or above that the test captured."""
     return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+class PasswordChecks:
+    """The host's password checks, counted; ``during_next`` runs once while the next
+    one is under way (its bcrypt started, its answer not yet back to the module)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.during_next: Callable[[], Awaitable[Any]] | None = None
+
+
+def count_password_checks(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> PasswordChecks:
+    seen = PasswordChecks()
+    hasher = srv.hs.hasher
+    real = hasher.check
+
+    async def check(password: str, password_hash: str | None) -> bool:
+        seen.count += 1
+        action, seen.during_next = seen.during_next, None
+        checking = defer.ensureDeferred(real(password, password_hash))
+        if action is not None:
+            await action()
+        return bool(await checking)
+
+    monkeypatch.setattr(hasher, "check", check)
+    return seen

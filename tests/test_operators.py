@@ -11,6 +11,7 @@ import logging
 import re
 import sqlite3
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import pytest_twisted
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import threads
 
 from login_token_module import audit, tokens
 from login_token_module.config import StoreConfig
@@ -36,12 +38,15 @@ from tests.helpers import (
     access_token,
     call,
     cli,
+    count_password_checks,
     flip_last,
     homeserver_yaml,
     mint_login_token,
     register,
+    rename_table,
     start_in_process,
     token_login,
+    warnings_logged,
     write_config,
 )
 from tests.pgcluster import Database
@@ -794,6 +799,57 @@ async def test_failed_attempts_counts_only_failures(tmp_path: Path) -> None:
         assert (await srv.client.password_login("alice", "wrong")).code == 403
         assert (await srv.client.password_login("alice", "wrong")).code == 429
         assert (await srv.client.password_login("alice")).code == 429  # the account is locked for now
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_check_that_could_not_run_gives_the_failed_attempt_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed attempt reserved before bcrypt is the account's again when the check itself
+    fails: an outage is not a wrong guess."""
+    srv = await start(tmp_path, rc_login=_rc(failed_attempts={"per_second": 0.001, "burst_count": 1}))
+    try:
+        hasher = srv.hs.hasher
+        real = hasher.check
+
+        async def broken(password: str, password_hash: str | None) -> bool:
+            raise RuntimeError("the password check could not run")
+
+        monkeypatch.setattr(hasher, "check", broken)
+        failed = await srv.client.password_login("alice")
+        assert (failed.code, failed.json["errcode"]) == (500, "M_UNKNOWN"), failed
+        monkeypatch.setattr(hasher, "check", real)
+        assert (await srv.client.password_login("alice")).code == 200
+        assert (await srv.client.password_login("alice", "wrong")).code == 403  # the one allowance
+        assert (await srv.client.password_login("alice", "wrong")).code == 429
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_rc_login_allowance_that_cannot_be_given_back_still_logs_in_and_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With workers the rc_login buckets live in the homeserver's database; if it fails just as
+    the right password gives its failed attempt back, the login still succeeds and the operator
+    is told which allowance and why, once."""
+    shared = {"store": {"type": "sqlite", "path": "tokens.db", "shared_state": True}, "ratelimit": GENEROUS}
+    srv = await start(tmp_path, shared, workers=2)
+    try:
+        checks = count_password_checks(srv, monkeypatch)
+        db = tmp_path / "homeserver.db"
+        checks.during_next = partial(
+            threads.deferToThread, rename_table, db, "homeserver_ratelimits", "ratelimits_away"
+        )
+        with caplog.at_level(logging.WARNING):
+            login = await srv.client.password_login("alice")
+        await threads.deferToThread(rename_table, db, "ratelimits_away", "homeserver_ratelimits")
+        assert login.code == 200 and login.json["access_token"], login
+        assert warnings_logged(caplog) == [
+            "Could not give back an rc_login failed_attempts allowance: no such table: homeserver_ratelimits"
+        ]
     finally:
         await srv.stop()
 

@@ -42,7 +42,9 @@ from tests.helpers import (
     Clock,
     HttpClient,
     InProcessServer,
+    PasswordChecks,
     Response,
+    count_password_checks,
     hold_clock,
     rename_table,
     running,
@@ -207,32 +209,6 @@ def clock(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> Clock:
 @pytest.fixture
 def page(srv: InProcessServer, clock: Clock) -> Page:
     return Page(srv, clock)
-
-
-class PasswordChecks:
-    """The host's password checks, counted; ``during_next`` runs once while the next
-    one is under way (its bcrypt started, its answer not yet back to the module)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.during_next: Callable[[], Awaitable[Any]] | None = None
-
-
-def count_password_checks(srv: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> PasswordChecks:
-    seen = PasswordChecks()
-    hasher = srv.hs.hasher
-    real = hasher.check
-
-    async def check(password: str, password_hash: str | None) -> bool:
-        seen.count += 1
-        action, seen.during_next = seen.during_next, None
-        checking = defer.ensureDeferred(real(password, password_hash))
-        if action is not None:
-            await action()
-        return bool(await checking)
-
-    monkeypatch.setattr(hasher, "check", check)
-    return seen
 
 
 @pytest.fixture

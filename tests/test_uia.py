@@ -20,6 +20,7 @@ from tests.helpers import (
     Response,
     assert_challenge,
     challenge,
+    count_password_checks,
     password_auth,
     rename_table,
     running,
@@ -27,7 +28,6 @@ from tests.helpers import (
     start_in_process,
     warnings_logged,
 )
-from tests.test_pairing_page_http import count_password_checks
 
 R0_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/token"
 R1_PATH = "/_matrix/client/unstable/org.matrix.msc3882/login/get_token"
