@@ -303,6 +303,18 @@ def test_an_access_token_query_parameter_holding_nul_gets_400(shared: Host) -> N
     assert_boundary_refusal(answer, "access_token")
 
 
+def test_an_authorization_header_holding_nul_is_refused_before_any_resource(shared: Host) -> None:
+    """Twisted itself answers a bare 400 to a header holding NUL: no resource (and no token
+    lookup) ever sees it, on any endpoint."""
+    host = shared
+    for method, path in (("GET", "/_matrix/client/v3/account/whoami"), ("POST", GET_TOKEN)):
+        body = b"{}" if method == "POST" else None
+        for header in (b"Bearer mat_\x00", b"Bearer \x00mat_abc"):
+            answer = send(host.port, method, path, body, {"Authorization": header}, 5.0)
+            assert (answer.status, answer.raw) == (400, b""), answer
+    host.still_serving()
+
+
 # -- 2. metrics labels come from routes, not from what a request spelled -------------------------
 
 
