@@ -868,6 +868,91 @@ async def test_account_bucket_counts_logins_of_one_account(tmp_path: Path) -> No
 
 
 @pytest_twisted.ensureDeferred
+async def test_token_logins_count_against_the_account_they_sign_in(tmp_path: Path) -> None:
+    """A token login names no user; once the token says whose it is, the login is counted
+    against that account like a password login."""
+    srv = await start(tmp_path, rc_login=_rc(account={"per_second": 0.001, "burst_count": 3}))
+    try:
+        await srv.register("bob")
+        access = await srv.client.access_token("alice")  # alice's first login
+        token = await mint(srv, access)
+        assert (await srv.client.token_login(token)).code == 200  # her second
+        assert (await srv.client.password_login("alice")).code == 200  # her third
+        limited = await srv.client.password_login("alice")
+        assert (limited.code, limited.json["errcode"]) == (429, "M_LIMIT_EXCEEDED"), limited
+        assert (await srv.client.password_login("bob")).code == 200  # bob's count is his own
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_keeps_the_devices_display_name(tmp_path: Path) -> None:
+    srv = await start(tmp_path)
+    try:
+        named = await srv.client.password_login(
+            "alice", device_id="LAPTOP", initial_device_display_name="Alice's laptop"
+        )
+        assert named.code == 200, named
+        unnamed = await srv.client.password_login("alice", device_id="PHONE")
+        assert unnamed.code == 200, unnamed
+        with sqlite3.connect(tmp_path / "homeserver.db") as db:
+            rows = db.execute("SELECT device_id, display_name FROM devices ORDER BY device_id").fetchall()
+        assert rows == [("LAPTOP", "Alice's laptop"), ("PHONE", None)]
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_whose_user_is_gone_is_given_back_not_spent(tmp_path: Path) -> None:
+    """The account was removed between minting and spending: the login is refused (403), and
+    the token is given back, so it still works if the account comes back before it expires."""
+    srv = await start(tmp_path)
+    try:
+        token = await mint(srv, await srv.client.access_token("alice"))
+        db_path = tmp_path / "homeserver.db"
+        with sqlite3.connect(db_path) as db:
+            (row,) = db.execute("SELECT * FROM users WHERE user_id = '@alice:test.local'").fetchall()
+            db.execute("DELETE FROM users WHERE user_id = '@alice:test.local'")
+        refused = await srv.client.token_login(token)
+        assert (refused.code, refused.json["errcode"]) == (403, "M_FORBIDDEN"), refused
+        assert await srv.module.store.count_tokens() == 1
+        with sqlite3.connect(db_path) as db:
+            db.execute(f"INSERT INTO users VALUES ({', '.join('?' * len(row))})", row)
+        login = await srv.client.token_login(token)
+        assert (login.code, login.json["user_id"]) == (200, "@alice:test.local"), login
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_post_login_callback_still_signs_in_and_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device exists once the host created it: if the module's bookkeeping after a token
+    login fails, the client still gets its device, and the operator one error with the trace."""
+    srv = await start(tmp_path)
+    try:
+        token = await mint(srv, await srv.client.access_token("alice"))
+
+        async def broken(token_hash: bytes, device_id: str) -> None:
+            raise RuntimeError("the token's history could not be written")
+
+        monkeypatch.setattr(srv.module.store, "record_new_device", broken)
+        with caplog.at_level(logging.ERROR):
+            login = await srv.client.token_login(token, device_id="TV")
+        assert (login.code, login.json["device_id"]) == (200, "TV"), login
+        assert (
+            await srv.client.get("/_matrix/client/v3/account/whoami", login.json["access_token"])
+        ).code == 200
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [r.getMessage() for r in errors] == ["A module's post-login callback failed"]
+        assert errors[0].exc_info is not None
+        assert "the token's history could not be written" in caplog.text
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_token_logins_are_throttled_per_address_without_spending_the_token(tmp_path: Path) -> None:
     srv = await start(tmp_path, rc_login=_rc(address={"per_second": 0.001, "burst_count": 2}))
     try:

@@ -567,5 +567,8 @@ async def test_a_full_user_id_is_split_at_its_first_colon(tmp_path: Path) -> Non
         assert assert_token(response)
         login = await srv.client.token_login(response.json["login_token"])
         assert (login.code, login.json["user_id"]) == (200, "@alice:Test.Local:8448")
+        # The host's own login splits a full user id the same way.
+        again = await srv.client.password_login("@Alice:Test.Local:8448")
+        assert (again.code, again.json.get("user_id")) == (200, "@alice:Test.Local:8448"), again
     finally:
         await srv.stop()
