@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.helpers import (
     InProcessServer,
     Response,
     homeserver_yaml,
+    running,
     start_in_process,
 )
 from tests.probe_module import FAULTY_MODULE, PROBE_LOGIN, PROBE_MODULE, FaultyModule, ProbeModule
@@ -281,6 +283,29 @@ async def test_wrong_password_and_unknown_user_are_403(server: InProcessServer) 
     ]
     for response in cases:
         assert_error(response, 403, "M_FORBIDDEN")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_id_or_name_holding_control_characters_is_400_and_makes_no_device(
+    tmp_path: Path,
+) -> None:
+    """A device id or display name ends up in logs and other clients' device lists: one that
+    holds a control character (an escape sequence, a line break, DEL) is refused by name."""
+    async with running(tmp_path, {}) as srv:
+        for key in ("device_id", "initial_device_display_name"):
+            for value in ("\x1b[31mred", "two\nlines", "tab\there", "del\x7f", "c1\x85"):
+                response = await srv.client.password_login("alice", **{key: value})
+                assert_error(response, 400, "M_INVALID_PARAM")
+                assert response.json["error"] == f"'{key}' must not hold control characters", response
+        # Other unusual but printable characters are fine.
+        fine = await srv.client.password_login(
+            "alice", device_id="TV-Ünïcode", initial_device_display_name="📺"
+        )
+        assert fine.code == 200, fine
+        with sqlite3.connect(tmp_path / "homeserver.db") as db:
+            assert db.execute("SELECT device_id, display_name FROM devices").fetchall() == [
+                ("TV-Ünïcode", "📺")
+            ]
 
 
 @pytest_twisted.ensureDeferred

@@ -774,6 +774,14 @@ def _rc(**limits: Any) -> dict[str, Any]:
     return {"address": GENEROUS, "account": GENEROUS, "failed_attempts": GENEROUS, **limits}
 
 
+def rc_login_refusals() -> dict[str, float]:
+    name = "login_token_module_ratelimited_total"
+    return {
+        bucket: REGISTRY.get_sample_value(name, {"limiter": f"rc_login_{bucket}"}) or 0.0
+        for bucket in ("address", "account", "failed_attempts")
+    }
+
+
 @pytest_twisted.ensureDeferred
 async def test_wrong_passwords_get_429_after_three_by_default(tmp_path: Path) -> None:
     # Synapse's shape, this host's defaults (0.17/s, burst 3), for every bucket.
@@ -797,8 +805,16 @@ async def test_failed_attempts_counts_only_failures(tmp_path: Path) -> None:
             assert (await srv.client.password_login("alice")).code == 200
         assert (await srv.client.password_login("alice", "wrong")).code == 403
         assert (await srv.client.password_login("alice", "wrong")).code == 403
+        before = rc_login_refusals()
         assert (await srv.client.password_login("alice", "wrong")).code == 429
         assert (await srv.client.password_login("alice")).code == 429  # the account is locked for now
+        # Each refusal is counted under the bucket that refused it, for operators' alerts.
+        after = rc_login_refusals()
+        assert {name: after[name] - before[name] for name in after} == {
+            "address": 0,
+            "account": 0,
+            "failed_attempts": 2,
+        }
     finally:
         await srv.stop()
 
