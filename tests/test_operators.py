@@ -885,18 +885,36 @@ async def test_account_bucket_counts_logins_of_one_account(tmp_path: Path) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_token_logins_count_against_the_account_they_sign_in(tmp_path: Path) -> None:
-    """A token login names no user; once the token says whose it is, the login is counted
-    against that account like a password login."""
-    srv = await start(tmp_path, rc_login=_rc(account={"per_second": 0.001, "burst_count": 3}))
+    """A token login names no user (or names one malformed, which a module login ignores);
+    once the token says whose it is, the login is counted against that account like a
+    password login."""
+    srv = await start(tmp_path, rc_login=_rc(account={"per_second": 0.001, "burst_count": 4}))
     try:
         await srv.register("bob")
         access = await srv.client.access_token("alice")  # alice's first login
-        token = await mint(srv, access)
-        assert (await srv.client.token_login(token)).code == 200  # her second
-        assert (await srv.client.password_login("alice")).code == 200  # her third
+        first, second = await mint(srv, access), await mint(srv, access)
+        assert (await srv.client.token_login(first)).code == 200  # her second
+        malformed = {"type": "m.id.phone", "number": "123"}
+        assert (await srv.client.token_login(second, identifier=malformed)).code == 200  # her third
+        assert (await srv.client.password_login("alice")).code == 200  # her fourth
         limited = await srv.client.password_login("alice")
         assert (limited.code, limited.json["errcode"]) == (429, "M_LIMIT_EXCEEDED"), limited
         assert (await srv.client.password_login("bob")).code == 200  # bob's count is his own
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_login_gives_the_account_its_allowance_back(tmp_path: Path) -> None:
+    """The account a request names is admitted before its password is checked; a login that
+    fails does not count against it (failed_attempts counts those)."""
+    srv = await start(tmp_path, rc_login=_rc(account={"per_second": 0.001, "burst_count": 2}))
+    try:
+        for _ in range(4):
+            assert (await srv.client.password_login("alice", "wrong")).code == 403
+        assert (await srv.client.password_login("alice")).code == 200
+        assert (await srv.client.password_login("alice")).code == 200
+        assert (await srv.client.password_login("alice")).code == 429
     finally:
         await srv.stop()
 
