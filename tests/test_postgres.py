@@ -372,6 +372,82 @@ async def test_a_job_that_may_have_committed_is_never_run_again(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_committed_transaction_makes_its_job_final_and_leaves_writes_guarded(
+    own_pg_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    database = own_pg_cluster.create_database()
+    backend = open_pg_backend(database, tmp_path, cp_min=1, cp_max=1)
+    db = pool(backend)
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE probe (x INTEGER)"))
+
+        # The transaction committed; the connection died before the job's next statement, a
+        # mere SELECT. The job has written: it is not run again.
+        def commit_then_count(conn: Conn, restart_now: Callable[[], None]) -> int:
+            conn.transaction(lambda txn: txn.execute("INSERT INTO probe (x) VALUES (1)"))
+            restart_now()
+            return _rows(conn)
+
+        committed = RestartsOnce(own_pg_cluster, commit_then_count)
+        with pytest.raises(StorageUnavailableError):
+            await db.run(committed)
+        assert committed.runs == 1
+        assert await db.run(_rows) == 1
+
+        # A connection that ran a transaction is back in autocommit: a lone write it sends
+        # later still counts as committed once sent, and is not sent again.
+        await db.run(lambda conn: conn.transaction(lambda txn: txn.execute("SELECT 1")))
+
+        def insert_alone(conn: Conn, restart_now: Callable[[], None]) -> None:
+            restart_now()
+            conn.execute("INSERT INTO probe (x) VALUES (1)")
+
+        alone = RestartsOnce(own_pg_cluster, insert_alone)
+        with pytest.raises(StorageUnavailableError):
+            await db.run(alone)
+        assert alone.runs == 1
+        assert await db.run(_rows) == 1
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_jobs_own_error_on_a_broken_connection_is_the_callers_and_the_next_job_reconnects(
+    own_pg_cluster: PostgresCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The job raised its own error in a transaction whose connection had died unnoticed: the
+    ROLLBACK fails (said at debug level only: the server rolls back by itself), the caller
+    gets the job's error, and the broken connection is replaced before the next job."""
+    database = own_pg_cluster.create_database()
+    backend = open_pg_backend(database, tmp_path, cp_min=1, cp_max=1)
+    db = pool(backend)
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE probe (x INTEGER)"))
+
+        def fail_after_the_server_went(conn: Conn, restart_now: Callable[[], None]) -> None:
+            def run(txn: Conn) -> None:
+                txn.execute("INSERT INTO probe (x) VALUES (1)")
+                restart_now()
+                raise ValueError("the job's own error")
+
+            conn.transaction(run)
+
+        job = RestartsOnce(own_pg_cluster, fail_after_the_server_went)
+        with (
+            caplog.at_level(logging.DEBUG, logger=postgres.__name__),
+            pytest.raises(ValueError, match="the job's own error"),
+        ):
+            await db.run(job)
+        assert job.runs == 1
+        said = [r.getMessage() for r in caplog.records if r.name == postgres.__name__]
+        assert said == ["ROLLBACK failed on a broken connection"]
+        assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == postgres.__name__)
+        assert await db.run(_rows) == 0
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_statement_the_server_cancels_is_unavailable_and_its_connection_closed(
     pg_database: Database, tmp_path: Path
 ) -> None:
