@@ -290,7 +290,7 @@ def _rows(conn: Conn) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_a_job_whose_connection_died_before_anything_could_commit_runs_again_once(
-    own_pg_cluster: PostgresCluster, tmp_path: Path, warnings: pytest.LogCaptureFixture
+    own_pg_cluster: PostgresCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     database = own_pg_cluster.create_database()
     backend = open_pg_backend(database, tmp_path, cp_min=1, cp_max=1)
@@ -307,9 +307,17 @@ async def test_a_job_whose_connection_died_before_anything_could_commit_runs_aga
             conn.transaction(run)
 
         job = RestartsOnce(own_pg_cluster, insert_in_transaction)
-        await db.run(job)
+        with caplog.at_level(logging.INFO, logger=postgres.__name__):
+            await db.run(job)
         assert job.runs == 2
         assert await db.run(_rows) == 1
+        # Said once, at INFO (nothing was lost): which store's connection, and why.
+        (retried,) = [r for r in caplog.records if r.name == postgres.__name__ and r.levelno == logging.INFO]
+        assert retried.args is not None and retried.args[0] == STORE, retried.args
+        reason = retried.args[1]
+        assert isinstance(reason, str) and reason and reason != "None"
+        said = f"A pooled PostgreSQL connection ({STORE}) had died; trying again: {reason}"
+        assert retried.getMessage() == said
 
         # A lone SELECT changes nothing: run again too.
         def count(conn: Conn, restart_now: Callable[[], None]) -> int:
@@ -319,7 +327,7 @@ async def test_a_job_whose_connection_died_before_anything_could_commit_runs_aga
         counting = RestartsOnce(own_pg_cluster, count)
         assert await db.run(counting) == 1
         assert counting.runs == 2
-        assert pool_warnings(warnings) == []
+        assert pool_warnings(caplog) == []
 
         # The server stays away: the second run cannot connect, and the job is a 503.
         stopped = RestartsOnce(own_pg_cluster, count)
