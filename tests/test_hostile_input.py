@@ -20,16 +20,21 @@ from typing import Any
 
 import psutil
 import pytest
+import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import threads
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from login_token_module.errors import MatrixError
 from login_token_module.host.passwords import check_password_sync, hash_password_sync
-from login_token_module.http import check_strings
+from login_token_module.http import check_strings, client_address
 from login_token_module.tokens import generate_token
 from tests.helpers import (
     GET_TOKEN,
     LOGIN,
     PASSWORD,
+    REACTOR,
     ChildServer,
     Launcher,
     cli,
@@ -639,3 +644,34 @@ def test_the_metrics_listener_refuses_a_huge_body_before_it_arrives(tmp_path: Pa
         except TimeoutError:
             raise AssertionError("the metrics listener waited for the 200 MB body") from None
     assert re.match(rb"HTTP/1\.[01] 4\d\d ", reply), reply[:200]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_on_a_unix_socket_has_no_client_address(tmp_path: Path) -> None:
+    """Synapse can listen on a UNIX socket: its peers have no IP address. The module's
+    limits and audit then get no address (an unknown peer) rather than a crash."""
+    seen: list[str | None] = []
+
+    class Echo(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Request) -> bytes:
+            seen.append(client_address(request))
+            return b"answered"
+
+    path = str(tmp_path / "http.sock")
+    listening = REACTOR.listenUNIX(path, Site(Echo()))  # type: ignore[no-untyped-call]
+
+    def get() -> bytes:
+        with socket.socket(socket.AF_UNIX) as peer:
+            peer.settimeout(5)
+            peer.connect(path)
+            peer.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return b"".join(iter(lambda: peer.recv(4096), b""))
+
+    try:
+        answer = await threads.deferToThread(get)
+    finally:
+        await listening.stopListening()
+    assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"answered"), answer
+    assert seen == [None]
