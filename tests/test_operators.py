@@ -959,6 +959,35 @@ async def test_a_token_whose_user_is_gone_is_given_back_not_spent(tmp_path: Path
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_token_that_cannot_be_given_back_is_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device could not be made and the module could not give the token back either: the
+    login is still the client's clear 403, and the operator gets one error with the trace."""
+    srv = await start(tmp_path)
+    try:
+        token = await mint(srv, await srv.client.access_token("alice"))
+        with sqlite3.connect(tmp_path / "homeserver.db") as db:
+            db.execute("DELETE FROM users WHERE user_id = '@alice:test.local'")
+
+        async def broken(*args: Any) -> bool:
+            raise RuntimeError("the store could not take the token back")
+
+        monkeypatch.setattr(srv.module.store, "unspend_token", broken)
+        with caplog.at_level(logging.ERROR):
+            refused = await srv.client.token_login(token)
+        assert (refused.code, refused.json["errcode"]) == (403, "M_FORBIDDEN"), refused
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [r.getMessage() for r in errors] == [
+            "A module could not undo a login whose device was not created"
+        ]
+        assert errors[0].exc_info is not None
+        assert "the store could not take the token back" in caplog.text
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_post_login_callback_still_signs_in_and_is_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -435,9 +435,14 @@ async def test_a_committed_transaction_makes_its_job_final_and_leaves_writes_gua
         assert committed.runs == 1
         assert await db.run(_rows) == 1
 
-        # A connection that ran a transaction is back in autocommit: a lone write it sends
-        # later still counts as committed once sent, and is not sent again.
+        # A connection that ran a transaction, committed or failed by its own error, is back
+        # in autocommit: a lone write it sends later still counts as committed once sent, and
+        # is not sent again.
         await db.run(lambda conn: conn.transaction(lambda txn: txn.execute("SELECT 1")))
+        import psycopg2
+
+        with pytest.raises(psycopg2.errors.DivisionByZero):
+            await db.run(lambda conn: conn.transaction(lambda txn: txn.execute("SELECT 1 / 0")))
 
         def insert_alone(conn: Conn, restart_now: Callable[[], None]) -> None:
             restart_now()
