@@ -288,6 +288,12 @@ def _rows(conn: Conn) -> int:
     return int(conn.execute("SELECT count(*) FROM probe").fetchone()[0])
 
 
+def _insert_alone(conn: Conn, restart_now: Callable[[], None]) -> None:
+    """A lone write (autocommit) sent after the server went away."""
+    restart_now()
+    conn.execute("INSERT INTO probe (x) VALUES (1)")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_job_whose_connection_died_before_anything_could_commit_runs_again_once(
     own_pg_cluster: PostgresCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -385,11 +391,7 @@ async def test_a_job_that_may_have_committed_is_never_run_again(
         await db.run(lambda conn: conn.execute("CREATE TABLE probe (x INTEGER)"))
 
         # A statement outside a transaction commits as it runs: once sent, it is not sent again.
-        def insert_alone(conn: Conn, restart_now: Callable[[], None]) -> None:
-            restart_now()
-            conn.execute("INSERT INTO probe (x) VALUES (1)")
-
-        alone = RestartsOnce(own_pg_cluster, insert_alone)
+        alone = RestartsOnce(own_pg_cluster, _insert_alone)
         with pytest.raises(StorageUnavailableError):
             await db.run(alone)
         assert alone.runs == 1
@@ -444,11 +446,7 @@ async def test_a_committed_transaction_makes_its_job_final_and_leaves_writes_gua
         with pytest.raises(psycopg2.errors.DivisionByZero):
             await db.run(lambda conn: conn.transaction(lambda txn: txn.execute("SELECT 1 / 0")))
 
-        def insert_alone(conn: Conn, restart_now: Callable[[], None]) -> None:
-            restart_now()
-            conn.execute("INSERT INTO probe (x) VALUES (1)")
-
-        alone = RestartsOnce(own_pg_cluster, insert_alone)
+        alone = RestartsOnce(own_pg_cluster, _insert_alone)
         with pytest.raises(StorageUnavailableError):
             await db.run(alone)
         assert alone.runs == 1
