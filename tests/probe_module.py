@@ -6,7 +6,8 @@ login type of its own (with a required field and no extra flow fields) and an
 check over HTTP that the host keeps that contract.
 
 ``FaultyModule`` serves handlers that fail in ways no real handler should, so that a
-test can see the last-resort 500 go out over a real connection.
+test can see the last-resort 500 go out over a real connection, and handlers that
+raise the errors every handler may raise, so that a test can see their answers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from twisted.web.server import Request
 
 from login_token_module.api import JsonDict, ModuleApi
+from login_token_module.errors import ServerBusyError, StorageUnavailableError
 from login_token_module.http import JsonResource
 
 PROBE_LOGIN = "org.example.probe"
@@ -46,13 +48,23 @@ class ProbeModule:
 
 FAULTY_MODULE = "tests.probe_module.FaultyModule"
 # The faults FaultyModule serves, each under /_test/fault/<name>.
-FAULTS = ("unencodable", "after_a_partial_write", "unwritable")
+FAULTS = (
+    "unencodable",
+    "after_a_partial_write",
+    "unwritable",
+    "write_fails_once",
+    "store_away",
+    "busy",
+    "raises",
+)
 
 
 class FaultyResource(JsonResource):
     """A handler that answers what no real handler may: a body that cannot be encoded
     (a lone surrogate), after writing part of the response itself, or on a request
-    whose writes fail. It keeps each request, so a test can see how it ended."""
+    whose writes fail (all of them, or only the first). Or it raises what a handler
+    may: the store's server is away, the password queue is full, or a bug. It keeps
+    each request, so a test can see how it ended."""
 
     def __init__(self, fault: str, requests: list[Request]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -61,6 +73,21 @@ class FaultyResource(JsonResource):
 
     async def on_GET(self, request: Request) -> tuple[int, JsonDict]:
         self.requests.append(request)
+        if self.fault == "store_away":
+            raise StorageUnavailableError("the test's store is away")
+        if self.fault == "busy":
+            raise ServerBusyError(retry_after_ms=2500)
+        if self.fault == "raises":
+            raise RuntimeError("a handler's bug")
+        if self.fault == "write_fails_once":
+            write = request.write
+
+            def fail_once(data: bytes) -> None:
+                request.write = write  # type: ignore[method-assign]
+                raise OSError("the first write failed")
+
+            request.write = fail_once  # type: ignore[method-assign]
+            return 200, {"text": "fine"}
         if self.fault == "after_a_partial_write":
             request.write(b"partial")
         elif self.fault == "unwritable":

@@ -16,20 +16,33 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 import pytest_twisted
+from prometheus_client import REGISTRY
 from twisted.internet import threads
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from login_token_module.host.resources import new_device_id
+from login_token_module.http import OTHER
 from tests.helpers import (
     GET_TOKEN,
     LOGIN,
     PASSWORD,
+    REACTOR,
+    HttpClient,
     InProcessServer,
     Response,
     homeserver_yaml,
     running,
     start_in_process,
 )
-from tests.probe_module import FAULTY_MODULE, PROBE_LOGIN, PROBE_MODULE, FaultyModule, ProbeModule
+from tests.probe_module import (
+    FAULTY_MODULE,
+    PROBE_LOGIN,
+    PROBE_MODULE,
+    FaultyModule,
+    FaultyResource,
+    ProbeModule,
+)
 
 VERSIONS = "/_matrix/client/versions"
 CAPABILITIES = "/_matrix/client/v3/capabilities"
@@ -815,3 +828,113 @@ async def test_a_500_that_cannot_be_written_is_logged_and_the_connection_closed(
     ]
     last = [r for r in caplog.records if r.name == "login_token_module.http"][-1]
     assert last.exc_info is not None and isinstance(last.exc_info[1], OSError)
+
+
+def _latency(route: str, code: int) -> tuple[float, float]:
+    """The request-latency histogram's (count, sum) for ``route`` answered ``code`` to GET,
+    from this process's registry."""
+    labels = {"endpoint": route, "method": "GET", "code": str(code)}
+    name = "login_token_module_http_request_duration_seconds"
+    count = REGISTRY.get_sample_value(f"{name}_count", labels) or 0.0
+    total = REGISTRY.get_sample_value(f"{name}_sum", labels) or 0.0
+    return count, total
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_whose_store_is_away_gets_503_with_retry_after_and_no_log_line_here(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store logs its outage where it noticed it (throttled); the answer only says
+    to come back."""
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    async with faulty(tmp_path) as (srv, _):
+        answer = await srv.client.get("/_test/fault/store_away")
+    assert answer.code == 503, answer
+    assert answer.json == {
+        "errcode": "M_UNKNOWN",
+        "error": "The server's database is unavailable; try again shortly",
+    }
+    assert answer.headers["retry-after"] == "5"
+    assert "connection" not in answer.headers
+    assert _warnings(caplog) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_refused_for_a_full_queue_gets_429_and_its_time_is_measured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    route = "/_test/fault/busy"
+    count_before, sum_before = _latency(route, 429)
+    async with faulty(tmp_path) as (srv, _):
+        answer = await srv.client.get(route)
+    assert answer.code == 429, answer
+    assert answer.json == {
+        "errcode": "M_LIMIT_EXCEEDED",
+        "error": "The server is busy; try again shortly",
+        "retry_after_ms": 2500,
+    }
+    assert answer.headers["retry-after"] == "3"
+    assert _warnings(caplog) == []
+    count_after, sum_after = _latency(route, 429)
+    assert count_after - count_before == 1
+    # The time from routing to answering: well under a second here, and never negative.
+    assert 0 <= sum_after - sum_before < 5, (sum_before, sum_after)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handlers_bug_is_a_500_and_one_error_line_naming_the_method_and_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request's body never reaches the line (it may hold a password); the
+    connection stays usable, as for any other answer."""
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    async with faulty(tmp_path) as (srv, _):
+        answer = await srv.client.get("/_test/fault/raises")
+    assert answer.code == 500, answer
+    assert answer.json == {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+    assert "connection" not in answer.headers
+    assert _warnings(caplog) == [
+        ("login_token_module.http", logging.ERROR, "Unhandled error in GET /_test/fault/raises")
+    ]
+    (record,) = [r for r in caplog.records if r.name == "login_token_module.http"]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_whose_writing_fails_becomes_the_fixed_500_and_a_closed_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    async with faulty(tmp_path) as (srv, module):
+        received, closed = await raw_get(srv, "/_test/fault/write_fails_once")
+        (request,) = module.requests
+        assert request.finished
+    status, headers, body = split_response(received)
+    assert status == b"HTTP/1.1 500 Internal Server Error"
+    assert body == INTERNAL_ERROR
+    assert headers["connection"] == "close"
+    assert closed, "the connection was left open after the 500"
+    assert _warnings(caplog) == [
+        ("login_token_module.http", logging.ERROR, "Failed to answer a request; answering 500")
+    ]
+    (record,) = [r for r in caplog.records if r.name == "login_token_module.http"]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_json_resource_served_outside_the_hosts_tree_is_measured_under_other() -> None:
+    """A JsonResource in any Twisted tree that did not name its route (a module's own
+    site, say) is still answered and measured, under the fixed label "other"."""
+    before, _ = _latency(OTHER, 429)
+    root = Resource()
+    root.putChild(b"busy", FaultyResource("busy", []))
+    listening = REACTOR.listenTCP(0, Site(root), interface="127.0.0.1")
+    try:
+        port = listening.getHost().port
+        answer = await HttpClient(f"http://127.0.0.1:{port}").get("/busy")
+    finally:
+        await listening.stopListening()
+    assert (answer.code, answer.json["errcode"]) == (429, "M_LIMIT_EXCEEDED"), answer
+    after, _ = _latency(OTHER, 429)
+    assert after - before == 1
