@@ -12,6 +12,7 @@ raise the errors every handler may raise, so that a test can see their answers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,15 +57,18 @@ FAULTS = (
     "store_away",
     "busy",
     "raises",
+    "waits_for_disconnect",
+    "finishes_itself",
 )
 
 
 class FaultyResource(JsonResource):
     """A handler that answers what no real handler may: a body that cannot be encoded
-    (a lone surrogate), after writing part of the response itself, or on a request
-    whose writes fail (all of them, or only the first). Or it raises what a handler
-    may: the store's server is away, the password queue is full, or a bug. It keeps
-    each request, so a test can see how it ended."""
+        (a lone surrogate), after writing part of the response itself, or on a request
+        whose writes fail (all of them, or only the first), after its client has gone, or
+    after finishing the response itself. Or it raises what a handler
+        may: the store's server is away, the password queue is full, or a bug. It keeps
+        each request, so a test can see how it ended."""
 
     def __init__(self, fault: str, requests: list[Request]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -79,6 +83,15 @@ class FaultyResource(JsonResource):
             raise ServerBusyError(retry_after_ms=2500)
         if self.fault == "raises":
             raise RuntimeError("a handler's bug")
+        if self.fault == "waits_for_disconnect":
+            # Answers only once its client has gone: the answer must go nowhere.
+            with contextlib.suppress(Exception):
+                await request.notifyFinish()
+            return 200, {"text": "too late"}
+        if self.fault == "finishes_itself":
+            request.write(b"done")
+            request.finish()
+            return 200, {"text": "never sent"}
         if self.fault == "write_fails_once":
             write = request.write
 

@@ -302,6 +302,10 @@ def test_printable_escapes_and_cuts_client_text() -> None:
     assert printable(b"/a\x00b\x1b\n") == "/a\\x00b\\x1b\\n"
     assert printable(b"\xff") == "\\xff"
     assert printable("x" * 300, 10) == "x" * 10 + "..."
+    assert printable("x" * 10, 10) == "x" * 10
+    # The default cut: 200 characters are kept whole, 201 are cut to 200.
+    assert printable("x" * 200) == "x" * 200
+    assert printable("x" * 201) == "x" * 200 + "..."
 
 
 def test_each_kind_of_unprintable_character_has_its_own_escape() -> None:

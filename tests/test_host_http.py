@@ -33,6 +33,7 @@ from tests.helpers import (
     Response,
     homeserver_yaml,
     running,
+    sleep,
     start_in_process,
 )
 from tests.probe_module import (
@@ -167,9 +168,15 @@ def _blocking_exchange(base_url: str, request: bytes) -> bytes:
     """Send ``request`` as written (it asks to close the connection) and read the answer."""
     parts = urlsplit(base_url)
     assert parts.hostname is not None and parts.port is not None
+    received = b""
     with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
         sock.sendall(request)
-        return b"".join(iter(lambda: sock.recv(65536), b""))
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass  # what came is the answer; the caller checks it
+    return received
 
 
 @pytest_twisted.ensureDeferred
@@ -906,6 +913,7 @@ async def test_a_handler_whose_store_is_away_gets_503_with_retry_after_and_no_lo
         "error": "The server's database is unavailable; try again shortly",
     }
     assert answer.headers["retry-after"] == "5"
+    assert answer.headers["cache-control"] == "no-cache, no-store, must-revalidate"
     assert "connection" not in answer.headers
     assert _warnings(caplog) == []
 
@@ -995,3 +1003,60 @@ async def test_a_json_resource_served_outside_the_hosts_tree_is_measured_under_o
     assert after - before == 1
     assert beyond.code == 404, beyond
     assert beyond.json == {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_carry_their_reason_phrases_even_where_twisted_has_none(tmp_path: Path) -> None:
+    """Twisted knows no phrase for 429, and an older one for 413."""
+    async with faulty(tmp_path) as (srv, _):
+        for path, status in (
+            ("/_test/fault/busy", b"HTTP/1.1 429 Too Many Requests"),
+            ("/_test/fault/store_away", b"HTTP/1.1 503 Service Unavailable"),
+        ):
+            request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            received = await threads.deferToThread(_blocking_exchange, srv.client.base_url, request)
+            assert split_response(received)[0] == status, received
+        body = b"{" + b" " * (70 * 1024) + b"}"  # over the 64 KiB default
+        head = f"POST {LOGIN} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        received = await threads.deferToThread(_blocking_exchange, srv.client.base_url, head.encode() + body)
+        assert split_response(received)[0] == b"HTTP/1.1 413 Payload Too Large", received
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_for_a_client_that_has_gone_is_dropped_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    route = "/_test/fault/waits_for_disconnect"
+    before, _ = _latency(route, 200)
+    async with faulty(tmp_path) as (srv, module):
+        parts = urlsplit(srv.client.base_url)
+        assert parts.port is not None
+
+        def ask_and_leave() -> None:
+            with socket.create_connection(("127.0.0.1", parts.port), timeout=5) as sock:
+                sock.sendall(f"GET {route} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+        await threads.deferToThread(ask_and_leave)
+        for _ in range(100):  # the handler answers once it sees the client gone
+            if _latency(route, 200)[0] > before:
+                break
+            await sleep(0.05)
+        (request,) = module.requests
+    assert _latency(route, 200)[0] == before + 1
+    assert not request.finished  # nothing was written to, or finished on, the lost connection
+    assert _warnings(caplog) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_that_finished_the_response_itself_gets_nothing_more_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="login_token_module")
+    async with faulty(tmp_path) as (srv, _):
+        request = b"GET /_test/fault/finishes_itself HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        received = await threads.deferToThread(_blocking_exchange, srv.client.base_url, request)
+    status, _, body = split_response(received)
+    assert status == b"HTTP/1.1 200 OK", received
+    assert body == b"4\r\ndone\r\n0\r\n\r\n", received
+    assert _warnings(caplog) == []
