@@ -259,7 +259,10 @@ async def test_a_store_in_the_config_is_refused_where_the_host_keeps_tokens(
     with pytest.raises(ConfigError) as raised:
         await start_in_process(tmp_path, {"store": {"type": "memory"}})
     assert raised.value.path == ["modules", 0, "config", "store"]
-    assert "remove 'store'" in str(raised.value)
+    assert str(raised.value) == (
+        "modules[0].config.store: this host keeps login tokens in its own database, so the module"
+        " has no token store; remove 'store' from the module's config"
+    )
 
 
 class LendingHostApi(MintingHostApi):
@@ -442,5 +445,31 @@ async def test_a_session_completed_by_the_hosts_single_sign_on_mints_once(
         limited = await srv.client.post(GET_TOKEN, {"auth": {"session": later}}, phone)
         assert limited.code == 429, limited
         assert await srv.module._uia.get(later, REACTOR.seconds()) is not None
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_single_sign_on_session_lives_exactly_the_modules_session_lifetime(
+    tmp_path: Path, sso_host_api: list[SsoHostApi], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host's session, held by the module, lives the module's own UIA session lifetime:
+    completed at the host, it mints 5 ms before the end of its 10 s, and not at the end."""
+    srv = await start(tmp_path, ui_auth_session_lifetime_ms=10_000)
+    try:
+        (api,) = sso_host_api
+        phone = await login_device(srv, "PHONE")
+        start_at = srv.module._now()
+        monkeypatch.setattr(srv.module, "_now", lambda: start_at)
+        early = (await srv.client.post(GET_TOKEN, {}, phone)).json["session"]
+        late = (await srv.client.post(GET_TOKEN, {}, phone)).json["session"]
+        api.completed[early] = api.completed[late] = USER
+        monkeypatch.setattr(srv.module, "_now", lambda: start_at + 9.995)
+        done = await srv.client.post(GET_TOKEN, {"auth": {"session": early}}, phone)
+        assert done.code == 200 and done.json["login_token"], done
+        monkeypatch.setattr(srv.module, "_now", lambda: start_at + 10.0)
+        gone = await srv.client.post(GET_TOKEN, {"auth": {"session": late}}, phone)
+        assert gone.code == 401 and gone.json["session"] != late, gone
+        assert len(api.tokens) == 1
     finally:
         await srv.stop()

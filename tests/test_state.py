@@ -10,6 +10,7 @@ calls from many threads give the atomic answer.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from login_token_module.config import ConfigError, StoreConfig
 from login_token_module.stores import StateBackend, make_state
 from login_token_module.uia import MAX_SESSIONS_PER_USER
 from tests.conftest import BackendFactory
-from tests.helpers import REACTOR
+from tests.helpers import REACTOR, challenge, start_in_process
 from tests.pgcluster import NOWHERE, Database
 
 T0 = 1_700_000_000.0
@@ -300,3 +301,22 @@ async def test_postgres_connections_name_the_module_to_the_server(
         assert names == {"login_token_module"}
     finally:
         await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_module_tells_its_store_when_the_host_runs_workers(tmp_path: Path) -> None:
+    """A host serving from several processes says so: the module then refuses state one
+    process would keep, and keeps a SQLite file's UIA sessions in the file."""
+    with pytest.raises(ConfigError) as refused:
+        await start_in_process(tmp_path, {"store": {"type": "memory"}}, workers=2)
+    assert refused.value.path == ["modules", 0, "config", "store", "type"]
+    srv = await start_in_process(tmp_path, {"store": {"type": "sqlite", "path": "state.db"}}, workers=2)
+    try:
+        await srv.register("alice")
+        access = await srv.client.access_token("alice")
+        session = await challenge(srv, access)
+        with sqlite3.connect(tmp_path / "state.db") as db:
+            rows = db.execute("SELECT session_id FROM login_token_uia_sessions").fetchall()
+        assert rows == [(session,)]
+    finally:
+        await srv.stop()
