@@ -79,6 +79,17 @@ BAD_CONFIGS: list[tuple[Any, str]] = [
     ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "path": "t.db"}}, "store.path: only applies"),
     ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_max": 0}}, "store.cp_max: must be"),
     ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_min": 9}}, "store.cp_min: must not be"),
+    ({"store": {"type": "memory", "dsn": "postgresql://x"}}, "store.dsn: only applies to the postgres store"),
+    ({"store": {"type": "memory", "cp_max": 1}}, "store.cp_max: only applies to the postgres store"),
+    ({"store": {"type": "sqlite", "cp_min": 1}}, "store.cp_min: only applies to the postgres store"),
+    (
+        {"pairing": {"lifetime_ms": 600_000, "interval_ms": 60_001}},
+        "pairing.interval_ms: must be a whole number from 10 to 60000, got 60001",
+    ),
+    (
+        {"pairing": {"lifetime_ms": 2000, "interval_ms": 2000}},
+        "pairing.interval_ms: must be less than lifetime_ms (2000)",
+    ),
 ]
 
 

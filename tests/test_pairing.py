@@ -893,6 +893,8 @@ def test_pairing_config_defaults() -> None:
     parsed = parse_config({}).pairing
     assert (parsed.enabled, parsed.lifetime_ms, parsed.interval_ms) == (False, 600_000, 5000)
     assert parse_config({"pairing": {"enabled": True}}).pairing.enabled
+    # The longest poll interval allowed: a minute.
+    assert parse_config({"pairing": {"interval_ms": 60_000}}).pairing.interval_ms == 60_000
 
 
 @pytest.mark.parametrize("value", ["matrix.example.org", "ftp://x/", "https://a b/", 5, "https://x/?q=1"])
