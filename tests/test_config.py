@@ -77,9 +77,27 @@ BAD_CONFIGS: list[tuple[Any, str]] = [
     ({"store": {"type": "postgres"}}, "store.dsn: must be a URI such as postgresql://"),
     ({"store": {"type": "postgres", "dsn": "host=db password=hunter2"}}, "store.dsn: must be a URI"),
     ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "path": "t.db"}}, "store.path: only applies"),
-    ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_max": 0}}, "store.cp_max: must be"),
-    ({"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_min": 9}}, "store.cp_min: must not be"),
+    (
+        {"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_max": 0}},
+        "store.cp_max: must be a whole number from 1 to 100, got 0",
+    ),
+    (
+        {"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_max": 101}},
+        "store.cp_max: must be a whole number from 1 to 100, got 101",
+    ),
+    (
+        {"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_min": 9}},
+        "store.cp_min: must not be more than cp_max (5)",
+    ),
     ({"store": {"type": "memory", "dsn": "postgresql://x"}}, "store.dsn: only applies to the postgres store"),
+    (
+        {"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_min": -1}},
+        "store.cp_min: must be a whole number from 0 to 100, got -1",
+    ),
+    (
+        {"store": {"type": "postgres", "dsn": "postgresql://db/x", "cp_min": 101, "cp_max": 100}},
+        "store.cp_min: must be a whole number from 0 to 100, got 101",
+    ),
     ({"store": {"type": "memory", "cp_max": 1}}, "store.cp_max: only applies to the postgres store"),
     ({"store": {"type": "sqlite", "cp_min": 1}}, "store.cp_min: only applies to the postgres store"),
     (
@@ -108,6 +126,15 @@ def test_postgres_store_config_is_read() -> None:
     assert config.store.dsn == "postgresql://ltm@127.0.0.1:5432/ltm"
     assert (config.store.cp_min, config.store.cp_max) == (1, 3)
     assert config.store.shared_state is None  # decided at start-up: shared, for postgres
+    # libpq's short scheme too; a pool may keep no idle connection, or up to 100.
+    short = LoginTokenModule.parse_config(
+        {"store": {"type": "postgres", "dsn": "postgres://db/x", "cp_min": 0, "cp_max": 100}}
+    )
+    assert (short.store.dsn, short.store.cp_min, short.store.cp_max) == ("postgres://db/x", 0, 100)
+    both = LoginTokenModule.parse_config(
+        {"store": {"type": "postgres", "dsn": "postgres://db/x", "cp_min": 100, "cp_max": 100}}
+    )
+    assert both.store.cp_min == 100
 
 
 @pytest.mark.parametrize(("raw", "message"), BAD_CONFIGS)
