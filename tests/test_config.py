@@ -143,7 +143,93 @@ BAD_CONFIGS: list[tuple[Any, str]] = [
         {"pairing": {"lifetime_ms": 2000, "interval_ms": 2000}},
         "pairing.interval_ms: must be less than lifetime_ms (2000)",
     ),
+    # Each number's bounds: one past either end is refused (the ends themselves are
+    # accepted: test_each_number_may_sit_exactly_at_its_bounds).
+    (
+        {"token_lifetime_ms": 86_400_001},
+        "token_lifetime_ms: must be a whole number from 1 to 86400000, got 86400001",
+    ),
+    (
+        {"ui_auth_session_lifetime_ms": 999},
+        "ui_auth_session_lifetime_ms: must be a whole number from 1000 to 86400000, got 999",
+    ),
+    (
+        {"ui_auth_session_lifetime_ms": 86_400_001},
+        "ui_auth_session_lifetime_ms: must be a whole number from 1000 to 86400000, got 86400001",
+    ),
+    ({"sweep_interval_ms": 9}, "sweep_interval_ms: must be a whole number from 10 to 86400000, got 9"),
+    (
+        {"sweep_interval_ms": 86_400_001},
+        "sweep_interval_ms: must be a whole number from 10 to 86400000, got 86400001",
+    ),
+    (
+        {"history_retention_ms": 59_999},
+        "history_retention_ms: must be a whole number from 60000 to 31622400000, got 59999",
+    ),
+    (
+        {"history_retention_ms": 31_622_400_001},
+        "history_retention_ms: must be a whole number from 60000 to 31622400000, got 31622400001",
+    ),
+    (
+        {"ratelimit": {"burst_count": 1_000_001}},
+        "ratelimit.burst_count: must be a whole number from 1 to 1000000, got 1000001",
+    ),
+    (
+        {"failed_auth_ratelimit": {"per_second": True}},
+        "failed_auth_ratelimit.per_second: must be a positive number, got True",
+    ),
+    (
+        {"pairing": {"lifetime_ms": 999}},
+        "pairing.lifetime_ms: must be a whole number from 1000 to 86400000, got 999",
+    ),
+    (
+        {"pairing": {"lifetime_ms": 86_400_001}},
+        "pairing.lifetime_ms: must be a whole number from 1000 to 86400000, got 86400001",
+    ),
+    ({"pairing": {"interval_ms": 9}}, "pairing.interval_ms: must be a whole number from 10 to 60000, got 9"),
+    ({"revoke_on_logout": "yes"}, "revoke_on_logout: must be true or false, got 'yes'"),
+    ({"store": 5}, "store: must be a mapping"),
+    ({"pairing": 5}, "pairing: must be a mapping"),
 ]
+
+
+def test_each_number_may_sit_exactly_at_its_bounds() -> None:
+    low = LoginTokenModule.parse_config(
+        {
+            "token_lifetime_ms": 1,
+            "ui_auth_session_lifetime_ms": 1_000,
+            "sweep_interval_ms": 10,
+            "history_retention_ms": 60_000,
+            "ratelimit": {"per_second": 1e-9, "burst_count": 1},
+            "failed_auth_ratelimit": {"per_second": 1e-9, "burst_count": 1},
+            "pairing": {"lifetime_ms": 1_000, "interval_ms": 10},
+        }
+    )
+    assert (low.token_lifetime_ms, low.ui_auth_session_lifetime_ms, low.sweep_interval_ms) == (1, 1_000, 10)
+    assert low.history_retention_ms == 60_000
+    assert (low.ratelimit.per_second, low.ratelimit.burst_count) == (1e-9, 1)
+    assert (low.failed_auth_ratelimit.per_second, low.failed_auth_ratelimit.burst_count) == (1e-9, 1)
+    assert (low.pairing.lifetime_ms, low.pairing.interval_ms) == (1_000, 10)
+    day = 86_400_000
+    high = LoginTokenModule.parse_config(
+        {
+            "token_lifetime_ms": day,
+            "ui_auth_session_lifetime_ms": day,
+            "sweep_interval_ms": day,
+            "history_retention_ms": 366 * day,
+            "ratelimit": {"burst_count": 1_000_000},
+            "failed_auth_ratelimit": {"burst_count": 1_000_000},
+            "pairing": {"lifetime_ms": day, "interval_ms": 60_000},
+        }
+    )
+    assert (high.token_lifetime_ms, high.ui_auth_session_lifetime_ms, high.sweep_interval_ms) == (
+        day,
+        day,
+        day,
+    )
+    assert high.history_retention_ms == 366 * day
+    assert high.ratelimit.burst_count == high.failed_auth_ratelimit.burst_count == 1_000_000
+    assert (high.pairing.lifetime_ms, high.pairing.interval_ms) == (day, 60_000)
 
 
 def test_a_wrong_dsn_is_never_echoed() -> None:
