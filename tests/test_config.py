@@ -256,6 +256,18 @@ def test_postgres_store_config_is_read() -> None:
         {"store": {"type": "postgres", "dsn": "postgres://db/x", "cp_min": 100, "cp_max": 100}}
     )
     assert both.store.cp_min == 100
+    one = LoginTokenModule.parse_config(
+        {
+            "store": {
+                "type": "postgres",
+                "dsn": "postgres://db/x",
+                "cp_min": 1,
+                "cp_max": 1,
+                "shared_state": False,
+            }
+        }
+    )
+    assert (one.store.cp_min, one.store.cp_max, one.store.shared_state) == (1, 1, False)
 
 
 @pytest.mark.parametrize(("raw", "message"), BAD_CONFIGS)
