@@ -246,9 +246,23 @@ async def test_two_processes_count_one_bucket(open_shared_backend: BackendFactor
 @pytest.mark.parametrize(
     ("store", "path", "words"),
     [
-        (StoreConfig(type="memory"), ["store", "type"], "several worker processes"),
-        (StoreConfig(type="sqlite", shared_state=False), ["store", "shared_state"], "must be true"),
-        (StoreConfig(type="sqlite", path=":memory:"), ["store", "path"], "':memory:' cannot be shared"),
+        (
+            StoreConfig(type="memory"),
+            ["store", "type"],
+            "'memory' keeps tokens inside one process, but several worker processes serve this"
+            " homeserver; use sqlite or postgres",
+        ),
+        (
+            StoreConfig(type="sqlite", shared_state=False),
+            ["store", "shared_state"],
+            "must be true when several worker processes serve this homeserver"
+            " (UIA sessions and rate limits would be split between them)",
+        ),
+        (
+            StoreConfig(type="sqlite", path=":memory:"),
+            ["store", "path"],
+            "':memory:' cannot be shared between processes; use a file",
+        ),
     ],
     ids=["memory", "sqlite_not_shared", "sqlite_in_memory"],
 )
@@ -258,7 +272,7 @@ def test_state_one_process_keeps_is_refused_under_workers(
     with pytest.raises(ConfigError) as refused:
         make_state(store, REACTOR, str(tmp_path), multiple_workers=True)
     assert refused.value.path == path
-    assert words in refused.value.reason
+    assert refused.value.reason == words
 
 
 @pytest_twisted.ensureDeferred
