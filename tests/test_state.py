@@ -11,6 +11,7 @@ calls from many threads give the atomic answer.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,27 @@ async def test_the_module_tells_its_store_when_the_host_runs_workers(tmp_path: P
         assert rows == [(session,)]
     finally:
         await srv.stop()
+
+
+def test_a_sqlite_file_from_a_newer_program_is_refused_at_start_up(tmp_path: Path) -> None:
+    """Checked before anything is served, so it is one start-up error, not a 500 per request."""
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("CREATE TABLE schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_versions VALUES ('login_token_module', 99)")
+    with pytest.raises(ConfigError) as refused:
+        make_state(StoreConfig(type="sqlite", path="state.db"), REACTOR, str(tmp_path))
+    assert refused.value.path == ["store", "path"]
+    assert refused.value.reason.startswith(
+        "the database holds login_token_module tables at schema version 99, newer than this program knows"
+    ), refused.value.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sqlite_stores_thread_says_whose_it_is(tmp_path: Path) -> None:
+    """What an operator sees in a thread dump (py-spy, faulthandler): the store's own name."""
+    backend = make_state(StoreConfig(type="sqlite", path="state.db"), REACTOR, str(tmp_path))
+    try:
+        await backend.tokens.count_tokens()  # the store's thread is running now
+        assert "login-token-store" in {thread.name for thread in threading.enumerate()}
+    finally:
+        await backend.close()
