@@ -823,13 +823,23 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, str]]:
     ]
 
 
+@pytest.mark.parametrize(
+    ("fault", "logged", "cause"),
+    [
+        ("unencodable", "Could not encode a 200 answer; answering 500 instead", UnicodeEncodeError),
+        ("write_fails_once", "Failed to answer a request; answering 500", OSError),
+    ],
+    ids=["cannot_be_encoded", "its_writing_fails"],
+)
 @pytest_twisted.ensureDeferred
-async def test_an_answer_that_cannot_be_encoded_becomes_a_fixed_500_and_a_closed_connection(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_an_answer_that_cannot_go_out_becomes_the_fixed_500_and_a_closed_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: str, logged: str, cause: type[Exception]
 ) -> None:
+    """A body that cannot be encoded (a bug), or a write that fails: one error line with
+    its cause, then the fixed 500, written without anything that could fail."""
     caplog.set_level(logging.INFO, logger="login_token_module")
     async with faulty(tmp_path) as (srv, module):
-        received, closed = await raw_get(srv, "/_test/fault/unencodable")
+        received, closed = await raw_get(srv, f"/_test/fault/{fault}")
         (request,) = module.requests
         assert request.finished
     status, headers, body = split_response(received)
@@ -840,12 +850,9 @@ async def test_an_answer_that_cannot_be_encoded_becomes_a_fixed_500_and_a_closed
     assert headers["content-length"] == str(len(INTERNAL_ERROR))
     assert headers["connection"] == "close"
     assert closed, "the connection was left open after the 500"
-    errors = _warnings(caplog)
-    assert errors == [
-        ("login_token_module.http", logging.ERROR, "Could not encode a 200 answer; answering 500 instead")
-    ]
+    assert _warnings(caplog) == [("login_token_module.http", logging.ERROR, logged)]
     (record,) = [r for r in caplog.records if r.name == "login_token_module.http"]
-    assert record.exc_info is not None and isinstance(record.exc_info[1], UnicodeEncodeError)
+    assert record.exc_info is not None and isinstance(record.exc_info[1], cause)
 
 
 @pytest_twisted.ensureDeferred
@@ -958,27 +965,6 @@ async def test_a_handlers_bug_is_a_500_and_one_error_line_naming_the_method_and_
     ]
     (record,) = [r for r in caplog.records if r.name == "login_token_module.http"]
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_answer_whose_writing_fails_becomes_the_fixed_500_and_a_closed_connection(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="login_token_module")
-    async with faulty(tmp_path) as (srv, module):
-        received, closed = await raw_get(srv, "/_test/fault/write_fails_once")
-        (request,) = module.requests
-        assert request.finished
-    status, headers, body = split_response(received)
-    assert status == b"HTTP/1.1 500 Internal Server Error"
-    assert body == INTERNAL_ERROR
-    assert headers["connection"] == "close"
-    assert closed, "the connection was left open after the 500"
-    assert _warnings(caplog) == [
-        ("login_token_module.http", logging.ERROR, "Failed to answer a request; answering 500")
-    ]
-    (record,) = [r for r in caplog.records if r.name == "login_token_module.http"]
-    assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
 
 
 @pytest_twisted.ensureDeferred
