@@ -150,6 +150,14 @@ class Synapse:
 
     def register(self, localpart: str, password: str, *, admin: bool = False) -> str:
         """Create a user through Synapse's shared-secret admin API (Synapse hashes the password)."""
+        return str(self._register(localpart, password, admin=admin).json["user_id"])
+
+    def register_signed_in(self, localpart: str, password: str) -> str:
+        """Create a user as :meth:`register` does; returns the access token Synapse gives that
+        registration (a way in that needs no password login)."""
+        return str(self._register(localpart, password, admin=False).json["access_token"])
+
+    def _register(self, localpart: str, password: str, *, admin: bool) -> Response:
         nonce = self.direct.get("/_synapse/admin/v1/register").json["nonce"]
         mac = hmac.new(self.shared_secret.encode(), digestmod=hashlib.sha1)
         role = b"admin" if admin else b"notadmin"
@@ -163,7 +171,7 @@ class Synapse:
         }
         response = self.direct.post("/_synapse/admin/v1/register", body)
         assert response.code == 200, response
-        return str(response.json["user_id"])
+        return response
 
     def log(self) -> str:
         return (self.directory / "synapse.log").read_text(errors="replace")

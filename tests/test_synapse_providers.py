@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.synapse_helpers import (
+    MODULE_PREFIX,
     SERVER_NAME,
     STABLE,
     Client,
@@ -182,4 +183,29 @@ def test_with_local_passwords_off_the_providers_alone_confirm(tmp_path: Path) ->
     finally:
         if proxy is not None:
             proxy.stop()
+        synapse.stop()
+
+
+def test_with_no_password_anywhere_get_token_says_so_instead_of_counting_a_wrong_one(
+    tmp_path: Path,
+) -> None:
+    """Local passwords off and no provider for m.login.password: no password can confirm the
+    request, so the answer is 403 saying so (single sign-on is the way), not a failed stage."""
+    directory = tmp_path / "synapse"
+    directory.mkdir()
+    modules = [{"module": "login_token_module.LoginTokenModule", "config": MODULE_CONFIG}]
+    synapse = start_synapse(
+        directory, None, {"modules": modules, "password_config": {"localdb_enabled": False}}
+    )
+    try:
+        access = synapse.register_signed_in("nopassword", "kept by Synapse, never checked")
+        client = synapse.direct
+        path = MODULE_PREFIX + STABLE.removeprefix("/_matrix/client/")
+        session = client.challenge(access, path)
+        refused = client.answer(access, session, "kept by Synapse, never checked", path)
+        assert refused.code == 403, refused
+        assert refused.json["errcode"] == "M_FORBIDDEN", refused
+        assert refused.json["error"].startswith("This account has no password"), refused
+        assert "login_token" not in refused.json
+    finally:
         synapse.stop()
