@@ -49,6 +49,8 @@ UNSTABLE_R0 = "/_matrix/client/unstable/org.matrix.msc3882/login/token"
 SPEC_PATHS = (STABLE, UNSTABLE_R1, UNSTABLE_R0)
 # Where Synapse serves them (the reverse proxy rewrites to these).
 MODULE_PREFIX = "/_synapse/client/login_token/"
+# get_token where Synapse serves it, for tests that talk to Synapse without the proxy.
+MODULE_STABLE = MODULE_PREFIX + STABLE.removeprefix("/_matrix/client/")
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 
 

@@ -31,6 +31,7 @@ from tests.synapse_helpers import (
     CAPABILITIES,
     LOGIN,
     MODULE_PREFIX,
+    MODULE_STABLE,
     SERVER_NAME,
     SPEC_PATHS,
     STABLE,
@@ -443,7 +444,7 @@ def test_module_metrics_land_in_synapses_registry(synapse: Synapse, client: Clie
 def test_module_metrics_in_synapse_label_the_route_never_the_spelling(synapse: Synapse) -> None:
     from tests.test_hostile_property import send
 
-    stable = MODULE_PREFIX + "v1/login/get_token"
+    stable = MODULE_STABLE
     spellings = [
         stable.replace("get_token", "get_%74oken"),
         stable.replace("/login/", "/log%69n/"),

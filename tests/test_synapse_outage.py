@@ -14,9 +14,7 @@ from pathlib import Path
 
 from tests.helpers import Response
 from tests.pgcluster import PostgresCluster
-from tests.synapse_helpers import MODULE_PREFIX, STABLE, Client, start_synapse
-
-MODULE_STABLE = MODULE_PREFIX + STABLE[len("/_matrix/client/") :]
+from tests.synapse_helpers import MODULE_STABLE, Client, start_synapse
 
 
 def _assert_unavailable(response: Response) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.synapse_helpers import (
-    MODULE_PREFIX,
+    MODULE_STABLE,
     SERVER_NAME,
     STABLE,
     Client,
@@ -200,9 +200,8 @@ def test_with_no_password_anywhere_get_token_says_so_instead_of_counting_a_wrong
     try:
         access = synapse.register_signed_in("nopassword", "kept by Synapse, never checked")
         client = synapse.direct
-        path = MODULE_PREFIX + STABLE.removeprefix("/_matrix/client/")
-        session = client.challenge(access, path)
-        refused = client.answer(access, session, "kept by Synapse, never checked", path)
+        session = client.challenge(access, MODULE_STABLE)
+        refused = client.answer(access, session, "kept by Synapse, never checked", MODULE_STABLE)
         assert refused.code == 403, refused
         assert refused.json["errcode"] == "M_FORBIDDEN", refused
         assert refused.json["error"].startswith("This account has no password"), refused

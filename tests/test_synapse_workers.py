@@ -31,7 +31,7 @@ from login_token_module.pairing import APPROVE_PATH, POLL_PATH, START_PATH
 from login_token_module.tokens import hash_token
 from tests.pgcluster import PostgresCluster
 from tests.synapse_helpers import (
-    MODULE_PREFIX,
+    MODULE_STABLE,
     SERVER_NAME,
     STABLE,
     Client,
@@ -45,7 +45,6 @@ from tests.synapse_helpers import (
 )
 
 # The module's path on a process directly (what nginx rewrites the stable path to).
-MODULE_STABLE = MODULE_PREFIX + STABLE[len("/_matrix/client/") :]
 LOGOUT = "/_matrix/client/v3/logout"
 # A burst large enough for 32 racers to reach the session's spend (the allowance is
 # reserved first), spent slowly enough that a 33rd is refused for the whole test.
