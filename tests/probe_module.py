@@ -64,11 +64,11 @@ FAULTS = (
 
 class FaultyResource(JsonResource):
     """A handler that answers what no real handler may: a body that cannot be encoded
-        (a lone surrogate), after writing part of the response itself, or on a request
-        whose writes fail (all of them, or only the first), after its client has gone, or
-    after finishing the response itself. Or it raises what a handler
-        may: the store's server is away, the password queue is full, or a bug. It keeps
-        each request, so a test can see how it ended."""
+    (a lone surrogate), after writing part of the response itself, on a request whose
+    writes fail (all of them, or only the first), after its client has gone, or after
+    finishing the response itself. Or it raises what a handler may: the store's server
+    is away, the password queue is full, or a bug. It keeps each request, so a test can
+    see how it ended."""
 
     def __init__(self, fault: str, requests: list[Request]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]

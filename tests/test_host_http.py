@@ -164,19 +164,31 @@ async def test_wrong_method_is_405_with_allow(server: InProcessServer) -> None:
             assert response.json == {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
 
 
-def _blocking_exchange(base_url: str, request: bytes) -> bytes:
-    """Send ``request`` as written (it asks to close the connection) and read the answer."""
+def _blocking_exchange(base_url: str, request: bytes) -> tuple[bytes, bool]:
+    """Send ``request`` as written: every byte the server sent back, and whether it closed
+    the connection (rather than keeping it open, silent for 5 s, for another request)."""
     parts = urlsplit(base_url)
     assert parts.hostname is not None and parts.port is not None
-    received = b""
     with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
         sock.sendall(request)
+        received = b""
         try:
             while chunk := sock.recv(65536):
                 received += chunk
         except TimeoutError:
-            pass  # what came is the answer; the caller checks it
+            return received, False
+        return received, True
+
+
+async def exchange(server: InProcessServer, request: bytes) -> bytes:
+    """The server's whole answer to ``request`` (one that asks to close the connection)."""
+    received, _ = await threads.deferToThread(_blocking_exchange, server.client.base_url, request)
     return received
+
+
+def closing_request(method: bytes, path: str, headers: str = "") -> bytes:
+    """A request as a client writes it, asking the server to close the connection after."""
+    return method + f" {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode()
 
 
 @pytest_twisted.ensureDeferred
@@ -185,8 +197,7 @@ async def test_head_is_served_wherever_get_is_with_the_same_headers_and_no_body(
 ) -> None:
     answers = []
     for method in (b"GET", b"HEAD"):
-        request = method + b" " + VERSIONS.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        received = await threads.deferToThread(_blocking_exchange, server.client.base_url, request)
+        received = await exchange(server, closing_request(method, VERSIONS))
         answers.append(split_response(received))
     (get_status, get_headers, get_body), (head_status, head_headers, head_body) = answers
     assert get_status == head_status == b"HTTP/1.1 200 OK"
@@ -207,8 +218,7 @@ async def test_a_method_spelled_otherwise_is_405_and_one_not_ascii_never_reaches
         (b"G\xc3\xa9T", b"HTTP/1.1 400 Bad Request"),
         (b"\xff", b"HTTP/1.1 400 Bad Request"),
     ):
-        request = method + b" " + VERSIONS.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        received = await threads.deferToThread(_blocking_exchange, server.client.base_url, request)
+        received = await exchange(server, closing_request(method, VERSIONS))
         status, headers, body = split_response(received)
         assert status == answer, (method, received)
         if answer.startswith(b"HTTP/1.1 405"):
@@ -782,24 +792,13 @@ async def faulty(tmp_path: Path) -> AsyncIterator[tuple[InProcessServer, FaultyM
         await srv.stop()
 
 
-def _blocking_get(base_url: str, path: str) -> tuple[bytes, bool]:
-    """GET over a persistent HTTP/1.1 connection: every byte the server sent, and whether
-    it closed the connection (rather than keeping it open for another request)."""
-    parts = urlsplit(base_url)
-    assert parts.hostname is not None and parts.port is not None
-    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n".encode())
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except TimeoutError:
-            return received, False
-        return received, True
-
-
 async def raw_get(server: InProcessServer, path: str) -> tuple[bytes, bool]:
-    result: tuple[bytes, bool] = await threads.deferToThread(_blocking_get, server.client.base_url, path)
+    """GET over a persistent HTTP/1.1 connection: every byte the server sent, and whether
+    it closed the connection."""
+    request = f"GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n".encode()
+    result: tuple[bytes, bool] = await threads.deferToThread(
+        _blocking_exchange, server.client.base_url, request
+    )
     return result
 
 
@@ -999,12 +998,11 @@ async def test_refusals_carry_their_reason_phrases_even_where_twisted_has_none(t
             ("/_test/fault/busy", b"HTTP/1.1 429 Too Many Requests"),
             ("/_test/fault/store_away", b"HTTP/1.1 503 Service Unavailable"),
         ):
-            request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-            received = await threads.deferToThread(_blocking_exchange, srv.client.base_url, request)
+            received = await exchange(srv, closing_request(b"GET", path))
             assert split_response(received)[0] == status, received
         body = b"{" + b" " * (70 * 1024) + b"}"  # over the 64 KiB default
-        head = f"POST {LOGIN} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        received = await threads.deferToThread(_blocking_exchange, srv.client.base_url, head.encode() + body)
+        head = closing_request(b"POST", LOGIN, f"Content-Length: {len(body)}\r\n")
+        received = await exchange(srv, head + body)
         assert split_response(received)[0] == b"HTTP/1.1 413 Payload Too Large", received
 
 
@@ -1040,8 +1038,7 @@ async def test_a_handler_that_finished_the_response_itself_gets_nothing_more_wri
 ) -> None:
     caplog.set_level(logging.INFO, logger="login_token_module")
     async with faulty(tmp_path) as (srv, _):
-        request = b"GET /_test/fault/finishes_itself HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        received = await threads.deferToThread(_blocking_exchange, srv.client.base_url, request)
+        received = await exchange(srv, closing_request(b"GET", "/_test/fault/finishes_itself"))
     status, _, body = split_response(received)
     assert status == b"HTTP/1.1 200 OK", received
     assert body == b"4\r\ndone\r\n0\r\n\r\n", received
